@@ -172,6 +172,13 @@ class Template:
             return from_xml(text, source)
         return _Parser(text, source).parse()
 
+    @classmethod
+    def parse_text_with_lines(cls, text: str, source: str = "<template>") -> tuple[Template, list[int]]:
+        """Text form only; also returns the line number of each attribute (for config errors)."""
+        parser = _Parser(text, source)
+        template = parser.parse()
+        return template, parser.lines
+
     def render(self) -> str:
         return render_text(self)
 
@@ -210,6 +217,7 @@ class _Parser:
         self.text = text
         self.source = source
         self.pos = 0
+        self.lines: list[int] = []  # the line of each top-level attribute, in order
 
     # position helpers
     def _where(self, pos: int) -> tuple[int, int]:
@@ -261,6 +269,7 @@ class _Parser:
             self._skip_space_and_comments()
             if self.pos >= len(self.text):
                 return template
+            self.lines.append(self._where(self.pos)[0])
             name = top_level_name(self._name())
             self._expect_equals(name)
             ch = self._peek()
