@@ -1,0 +1,86 @@
+"""What every API handler gets: the objects, the configuration, the clock; and authentication."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scheduler.auth import SessionCache, split_session, verify_password
+from scheduler.clock import Clock
+from scheduler.config import Config
+from scheduler.errors import AuthError
+from scheduler.objects.datastore import Datastore
+from scheduler.objects.host import Host
+from scheduler.objects.image import Image
+from scheduler.objects.user import User
+from scheduler.objects.vm import Vm
+from scheduler.permissions import Caller
+from scheduler.state import Codec, State
+from scheduler.store import Row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    state: State
+    config: Config
+    clock: Clock
+    state_dir: Path
+
+    def now(self) -> int:
+        return int(self.clock.now())
+
+
+def _owned_row(obj: Any, body: str) -> Row:
+    owner = getattr(obj, "ownership", None)
+    uid = owner.uid if owner is not None else 0
+    gid = owner.gid if owner is not None else 0
+    return Row(id=obj.id, name=obj.name, uid=uid, gid=gid, body=body, parent=-1)
+
+
+def build_codecs() -> dict[str, Codec]:
+    from lxml import etree
+
+    def decoder(cls: Any) -> Callable[[Row], Any]:
+        return lambda row: cls.from_element(etree.fromstring(row.body.encode()))
+
+    return {
+        "user": Codec(
+            "user",
+            lambda u: Row(id=u.id, name=u.name, uid=u.id, gid=u.gid, body=u.to_xml(show_secrets=True), parent=-1),
+            decoder(User),
+        ),
+        "host": Codec("host", lambda h: _owned_row(h, h.to_xml()), decoder(Host)),
+        "datastore": Codec("datastore", lambda d: _owned_row(d, d.to_xml(show_secrets=True)), decoder(Datastore)),
+        "image": Codec("image", lambda i: _owned_row(i, i.to_xml()), decoder(Image)),
+        "vm": Codec("virtual machine", lambda v: _owned_row(v, v.to_xml()), decoder(Vm)),
+    }
+
+
+def make_authenticator(ctx: Context, sessions: SessionCache) -> Callable[[Any], Awaitable[Caller]]:
+    async def authenticate(session: Any) -> Caller:
+        name, password = split_session(session)
+        user = _user_named(ctx.state, name)
+        cached = sessions.lookup(session) if user is not None else None
+        if user is None or not user.enabled:
+            raise AuthError("[one.auth] User couldn't be authenticated, aborting call.")
+        if cached != user.id:
+            if not verify_password(password, user.password):
+                log.warning("failed login for user %s", name)
+                raise AuthError("[one.auth] User couldn't be authenticated, aborting call.")
+            sessions.remember(session, user.id)
+        return Caller(user.id, user.name, user.gid, frozenset([user.gid, *user.groups]))
+
+    ctx.state.listeners.append(lambda kind, obj_id, obj: sessions.forget_user(obj_id) if kind == "user" else None)
+    return authenticate
+
+
+def _user_named(state: State, name: str) -> User | None:
+    for user in state.pools["user"].values():
+        if user.name == name:
+            return user
+    return None

@@ -1,0 +1,115 @@
+"""one.datastore.* and one.datastorepool.info: image and backup datastores."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
+from scheduler.api.context import Context
+from scheduler.api.registry import registry
+from scheduler.errors import ActionError, ValidationError
+from scheduler.objects.common import Ownership
+from scheduler.objects.datastore import Datastore
+from scheduler.objects.states import DatastoreType, parse_code
+from scheduler.permissions import Caller, require_admin
+from scheduler.rpc import Param
+from scheduler.template import Template
+
+KIND = "datastore"
+BACKUP_DRIVERS = ("fs", "rsync", "restic")
+# DS_MAD_CONF REQUIRED_ATTRS, as OpenNebula ships them (spec §3.4).
+REQUIRED = {"rsync": ("RSYNC_HOST", "RSYNC_USER"), "restic": ("RESTIC_PASSWORD",)}
+_PORT_KEYS = ("RSYNC_PORT", "RESTIC_SFTP_PORT")
+
+
+def check_datastore_template(template: Template, ds_type: DatastoreType) -> None:
+    """The attributes a datastore of this type cannot work without, and sane values."""
+    ds_mad = template.get("DS_MAD", "") or ""
+    if ds_type is DatastoreType.BACKUP_DS:
+        if ds_mad not in BACKUP_DRIVERS:
+            raise ValidationError(f"DS_MAD of a BACKUP_DS must be one of {', '.join(BACKUP_DRIVERS)}, got {ds_mad!r}")
+        for key in REQUIRED.get(ds_mad, ()):
+            if not template.get(key):
+                raise ValidationError(f"datastore driver {ds_mad} needs the attribute {key}")
+    elif not ds_mad:
+        raise ValidationError("No DS_MAD in template.")
+    for key in _PORT_KEYS:
+        port = template.get(key)
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValidationError(f"{key} must be a TCP port (1-65535), got {port!r}")
+    for key in ("BASE_PATH", "LIMIT_MB"):
+        value = template.get(key)
+        if key == "BASE_PATH" and value and not value.startswith("/"):
+            raise ValidationError(f"BASE_PATH must be an absolute path, got {value!r}")
+        if key == "LIMIT_MB" and value and not value.isdigit():
+            raise ValidationError(f"LIMIT_MB must be a whole number of MB, got {value!r}")
+
+
+@registry.method("one.datastore.allocate", Param("template", str), Param("cluster_id", int, -1))
+async def allocate(ctx: Context, caller: Caller, text: str, cluster_id: int) -> int:
+    require_admin(caller, "create datastores")
+    template = parse_request_template(text, "datastore template")
+    name = check_name(template.get("NAME") or "", "datastore")
+    template.remove("NAME")
+    ds_type = parse_code(DatastoreType, template.get("TYPE") or "IMAGE_DS")
+    template.set("TYPE", ds_type.name)
+    check_datastore_template(template, ds_type)
+    async with ctx.state.mutation() as m:
+        taken = next((d for d in ctx.state.all(KIND) if d.name == name), None)
+        if taken is not None:
+            raise ValidationError(f"NAME is already taken by DATASTORE {taken.id}.")
+        datastore = Datastore(
+            id=await m.new_id(KIND),
+            name=name,
+            type=ds_type,
+            ds_mad=template.get("DS_MAD") or "",
+            tm_mad=template.get("TM_MAD") or "-",
+            ownership=Ownership(caller.user_id, caller.gid, caller.name, _group_name(caller.gid)),
+            template=template,
+        )
+        m.put(KIND, datastore)
+    return datastore.id
+
+
+def _group_name(gid: int) -> str:
+    return "oneadmin" if gid == 0 else "users"
+
+
+@registry.method("one.datastore.info", Param("id", int), Param("decrypt", bool, False))
+async def info(ctx: Context, caller: Caller, ds_id: int, decrypt: bool) -> str:
+    return ctx.state.get(KIND, ds_id).to_xml(show_secrets=decrypt and caller.admin)
+
+
+@registry.method("one.datastore.delete", Param("id", int))
+async def delete(ctx: Context, caller: Caller, ds_id: int) -> int:
+    require_admin(caller, "delete datastores")
+    async with ctx.state.mutation() as m:
+        datastore = ctx.state.get(KIND, ds_id)
+        if datastore.images:
+            raise ActionError(f"Cannot delete datastore [{ds_id}]: it holds images {', '.join(map(str, datastore.images))}.")
+        m.delete(KIND, ds_id)
+    return ds_id
+
+
+@registry.method("one.datastore.update", Param("id", int), Param("template", str), Param("type", int, 0))
+async def update(ctx: Context, caller: Caller, ds_id: int, text: str, merge: int) -> int:
+    require_admin(caller, "update datastores")
+    async with ctx.state.mutation() as m:
+        datastore = ctx.state.editable(KIND, ds_id)
+        template = update_template(datastore.template, text, merge, f"datastore {ds_id} template")
+        template.remove("NAME")
+        for fixed in ("TYPE", "DS_MAD"):  # the kind of a datastore does not change under its images
+            template.set(fixed, datastore.template.get(fixed) or (datastore.type.name if fixed == "TYPE" else datastore.ds_mad))
+        check_datastore_template(template, datastore.type)
+        datastore.template = template
+        datastore.tm_mad = template.get("TM_MAD") or datastore.tm_mad
+        m.put(KIND, datastore)
+    return ds_id
+
+
+@registry.method("one.datastorepool.info")
+async def pool_info(ctx: Context, caller: Caller) -> str:
+    pool = etree.Element("DATASTORE_POOL")
+    for datastore in ctx.state.all(KIND):
+        pool.append(datastore.to_element(show_secrets=False))
+    return xml_string(pool)
