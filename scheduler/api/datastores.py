@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from lxml import etree
-
 from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.errors import ActionError, ValidationError
+from scheduler.objects import pool_element
 from scheduler.objects.common import Ownership
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.states import DatastoreType, parse_code
@@ -109,7 +108,4 @@ async def update(ctx: Context, caller: Caller, ds_id: int, text: str, merge: int
 
 @registry.method("one.datastorepool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
-    pool = etree.Element("DATASTORE_POOL")
-    for datastore in ctx.state.all(KIND):
-        pool.append(datastore.to_element(show_secrets=False))
-    return xml_string(pool)
+    return xml_string(pool_element(KIND, ctx.state.all(KIND), show_secrets=False))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from lxml import etree
-
 from scheduler.api.common import check_name, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.errors import ActionError, ValidationError
+from scheduler.objects import pool_element
 from scheduler.objects.host import Host
 from scheduler.objects.states import HostState
 from scheduler.permissions import Caller, require_admin
@@ -92,7 +91,4 @@ async def status(ctx: Context, caller: Caller, host_id: int, wanted: int) -> int
 @registry.method("one.hostpool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
     require_admin(caller, "see hosts")
-    pool = etree.Element("HOST_POOL")
-    for host in ctx.state.all(KIND):
-        pool.append(host.to_element())
-    return xml_string(pool)
+    return xml_string(pool_element(KIND, ctx.state.all(KIND)))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from lxml import etree
-
 from scheduler import backups
 from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
+from scheduler.objects import pool_element
 from scheduler.permissions import Caller, Right, require
 from scheduler.rpc import Param
 
@@ -43,7 +42,4 @@ async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> in
 
 @registry.method("one.imagepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))
 async def pool_info(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int) -> str:
-    pool = etree.Element("IMAGE_POOL")
-    for image in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end):
-        pool.append(image.to_element())
-    return xml_string(pool)
+    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end)))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from lxml import etree
-
 from scheduler.api.common import check_name, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.auth import hash_password
 from scheduler.errors import PermissionDenied, ValidationError
+from scheduler.objects import pool_element
 from scheduler.objects.user import User
 from scheduler.permissions import ADMIN_GROUP, Caller, require_admin
 from scheduler.rpc import Param
@@ -88,8 +87,5 @@ async def passwd(ctx: Context, caller: Caller, user_id: int, password: str) -> i
 
 @registry.method("one.userpool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
-    pool = etree.Element("USER_POOL")
-    for user in ctx.state.all(KIND):
-        if caller.admin or user.id == caller.user_id:
-            pool.append(user.to_element(show_secrets=False))
-    return xml_string(pool)
+    users = [u for u in ctx.state.all(KIND) if caller.admin or u.id == caller.user_id]
+    return xml_string(pool_element(KIND, users, show_secrets=False))

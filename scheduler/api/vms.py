@@ -8,14 +8,13 @@ ACTIVE/RUNNING. Only a bound VM can be backed up.
 
 from __future__ import annotations
 
-from lxml import etree
-
 from scheduler import backups
 from scheduler.api.common import check_name, parse_request_template, pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, ValidationError
+from scheduler.objects import pool_element
 from scheduler.objects.common import Ownership
 from scheduler.objects.states import LcmState, VmState
 from scheduler.objects.vm import History, Vm, split_vm_template
@@ -217,11 +216,8 @@ def _state_matches(vm: Vm, state: int) -> bool:
 async def _pool(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int, state: int, extended: bool) -> str:
     if state < -2:
         raise ValidationError(f"state filter must be -2 (any), -1 (any but DONE) or a VM state, got {state}")
-    pool = etree.Element("VM_POOL")
-    for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end):
-        if _state_matches(vm, state):
-            pool.append(vm.to_element(extended=extended))
-    return xml_string(pool)
+    vms = [vm for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end) if _state_matches(vm, state)]
+    return xml_string(pool_element(KIND, vms, extended=extended))
 
 
 @registry.method("one.vmpool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1),
