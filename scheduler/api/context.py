@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scheduler.api.render import XmlCache
 from scheduler.auth import SessionCache, split_session, verify_password
 from scheduler.clock import Clock
 from scheduler.config import Config
@@ -30,6 +31,10 @@ class Context:
     config: Config
     clock: Clock
     state_dir: Path
+    xml: XmlCache = field(default_factory=XmlCache)
+
+    def __post_init__(self) -> None:
+        self.state.listeners.append(self.xml.forget)
 
     def now(self) -> int:
         return int(self.clock.now())

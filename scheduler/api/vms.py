@@ -9,12 +9,11 @@ ACTIVE/RUNNING. Only a bound VM can be backed up.
 from __future__ import annotations
 
 from scheduler import backups
-from scheduler.api.common import check_name, parse_request_template, pool_slice, xml_string
+from scheduler.api.common import check_name, parse_request_template, pool_slice
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, ValidationError
-from scheduler.objects import pool_element
 from scheduler.objects.common import Ownership
 from scheduler.objects.states import LcmState, VmState
 from scheduler.objects.vm import History, Vm, split_vm_template
@@ -92,7 +91,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
 async def info(ctx: Context, caller: Caller, vm_id: int, decrypt: bool) -> str:
     vm = ctx.state.get(KIND, vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "info")
-    return vm.to_xml()
+    return ctx.xml.body(KIND, vm, "full", _full)
 
 
 @registry.method("one.vm.update", Param("id", int), Param("template", str), Param("type", int, 0))
@@ -217,7 +216,15 @@ async def _pool(ctx: Context, caller: Caller, pool_filter: int, start: int, end:
     if state < -2:
         raise ValidationError(f"state filter must be -2 (any), -1 (any but DONE) or a VM state, got {state}")
     vms = [vm for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end) if _state_matches(vm, state)]
-    return xml_string(pool_element(KIND, vms, extended=extended))
+    return ctx.xml.pool("VM_POOL", KIND, vms, "full" if extended else "short", _full if extended else _short)
+
+
+def _full(vm: Vm) -> str:
+    return vm.to_xml(extended=True)
+
+
+def _short(vm: Vm) -> str:
+    return vm.to_xml(extended=False)
 
 
 @registry.method("one.vmpool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1),
