@@ -1,0 +1,64 @@
+"""Commands that do not call a running daemon: checking files locally, and ``serve`` which is the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from scheduler.cli.context import Context
+from scheduler.cli.tables import pretty_xml, to_json
+
+DEFAULT_STATE_DIR = "/var/lib/vmsched"
+
+
+def template_format(ctx: Context, args: argparse.Namespace) -> int:
+    """Print the template as vmsched stores it (text, or with --xml/--json its XML form).
+
+    A syntax error is a TemplateError ("FILE:LINE:COL: message", exit 2).
+    """
+    template = ctx.read_template(args.file)
+    if ctx.output == "xml":
+        ctx.print(pretty_xml(template.to_xml()))
+    elif ctx.output == "json":
+        ctx.print(json.dumps(to_json(template.to_xml()), indent=2))
+    else:
+        ctx.out.write(template.render())
+    return 0
+
+
+def config_check(ctx: Context, args: argparse.Namespace) -> int:
+    from scheduler.config import load_config  # the schema is only needed here
+
+    path = Path(args.file)
+    load_config(path)  # ConfigError (every problem at once) is reported by main
+    ctx.print(f"{path}: OK")
+    return 0
+
+
+def serve(ctx: Context, args: argparse.Namespace) -> int:
+    from scheduler.service import run_daemon  # keep the CLI's start-up light
+
+    state_dir = Path(args.state_dir or os.environ.get("VMSCHED_STATE_DIR") or DEFAULT_STATE_DIR)
+    config = Path(args.config) if args.config else None
+    return run_daemon(state_dir, config) or 0
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser("serve", help="run the vmsched daemon", parents=[common])
+    p.add_argument("--state-dir", metavar="DIR", help=f"$VMSCHED_STATE_DIR, else {DEFAULT_STATE_DIR}")
+    p.add_argument("-c", "--config", metavar="FILE", help="sched.conf")
+    p.set_defaults(handler=serve)
+
+    parser = commands.add_parser("template", help="work on template files", parents=[common])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("format", help="print a template file normalised (checks its syntax)", parents=[common])
+    p.add_argument("file", metavar="FILE", help="template file, - for standard input (--xml: print the XML form)")
+    p.set_defaults(handler=template_format)
+
+    parser = commands.add_parser("config", help="work on sched.conf", parents=[common])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("check", help="validate a sched.conf file", parents=[common])
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=config_check)

@@ -1,0 +1,167 @@
+"""``vmsched vm``: the VMs vmsched backs up (OpenNebula's onevm)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lxml import etree
+
+from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
+from scheduler.cli.hosts import HOSTS
+from scheduler.cli.states import LCM_STATES, VM_STATES, name_of, vm_stat
+from scheduler.cli.tables import (
+    Column,
+    field,
+    format_time,
+    ids,
+    join_sections,
+    last_host,
+    render_fields,
+    render_table,
+    render_template,
+)
+
+FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
+ANY_BUT_DONE = -1
+VMS = Kind("VM", "one.vmpool.info", "VM_POOL", "VM", (FILTER_ALL, -1, -1, ANY_BUT_DONE))
+RECOVER_DELETE = 3
+_REPEAT = {"0": "Weekly", "1": "Monthly", "2": "Yearly", "3": "Hourly", "4": "Cron"}
+
+COLUMNS = (
+    Column("ID", lambda vm: field(vm, "ID"), right=True),
+    Column("USER", lambda vm: field(vm, "UNAME")),
+    Column("GROUP", lambda vm: field(vm, "GNAME")),
+    Column("NAME", lambda vm: field(vm, "NAME")),
+    Column("STAT", lambda vm: vm_stat(field(vm, "STATE"), field(vm, "LCM_STATE"))),
+    Column("HOST", last_host),
+)
+
+
+def _repeat(action: etree._Element) -> str:
+    kind = _REPEAT.get(field(action, "REPEAT", "-1"))
+    return f"{kind} {field(action, 'DAYS')}".strip() if kind else "-"
+
+
+def _end(action: etree._Element) -> str:
+    end_type, value = field(action, "END_TYPE", "0"), field(action, "END_VALUE")
+    if end_type == "1":
+        return f"after {value} times"
+    return format_time(value) if end_type == "2" else "none"
+
+
+def _status(action: etree._Element) -> str:
+    if field(action, "MESSAGE"):
+        return f"Error! {field(action, 'MESSAGE')}"
+    done = field(action, "DONE", "-1")
+    return f"Done on {format_time(done)}" if done.isdigit() and int(done) > 0 else "-"
+
+
+def _time(value: str) -> str:
+    return format_time(value) if value.isdigit() else value or "-"
+
+
+SCHED_COLUMNS = (
+    Column("ID", lambda a: field(a, "ID"), right=True),
+    Column("ACTION", lambda a: field(a, "ACTION")),
+    Column("ARGS", lambda a: field(a, "ARGS", "-")),
+    Column("SCHEDULED", lambda a: _time(field(a, "TIME"))),
+    Column("REPEAT", _repeat),
+    Column("END", _end),
+    Column("STATUS", _status),
+)
+
+
+def render_vm(vm: etree._Element) -> str:
+    actions = vm.findall("TEMPLATE/SCHED_ACTION")
+    backups = ids(vm, "BACKUPS/BACKUP_IDS")
+    return join_sections([
+        render_fields(f"VIRTUAL MACHINE {field(vm, 'ID')} INFORMATION", [
+            ("ID", field(vm, "ID")),
+            ("NAME", field(vm, "NAME")),
+            ("USER", field(vm, "UNAME")),
+            ("GROUP", field(vm, "GNAME")),
+            ("STATE", name_of(VM_STATES, field(vm, "STATE"))),
+            ("LCM_STATE", name_of(LCM_STATES, field(vm, "LCM_STATE"))),
+            ("HOST", last_host(vm)),
+            ("START TIME", format_time(field(vm, "STIME", "0"))),
+            ("DEPLOY ID", field(vm, "DEPLOY_ID", "-")),
+        ]),
+        "SCHEDULED ACTIONS\n" + render_table(SCHED_COLUMNS, actions) if actions else "",
+        render_template("BACKUP CONFIGURATION", vm.find("BACKUPS/BACKUP_CONFIG")),
+        f"VM BACKUPS\nIMAGE IDS: {','.join(backups) if backups else '-'}\n",
+        render_template("USER TEMPLATE", vm.find("USER_TEMPLATE")),
+        render_template("VIRTUAL MACHINE TEMPLATE", vm.find("TEMPLATE")),
+    ])  # fmt: skip
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+def create(ctx: Context, args: argparse.Namespace) -> int:
+    template = ctx.read_template(args.file)
+    ctx.print_id(ctx.call("one.vm.allocate", template.render(), args.hold))
+    return 0
+
+
+def list_vms(ctx: Context, args: argparse.Namespace) -> int:
+    who = FILTER_ALL if args.all else FILTER_MINE_AND_GROUPS
+    ctx.print_pool(VMS, ctx.call("one.vmpool.info", who, -1, -1, ANY_BUT_DONE), COLUMNS)
+    return 0
+
+
+def show(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.print_object(ctx.call("one.vm.info", ctx.resolve(VMS, args.vm), False), render_vm)
+    return 0
+
+
+def update(ctx: Context, args: argparse.Namespace) -> int:
+    template = ctx.read_template(args.file)
+    ctx.call("one.vm.update", ctx.resolve(VMS, args.vm), template.render(), update_type(args.append))
+    return 0
+
+
+def updateconf(ctx: Context, args: argparse.Namespace) -> int:
+    template = ctx.read_template(args.file)
+    ctx.call("one.vm.updateconf", ctx.resolve(VMS, args.vm), template.render(), update_type(args.append))
+    return 0
+
+
+def rename(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.call("one.vm.rename", ctx.resolve(VMS, args.vm), args.name)
+    return 0
+
+
+def deploy(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.call("one.vm.deploy", ctx.resolve(VMS, args.vm), ctx.resolve(HOSTS, args.host), False, -1)
+    return 0
+
+
+def delete(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.call("one.vm.recover", ctx.resolve(VMS, args.vm), RECOVER_DELETE)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("vm", help="virtual machines (onevm)", parents=[common])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = sub.add_parser("create", help="register a VM from a template file", parents=[common])
+    p.add_argument("file", metavar="FILE", help="template file, - for standard input")
+    p.add_argument("--hold", action="store_true", help="create it on hold")
+    p.set_defaults(handler=create)
+
+    p = sub.add_parser("list", help="list my VMs and my groups' VMs", parents=[common])
+    p.add_argument("--all", action="store_true", help="every VM I may see")
+    p.set_defaults(handler=list_vms)
+
+    add_id_command(sub, common, "show", "show a VM", "vm", show)
+    add_update_command(sub, common, "update", "replace (or --append to) the VM's USER_TEMPLATE", "vm", update)
+    add_update_command(sub, common, "updateconf", "change the VM configuration (BACKUP_CONFIG, ...)", "vm", updateconf)
+
+    p = add_id_command(sub, common, "rename", "rename a VM", "vm", rename)
+    p.add_argument("name", metavar="NAME")
+
+    p = add_id_command(sub, common, "deploy", "bind a VM to the host where its libvirt domain runs", "vm", deploy)
+    p.add_argument("host", metavar="HOST", help="host id or name")
+
+    add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
