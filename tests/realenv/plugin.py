@@ -1,0 +1,88 @@
+"""Pytest fixtures for the real test environment (register with ``pytest_plugins = ["tests.realenv.plugin"]``).
+
+* ``realenv`` (session): runs the idempotent ``up`` once and returns the :class:`RealEnv` description.
+  When the environment cannot be created here at all (not root, no apt-get) the test is skipped with the
+  reason printed loudly; any other failure of ``up`` is an error.
+* ``hypervisors`` (session): a cached :class:`Hypervisor` (libvirt over ssh) per host name.
+* ``tiny_domain`` (function): a factory ``tiny_domain(host="host1", *, start=True, cdrom=False)`` for
+  tiny QEMU domains in the test's tmp_path; every domain it made is destroyed and undefined afterwards.
+
+Set ``VMSCHED_REALENV_TEARDOWN=1`` to run ``down`` at the end of the session (default: leave it running,
+so the next ``up`` is warm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.realenv import realenv as realenv_cli
+from tests.realenv.domains import Hypervisor, TinyDomain
+from tests.realenv.errors import EnvUnavailable
+from tests.realenv.model import HostInfo, RealEnv
+
+TEARDOWN_ENV_VAR = "VMSCHED_REALENV_TEARDOWN"
+
+
+def _shout(config: pytest.Config, message: str) -> None:
+    """Print ``message`` to the terminal now, past output capturing, between two banners."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    banner = "!" * 20 + " REAL TEST ENVIRONMENT UNAVAILABLE " + "!" * 20
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        reporter.write_line("")
+        for line in (banner, message, banner):
+            reporter.write_line(line, red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def realenv(request: pytest.FixtureRequest) -> Iterator[RealEnv]:
+    libvirt.registerErrorHandler(lambda *_: None, None)  # errors arrive as exceptions; keep stderr clean
+    try:
+        env = realenv_cli.up()
+    except EnvUnavailable as exc:  # pytest caches this outcome: every later test skips without retrying
+        reason = f"real test environment cannot be created here: {exc}"
+        _shout(request.config, reason)
+        pytest.skip(reason)
+    yield env
+    if os.environ.get(TEARDOWN_ENV_VAR) == "1":
+        realenv_cli.down(env.dir)
+
+
+@pytest.fixture(scope="session")
+def hypervisors(realenv: RealEnv) -> Iterator[Callable[[str], Hypervisor]]:
+    opened: dict[str, Hypervisor] = {}
+
+    def get(host: str) -> Hypervisor:
+        if host not in opened:
+            opened[host] = Hypervisor(realenv.host(host))
+        return opened[host]
+
+    yield get
+    for hypervisor in opened.values():
+        hypervisor.close()
+
+
+@pytest.fixture
+def tiny_domain(hypervisors: Callable[[str], Hypervisor],
+                tmp_path: Path) -> Iterator[Callable[..., TinyDomain]]:
+    made: list[TinyDomain] = []
+
+    def make(host: str | HostInfo = "host1", *, start: bool = True, cdrom: bool = False) -> TinyDomain:
+        name = host.name if isinstance(host, HostInfo) else host
+        dom = hypervisors(name).define(tmp_path / "domains", cdrom=cdrom, start=False)
+        made.append(dom)
+        if start:
+            hypervisors(name).start(dom)
+        return dom
+
+    yield make
+    for dom in reversed(made):
+        hypervisors(dom.host).remove(dom)
