@@ -55,7 +55,6 @@ def typical_vm(vm_id: int) -> Vm:
 
 
 async def populate(state_dir: Path, count: int) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
     store = await Store.open(state_dir / "vmsched.db")
     state = State(store, build_codecs())
     await state.load()
@@ -154,6 +153,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vmsched-bench-") as tmp:
         state_dir = Path(tmp) / "state"
         started = time.perf_counter()
+        state_dir.mkdir(parents=True)
         asyncio.run(populate(state_dir, args.vms))
         populate_s = time.perf_counter() - started
         daemon = start_daemon(state_dir, timeout=120)

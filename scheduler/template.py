@@ -5,6 +5,26 @@ string) or a vector (a map of sub-attribute names to strings). Names are upper-c
 names that could not be XML element names get the ``ONE_`` prefix; inside a vector the first of
 two equal keys wins and keys render in alphabetical order; top-level attributes render grouped and
 sorted by name, keeping insertion order within a name.
+
+Text form, as OpenNebula's lexer reads it: blanks and newlines between tokens are ignored (so
+``CPU=1 MEMORY=512`` on one line is two attributes), ``#`` outside a value starts a comment (also
+between the pairs of a vector), a quoted value may span lines, and ``\\"`` is the only escape (in
+quoted values and bare words alike, as in OpenNebula's grammar).
+
+Where vmsched is stricter than OpenNebula, on purpose:
+
+* a ``"`` that opens a value must be closed (OpenNebula silently reads ``A="abc`` as the word
+  ``"abc``);
+* a vector key must be an XML name (start with a letter or ``_``): OpenNebula accepts ``[1A=x]`` and
+  then writes XML nobody can read;
+* no value may hold ``]]>`` or a character XML 1.0 cannot carry, whichever form it comes in;
+* the XML form accepts no DOCTYPE (so no entity is ever expanded), only element names made of
+  letters, digits and ``_``, and two levels of nesting (attribute, then vector pair): anything
+  deeper is rejected rather than flattened, since OpenNebula would drop it silently.
+
+A value ending in a backslash has no quoted text form (``"C:\\"`` reads as an escaped quote).
+``render`` writes such a value as a bare word when it is one (``PATH=C:\\``, which reads back
+unchanged) and raises ``TemplateError`` otherwise; the XML form carries every value.
 """
 
 from __future__ import annotations
@@ -12,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from lxml import etree
 
@@ -19,7 +40,9 @@ from scheduler.errors import TemplateError
 
 CDATA_GUARD = "]]>"
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_WORD_STOP = frozenset("=#,[] \t\r\n")
+_NAME_FULL = re.compile(r"[A-Za-z0-9_]+\Z")
+_KEY_FULL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_BARE_WORD = re.compile(r'[^=#,\[\] \t\r\n"]+\Z')
 # Characters XML 1.0 cannot carry: a value holding one could never be stored or sent.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -35,6 +58,13 @@ class Vector:
         for key, value in items:
             self.setdefault(key, value)
 
+    @classmethod
+    def _trusted(cls, values: dict[str, str]) -> Vector:
+        """A vector from keys and values the parsers have already checked."""
+        vector = cls.__new__(cls)
+        vector._values = values
+        return vector
+
     def get(self, key: str, default: str | None = None) -> str | None:
         return self._values.get(key.upper(), default)
 
@@ -42,7 +72,7 @@ class Vector:
         return self._values[key.upper()]
 
     def __setitem__(self, key: str, value: str) -> None:
-        self._values[key.upper()] = str(value)
+        self._values[_checked_key(key)] = _checked_value(str(value), key)
 
     def __delitem__(self, key: str) -> None:
         del self._values[key.upper()]
@@ -55,7 +85,10 @@ class Vector:
 
     def setdefault(self, key: str, value: str) -> str:
         """First wins, as in OpenNebula's sorted map of vector pairs."""
-        return self._values.setdefault(key.upper(), str(value))
+        upper = _checked_key(key)
+        if upper not in self._values:
+            self._values[upper] = _checked_value(str(value), key)
+        return self._values[upper]
 
     def pop(self, key: str, default: str | None = None) -> str | None:
         return self._values.pop(key.upper(), default)
@@ -67,7 +100,7 @@ class Vector:
         return sorted(self._values)
 
     def copy(self) -> Vector:
-        return Vector(dict(self._values))
+        return Vector._trusted(dict(self._values))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vector) and self._values == other._values
@@ -82,12 +115,36 @@ class Vector:
 Value = str | Vector
 
 
+@lru_cache(maxsize=4096)
 def top_level_name(name: str) -> str:
     """Upper-case a top-level name and apply the ``ONE_`` prefix rule."""
     upper = name.upper()
     if not (upper[:1].isalpha() or upper[:1] == "_") or upper.startswith("XML"):
         return "ONE_" + upper
     return upper
+
+
+def _checked_key(key: str) -> str:
+    if not _KEY_FULL.match(key):
+        raise TemplateError(f"invalid sub-attribute name {key!r}: use letters, digits and '_', not first a digit")
+    return key.upper()
+
+
+def _checked_value(value: str, name: str) -> str:
+    problem = _value_problem(value)
+    if problem:
+        raise TemplateError(f"value of {name.upper()} {problem}")
+    return value
+
+
+def _value_problem(value: str) -> str | None:
+    """Why no template may hold ``value`` (spec §1.1 guard, XML 1.0 characters), or None."""
+    if CDATA_GUARD in value:
+        return "contains the forbidden sequence ']]>'"
+    bad = _NOT_XML.search(value)
+    if bad:
+        return f"contains the control character U+{ord(bad.group()):04X}"
+    return None
 
 
 @dataclass
@@ -99,7 +156,7 @@ class Template:
     # -- reading ---------------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first single value called ``name``."""
-        for key, value in self._named(name):
+        for _, value in self._named(name):
             if isinstance(value, str):
                 return value
         return default
@@ -134,7 +191,11 @@ class Template:
 
     # -- writing ---------------------------------------------------------------------------------
     def add(self, name: str, value: Value | int) -> None:
-        self.attributes.append((top_level_name(name), value if isinstance(value, Vector) else str(value)))
+        """Append an attribute; a bad name or a value no template can hold raises TemplateError."""
+        if not _NAME_FULL.match(name):
+            raise TemplateError(f"invalid attribute name {name!r}: use letters, digits and '_'")
+        key = top_level_name(name)
+        self.attributes.append((key, value if isinstance(value, Vector) else _checked_value(str(value), key)))
 
     def set(self, name: str, value: Value | int) -> None:
         """Replace every attribute called ``name`` by one value."""
@@ -159,16 +220,23 @@ class Template:
 
     def sorted_attributes(self) -> list[tuple[str, Value]]:
         """Grouped by name, names sorted, insertion order kept within a name."""
-        return sorted(self.attributes, key=lambda item: item[0])
+        return sorted(self.attributes, key=_attribute_name)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Template) and self.sorted_attributes() == other.sorted_attributes()
 
     # -- forms -----------------------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: str, source: str = "<template>") -> Template:
-        """Text or XML (a string whose first non-blank character is ``<``)."""
-        if text.lstrip().startswith("<"):
+    def parse(cls, text: str | bytes, source: str = "<template>") -> Template:
+        """Text or XML (a string whose first non-blank character is ``<``); bytes are UTF-8."""
+        if isinstance(text, bytes):
+            if _XML_START_BYTES.match(text):
+                return from_xml(text, source)
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TemplateError(f"not UTF-8 text (byte {exc.start})", source=source) from None
+        if _XML_START.match(text):
             return from_xml(text, source)
         return _Parser(text, source).parse()
 
@@ -177,7 +245,7 @@ class Template:
         """Text form only; also returns the line number of each attribute (for config errors)."""
         parser = _Parser(text, source)
         template = parser.parse()
-        return template, parser.lines
+        return template, parser.lines()
 
     def render(self) -> str:
         return render_text(self)
@@ -189,195 +257,336 @@ class Template:
         return etree.tostring(self.to_xml(root), encoding="unicode")
 
 
-# ---- text form ----------------------------------------------------------------------------------
+def _attribute_name(item: tuple[str, Value]) -> str:
+    return item[0]
+
+
+_XML_START = re.compile(r"[ \t\r\n]*<")
+_XML_START_BYTES = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*<")
+
+
+# ---- text form: rendering ------------------------------------------------------------------------
 
 
 def quote(value: str) -> str:
+    """``value`` in double quotes with ``"`` escaped (cannot carry a value ending in a backslash)."""
     return '"' + value.replace('"', '\\"') + '"'
 
 
 def render_text(template: Template) -> str:
+    """The CLI's text form (spec §1.4), which ``Template.parse`` reads back to an equal template."""
     lines = []
     for name, value in template.sorted_attributes():
         if isinstance(value, Vector):
-            if not len(value):
-                lines.append(f"{name}=[ ]")
+            if not value._values:
+                lines.append(name + "=[ ]")
                 continue
-            pairs = ",\n".join(f"  {k}={quote(v)}" for k, v in value.items())
+            pairs = ",\n".join(
+                [f'  {k}="{v.replace(_Q, _EQ)}"' if v[-1:] != "\\" else f"  {k}={_text_value(v, name, k)}"
+                 for k, v in sorted(value._values.items())]
+            )
             lines.append(f"{name}=[\n{pairs} ]")
         else:
-            lines.append(f"{name}={quote(value)}")
-    return "\n".join(lines) + ("\n" if lines else "")
+            lines.append(f"{name}={_text_value(value, name)}")
+    if not lines:
+        return ""
+    text = "\n".join(lines) + "\n"
+    if CDATA_GUARD in text or _NOT_XML.search(text):
+        _raise_unwritable(template)
+    return text
+
+
+_Q, _EQ = '"', '\\"'
+
+
+def _text_value(value: str, name: str, key: str = "") -> str:
+    if not value.endswith("\\"):
+        return '"' + value.replace('"', '\\"') + '"'
+    if _BARE_WORD.match(value):
+        return value
+    where = f"{name}/{key}" if key else name
+    raise TemplateError(
+        f"value of {where} ends with a backslash and is not a bare word: the text form cannot carry it (use XML)"
+    )
+
+
+def _raise_unwritable(template: Template) -> None:
+    for name, value in template.attributes:
+        pairs = value.items() if isinstance(value, Vector) else [("", value)]
+        for key, sub in pairs:
+            problem = _value_problem(sub)
+            if problem:
+                raise TemplateError(f"value of {name}/{key} {problem}" if key else f"value of {name} {problem}")
+
+
+# ---- text form: parsing -------------------------------------------------------------------------
+
+# Blanks, newlines and comments between tokens (possessive: a long run never backtracks).
+_S = r"(?:[ \t\r\n]++|#[^\n]*+)*+"
+_SKIP = re.compile(_S)
+_BLANKS = re.compile(r"[ \t\r]*+")
+# A quoted value: anything but '"', where '\"' does not close it. A bare word: no blank, newline,
+# '=', '#', ',', '[' or ']', and not opening with '"' (that is an unterminated quoted value).
+_QUOTED_BODY = r'(?:[^"\\]++|\\"?)*+'
+_WORD_BODY = r'[^=#,\[\] \t\r\n"][^=#,\[\] \t\r\n]*+'
+_QUOTED = '"(' + _QUOTED_BODY + ')"'
+_WORD = "(" + _WORD_BODY + ")"
+_EQUALS = r"[ \t\r]*+=[ \t\r]*+"
+_PAIR_BARE = r"[A-Za-z_][A-Za-z0-9_]*+" + _EQUALS + '(?:"' + _QUOTED_BODY + '"|' + _WORD_BODY + ")"
+# The common path: one match reads a whole attribute, vectors included (their pairs are then
+# picked out of the matched span). Whatever it does not match goes through the step-by-step reader
+# below, which reads the same language and says exactly what is wrong.
+_TOP = re.compile(
+    _S + r"([A-Za-z0-9_]++)" + _EQUALS + "(?:" + _QUOTED + "|" + _WORD
+    + r"|(\[)" + _S + r"(?:\]|(" + _PAIR_BARE + "(?:" + _S + "," + _S + _PAIR_BARE + r")*+)" + _S + r"\])"
+    + r"|(?=[\n#]|\Z))"
+)
+_PAIR_FIND = re.compile(
+    "(?:" + _S + "," + _S + r")?([A-Za-z_][A-Za-z0-9_]*+)" + _EQUALS + "(?:" + _QUOTED + "|" + _WORD + ")"
+)
+_OPEN_VECTOR = re.compile(r"\[" + _S + r"(\]?)")
+
+
+def _describe(ch: str) -> str:
+    if not ch:
+        return "end of text"
+    return "end of line" if ch == "\n" else repr(ch)
+
+
+def _unescape(raw: str) -> str:
+    return raw.replace('\\"', '"') if "\\" in raw else raw
+
+
+def _matched_pairs(text: str, start: int, end: int) -> dict[str, str]:
+    """The pairs of a vector span ``_TOP`` has matched; the first of two equal keys wins."""
+    pairs = reversed(_PAIR_FIND.findall(text, start, end))  # reversed: the first of equal keys lands last
+    if text.find("\\", start, end) < 0:
+        return {key.upper(): word or raw for key, raw, word in pairs}
+    return {key.upper(): _unescape(word or raw) for key, raw, word in pairs}
 
 
 class _Parser:
-    """A hand-written scanner for the grammar of spec §1.2, tracking line and column."""
+    """Reads the grammar of spec §1.2; positions become line:column only when something is wrong."""
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(self, text: str, source: str, careful: bool = False) -> None:
         self.text = text
         self.source = source
-        self.pos = 0
-        self.lines: list[int] = []  # the line of each top-level attribute, in order
+        self.starts: list[int] = []  # offset of each top-level attribute, in order
+        # Values need checking only when the text holds a suspect character at all; the careful
+        # reader checks each one and points at the culprit.
+        self.careful = careful or CDATA_GUARD in text or _NOT_XML.search(text) is not None
 
-    # position helpers
+    def lines(self) -> list[int]:
+        line, previous, out = 1, 0, []
+        for start in self.starts:
+            line += self.text.count("\n", previous, start)
+            previous = start
+            out.append(line)
+        return out
+
     def _where(self, pos: int) -> tuple[int, int]:
         line = self.text.count("\n", 0, pos) + 1
-        col = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
-        return line, col
+        return line, pos - (self.text.rfind("\n", 0, pos) + 1) + 1
 
-    def _fail(self, message: str, pos: int | None = None) -> TemplateError:
-        line, col = self._where(self.pos if pos is None else pos)
+    def _fail(self, message: str, pos: int) -> TemplateError:
+        line, col = self._where(pos)
         return TemplateError(message, source=self.source, line=line, column=col)
 
-    def _peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def _skip_blanks(self) -> None:
-        while self._peek() in (" ", "\t", "\r") and self._peek():
-            self.pos += 1
-
-    def _skip_space_and_comments(self) -> None:
-        while self.pos < len(self.text):
-            ch = self.text[self.pos]
-            if ch in " \t\r\n":
-                self.pos += 1
-            elif ch == "#":
-                end = self.text.find("\n", self.pos)
-                self.pos = len(self.text) if end < 0 else end
-            else:
-                return
-
-    def _name(self) -> str:
-        match = _NAME_RE.match(self.text, self.pos)
-        if not match:
-            ch = self._peek()
-            raise self._fail(f"expected an attribute name, found {ch!r}" if ch else "expected an attribute name")
-        self.pos = match.end()
-        return match.group().upper()
-
-    def _expect_equals(self, name: str) -> None:
-        self._skip_blanks()
-        if self._peek() != "=":
-            found = self._peek()
-            raise self._fail(f"expected '=' after {name}, found {found!r}" if found else f"expected '=' after {name}")
-        self.pos += 1
-        self._skip_blanks()
+    def _peek(self, pos: int) -> str:
+        return self.text[pos : pos + 1]
 
     def parse(self) -> Template:
-        template = Template()
+        text, end, careful = self.text, len(self.text), self.careful
+        attributes: list[tuple[str, Value]] = []
+        pos = 0
         while True:
-            self._skip_space_and_comments()
-            if self.pos >= len(self.text):
-                return template
-            self.lines.append(self._where(self.pos)[0])
-            name = top_level_name(self._name())
-            self._expect_equals(name)
-            ch = self._peek()
-            if ch == "[":
-                self.pos += 1
-                template.attributes.append((name, self._vector(name)))
-            elif ch in ("\n", "", "#"):
-                template.attributes.append((name, ""))
+            match = None if careful else _TOP.match(text, pos)
+            if match is None:
+                pos = _SKIP.match(text, pos).end()
+                if pos >= end:
+                    return Template(attributes)
+                self.starts.append(pos)
+                name, value, pos = self._attribute(pos)
             else:
-                template.attributes.append((name, self._value(name)))
-            self._end_of_attribute()
+                self.starts.append(match.start(1))
+                name = top_level_name(match.group(1))
+                raw, word, bracket = match.group(2, 3, 4)
+                if raw is not None:
+                    value = _unescape(raw)
+                elif word is not None:
+                    value = _unescape(word)
+                elif bracket:
+                    body = match.span(5)
+                    value = Vector._trusted(_matched_pairs(text, *body) if body[0] >= 0 else {})
+                else:
+                    value = ""
+                pos = match.end()
+            attributes.append((name, value))
 
-    def _end_of_attribute(self) -> None:
-        self._skip_blanks()
-        ch = self._peek()
-        if ch not in ("\n", "", "#"):
-            raise self._fail(f"unexpected {ch!r} after value")
-
-    def _value(self, name: str) -> str:
-        start = self.pos
-        if self._peek() == '"':
-            value = self._quoted()
-        else:
-            while self._peek() and self._peek() not in _WORD_STOP:
-                self.pos += 1
-            value = self.text[start : self.pos]
-            if not value:
-                raise self._fail(f"expected a value for {name}, found {self._peek()!r}")
-        if CDATA_GUARD in value:
-            raise self._fail(f"value of {name} contains the forbidden sequence ']]>'", start)
-        bad = _NOT_XML.search(value)
+    def _check(self, raw: str, name: str, start: int) -> None:
+        """Reject a value holding ``]]>`` or a non-XML character, pointing at the culprit."""
+        guard = raw.find(CDATA_GUARD)
+        if guard >= 0:
+            raise self._fail(f"value of {name} contains the forbidden sequence ']]>'", start + guard)
+        bad = _NOT_XML.search(raw)
         if bad:
-            raise self._fail(f"value of {name} contains the control character {bad.group()!r}", start)
-        return value
+            raise self._fail(f"value of {name} contains the control character U+{ord(bad.group()):04X}", start + bad.start())
 
-    def _quoted(self) -> str:
-        start = self.pos
-        self.pos += 1
-        out: list[str] = []
-        while True:
-            end = self.text.find('"', self.pos)
-            if end < 0:
-                raise self._fail("unterminated quoted value", start)
-            chunk = self.text[self.pos : end]
-            if chunk.endswith("\\"):
-                out.append(chunk[:-1] + '"')
-                self.pos = end + 1
-                continue
-            out.append(chunk)
-            self.pos = end + 1
-            return "".join(out)
+    # -- the step-by-step reader: exact messages for every malformed input -----------------------
+    def _attribute(self, pos: int) -> tuple[str, Value, int]:
+        match = _NAME_RE.match(self.text, pos)
+        if not match:
+            raise self._fail(f"expected an attribute name, found {_describe(self._peek(pos))}", pos)
+        name = top_level_name(match.group())
+        pos = self._equals(name, match.end())
+        ch = self._peek(pos)
+        if ch == "[":
+            return (name, *self._vector(name, pos))
+        if ch in ("\n", "#", ""):
+            return name, "", pos
+        value, pos = self._value(name, pos)
+        return name, value, pos
 
-    def _vector(self, name: str) -> Vector:
-        vector = Vector()
-        self._skip_inside()
-        if self._peek() == "]":
-            self.pos += 1
-            return vector
-        while True:
-            key = self._name()
-            self._expect_equals(f"{name}/{key}")
-            if self._peek() in ("\n", ",", "]", ""):
-                raise self._fail(f"expected a value for {name}/{key} (write \"\" for an empty one)")
-            vector.setdefault(key, self._value(f"{name}/{key}"))
-            self._skip_inside()
-            ch = self._peek()
-            if ch == ",":
-                self.pos += 1
-                self._skip_inside()
-            elif ch == "]":
-                self.pos += 1
-                return vector
-            elif not ch:
-                raise self._fail(f"vector {name} is not closed with ']'")
-            else:
-                raise self._fail(f"expected ',' or ']' in vector {name}, found {ch!r}")
+    def _equals(self, name: str, pos: int) -> int:
+        pos = _BLANKS.match(self.text, pos).end()
+        if self._peek(pos) != "=":
+            raise self._fail(f"expected '=' after {name}, found {_describe(self._peek(pos))}", pos)
+        return _BLANKS.match(self.text, pos + 1).end()
 
-    def _skip_inside(self) -> None:
-        while self._peek() in (" ", "\t", "\r", "\n") and self._peek():
-            self.pos += 1
+    def _value(self, name: str, pos: int) -> tuple[str, int]:
+        pattern = _QUOTED_RE if self._peek(pos) == '"' else _WORD_RE
+        match = pattern.match(self.text, pos)
+        if match is None:
+            ch = self._peek(pos)
+            if ch == '"':
+                raise self._fail(f"unterminated quoted value for {name}", pos)
+            raise self._fail(f"expected a value for {name}, found {_describe(ch)}", pos)
+        self._check(match.group(1), name, match.start(1))
+        return _unescape(match.group(1)), match.end()
+
+    def _vector(self, name: str, pos: int) -> tuple[Vector, int]:
+        """Read from the ``[`` to past the ``]``; first of two equal keys wins."""
+        values: dict[str, str] = {}
+        opened = _OPEN_VECTOR.match(self.text, pos)
+        pos, closed = opened.end(), bool(opened.group(1))
+        while not closed:
+            key, value, pos, closed = self._pair(name, pos)
+            values.setdefault(key, value)
+        return Vector._trusted(values), pos
+
+    def _pair(self, name: str, pos: int) -> tuple[str, str, int, bool]:
+        text = self.text
+        match = _NAME_RE.match(text, pos)
+        if not match:
+            ch = self._peek(pos)
+            if not ch:
+                raise self._fail(f"vector {name} is not closed with ']'", pos)
+            if ch == "]":
+                raise self._fail(f"trailing ',' before ']' in vector {name}", pos)
+            raise self._fail(f"expected a sub-attribute name in vector {name}, found {_describe(ch)}", pos)
+        key = match.group().upper()
+        if key[0].isdigit():
+            raise self._fail(f"sub-attribute name {key} in vector {name} must start with a letter or '_'", pos)
+        where = f"{name}/{key}"
+        pos = self._equals(where, match.end())
+        ch = self._peek(pos)
+        if ch == "[":
+            raise self._fail(f"a vector cannot hold a vector ({where})", pos)
+        if ch in ("\n", ",", "]", "#", ""):
+            raise self._fail(f'expected a value for {where} (write "" for an empty one)', pos)
+        value, pos = self._value(where, pos)
+        pos = _SKIP.match(text, pos).end()
+        ch = self._peek(pos)
+        if ch not in (",", "]"):
+            if not ch:
+                raise self._fail(f"vector {name} is not closed with ']'", pos)
+            raise self._fail(f"expected ',' or ']' in vector {name}, found {_describe(ch)}", pos)
+        return key, value, _SKIP.match(text, pos + 1).end(), ch == "]"
+
+
+_WORD_RE = re.compile(_WORD)
+_QUOTED_RE = re.compile(_QUOTED)
 
 
 # ---- XML form -----------------------------------------------------------------------------------
 
-_XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, strip_cdata=True)
+_XML_OPTIONS = dict(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, strip_cdata=True)
+_XML_PARSER = etree.XMLParser(**_XML_OPTIONS)
+# A str was decoded already: whatever encoding its declaration names, its UTF-8 bytes are parsed.
+_XML_PARSER_UTF8 = etree.XMLParser(encoding="utf-8", **_XML_OPTIONS)
+_XML_POSITION = re.compile(r", line \d+, column \d+\Z")
 
 
 def from_xml(text: str | bytes, source: str = "<template>") -> Template:
+    """The XML form (CDATA sections read as text); a DOCTYPE is refused, entities never expand."""
+    if isinstance(text, str):
+        try:
+            data, parser = text.encode("utf-8"), _XML_PARSER_UTF8
+        except UnicodeEncodeError:
+            raise TemplateError("malformed XML: text holds a lone surrogate", source=source) from None
+    else:
+        data, parser = text, _XML_PARSER
     try:
-        root = etree.fromstring(text.encode() if isinstance(text, str) else text, _XML_PARSER)
+        root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
         line, column = exc.position if exc.position else (0, 0)
-        raise TemplateError(f"malformed XML: {exc.msg}", source=source, line=line, column=column) from None
-    return from_element(root)
+        message = _XML_POSITION.sub("", exc.msg or str(exc))  # the position is ours to report
+        raise TemplateError(f"malformed XML: {message}", source=source, line=line, column=column) from None
+    except (etree.LxmlError, ValueError) as exc:
+        raise TemplateError(f"malformed XML: {exc}", source=source) from None
+    if root.getroottree().docinfo.doctype:
+        raise TemplateError("XML with a DOCTYPE is not accepted", source=source)
+    return from_element(root, source)
 
 
-def from_element(root: etree._Element) -> Template:
-    template = Template()
+def from_element(root: etree._Element, source: str = "<template>") -> Template:
+    """Read a parsed ``<TEMPLATE>``-like element: children are attributes, grandchildren vector pairs."""
+    _no_loose_text(root, root.tag, source)
+    attributes: list[tuple[str, Value]] = []
     for child in root:
         if not isinstance(child.tag, str):
-            continue
-        name = top_level_name(child.tag)
+            continue  # comments and processing instructions
+        name = top_level_name(_element_name(child, _NAME_FULL, source))
         elements = [c for c in child if isinstance(c.tag, str)]
         if elements:
-            template.attributes.append((name, Vector((c.tag.upper(), c.text or "") for c in elements)))
+            _no_loose_text(child, name, source)
+            attributes.append((name, Vector._trusted(_xml_pairs(name, elements, source))))
         else:
-            template.attributes.append((name, child.text or ""))
-    return template
+            attributes.append((name, _xml_text(child, name, source)))
+    return Template(attributes)
+
+
+def _xml_pairs(name: str, elements: list[etree._Element], source: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for element in elements:
+        key = _element_name(element, _KEY_FULL, source).upper()
+        where = f"{name}/{key}"
+        if any(isinstance(c.tag, str) for c in element):
+            raise TemplateError(f"{where} holds elements: a template nests two levels only", source=source)
+        values.setdefault(key, _xml_text(element, where, source))
+    return values
+
+
+def _element_name(element: etree._Element, pattern: re.Pattern[str], source: str) -> str:
+    tag = element.tag
+    local = tag.rpartition("}")[2] if tag[:1] == "{" else tag
+    if not pattern.match(local):
+        raise TemplateError(f"element <{local}> is not an attribute name (letters, digits and '_')", source=source)
+    return local
+
+
+def _xml_text(element: etree._Element, where: str, source: str) -> str:
+    value = "".join(element.itertext())
+    problem = _value_problem(value)
+    if problem:
+        raise TemplateError(f"value of {where} {problem}", source=source)
+    return value
+
+
+def _no_loose_text(element: etree._Element, where: str, source: str) -> None:
+    loose = [element.text or ""] + [c.tail or "" for c in element]
+    if any(part.strip() for part in loose):
+        raise TemplateError(f"{where} mixes text and elements", source=source)
 
 
 def to_xml(template: Template, root: str = "TEMPLATE") -> etree._Element:
@@ -387,10 +596,14 @@ def to_xml(template: Template, root: str = "TEMPLATE") -> etree._Element:
 
 
 def append_attributes(parent: etree._Element, attributes: Iterable[tuple[str, Value]]) -> None:
-    for name, value in attributes:
-        child = etree.SubElement(parent, name)
-        if isinstance(value, Vector):
-            for key, sub in value.items():
-                etree.SubElement(child, key).text = sub
-        else:
-            child.text = value
+    """Append ``<NAME>value</NAME>`` children (vectors as nested elements, empty ones as ``<NAME/>``)."""
+    try:
+        for name, value in attributes:
+            child = etree.SubElement(parent, name)
+            if isinstance(value, Vector):
+                for key, sub in value.items():
+                    etree.SubElement(child, key).text = sub
+            else:
+                child.text = value
+    except ValueError as exc:
+        raise TemplateError(f"cannot write {name} as XML: {exc}") from None

@@ -62,7 +62,7 @@ def build_codecs() -> dict[str, Codec]:
         "host": Codec("host", lambda h: _owned_row(h, h.to_xml()), decoder(Host)),
         "datastore": Codec("datastore", lambda d: _owned_row(d, d.to_xml(show_secrets=True)), decoder(Datastore)),
         "image": Codec("image", lambda i: _owned_row(i, i.to_xml()), decoder(Image)),
-        "vm": Codec("virtual machine", lambda v: _owned_row(v, v.to_xml()), decoder(Vm)),
+        "vm": Codec("virtual machine", lambda v: _owned_row(v, v.to_xml(storage=True)), decoder(Vm)),
     }
 
 
