@@ -151,6 +151,29 @@ class Txn:
         """Remove the row; a missing row is not an error."""
         await self._fetch(_pool(kind).delete, (id,))
 
+    async def put_many(self, kind: str, rows: Sequence[Row]) -> None:
+        """Insert or replace many rows in one round trip to the database thread."""
+        if any(row.id < 0 for row in rows):
+            raise ValueError(f"{kind} ids must be >= 0")
+        params = [(r.id, r.name, r.uid, r.gid, r.body, r.parent) for r in rows]
+        await self._execute_many(_pool(kind).put, params)
+
+    async def delete_many(self, kind: str, ids: Sequence[int]) -> None:
+        await self._execute_many(_pool(kind).delete, [(i,) for i in ids])
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """A statement of the caller's own tables (e.g. the run journal) over many parameter rows."""
+        await self._execute_many(sql, params)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self._fetch(sql, params)
+
+    async def _execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if not self._open:
+            raise RuntimeError("transaction already finished")
+        if params:
+            await self._store._execute_many(sql, params)
+
     async def get(self, kind: str, id: int) -> Row | None:
         rows = await self._fetch(_pool(kind).get, (id,))
         return Row(*rows[0]) if rows else None
@@ -273,6 +296,24 @@ class Store:
             return await _sql(self._conn, sql, params)
         except sqlite3.Error as e:
             raise _store_error(self.path, e) from e
+
+    async def _execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        try:
+            cursor = await self._conn.executemany(sql, params)
+            await cursor.close()
+        except sqlite3.Error as e:
+            raise _store_error(self.path, e) from e
+
+    async def sequences(self) -> dict[str, int]:
+        """The next id of every kind that has handed out ids."""
+        async with self._reading():
+            rows = await self._fetch("SELECT kind, next_id FROM sequences")
+        return {kind: int(next_id) for kind, next_id in rows}
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A read of the caller's own tables, outside any transaction of another task."""
+        async with self._reading():
+            return await self._fetch(sql, params)
 
 
 def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
