@@ -1,0 +1,62 @@
+"""The actions a SCHED_ACTION may name, one module per family (backup, power, snapshot).
+
+``ACTIONS`` maps every ACTION name vmsched runs to its ``ActionSpec``. OpenNebula actions that mean
+nothing for a libvirt domain vmsched merely observes (terminate, undeploy, hold, stop, ...) are
+refused with a message saying so; other names get OpenNebula's "<action> is not supported.".
+"""
+
+from __future__ import annotations
+
+from scheduler.actions import backup, power, snapshot
+from scheduler.actions.base import ActionSpec, RunContext
+from scheduler.errors import ValidationError
+from scheduler.objects.vm import Vm
+from scheduler.schedule import VM_ACTIONS
+from scheduler.state import State
+
+ACTIONS: dict[str, ActionSpec] = {spec.name: spec for spec in (*backup.SPECS, *power.SPECS, *snapshot.SPECS)}
+# OpenNebula's actions that vmsched gives no meaning.
+WITHOUT_MEANING = frozenset(VM_ACTIONS - ACTIONS.keys())
+
+
+def spec_of(action: str) -> ActionSpec:
+    """The spec of a supported action; ValidationError (with the reason) otherwise."""
+    spec = ACTIONS.get(action)
+    if spec is not None:
+        return spec
+    if action in WITHOUT_MEANING:
+        raise ValidationError(
+            f"{action} has no meaning for a libvirt domain managed by vmsched; supported actions: {', '.join(ACTIONS)}"
+        )
+    raise ValidationError(f"{action} is not supported.")
+
+
+def validate_action(action: str, args: str) -> None:
+    """ACTION and its ARGS, alone (the ``validate_action`` hook of ``parse_sched_action``)."""
+    spec_of(action).validate(args)
+
+
+def is_backup(action: str) -> bool:
+    """Whether runs of ``action`` pass backup admission (False for names vmsched does not run)."""
+    spec = ACTIONS.get(action)
+    return spec is not None and spec.is_backup
+
+
+def check_action(state: State, vm: Vm, action: str, args: str) -> None:
+    """ACTION and ARGS against the current objects (the backup datastore exists, ...)."""
+    spec = spec_of(action)
+    spec.validate(args)
+    if spec.check is not None:
+        spec.check(state, vm, args)
+
+
+__all__ = [
+    "ACTIONS",
+    "WITHOUT_MEANING",
+    "ActionSpec",
+    "RunContext",
+    "check_action",
+    "is_backup",
+    "spec_of",
+    "validate_action",
+]

@@ -19,8 +19,10 @@ from scheduler.objects.image import Image
 from scheduler.objects.user import User
 from scheduler.objects.vm import Vm
 from scheduler.permissions import Caller
+from scheduler.schedule import SchedAction
 from scheduler.state import Codec, State
 from scheduler.store import Row
+from scheduler.template import Vector
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,54 @@ def _owned_row(obj: Any, body: str) -> Row:
     return Row(id=obj.id, name=obj.name, uid=uid, gid=gid, body=body, parent=-1)
 
 
+class _VmOwners:
+    """uid/gid of every VM as last written or loaded: the owner columns of its actions' rows.
+
+    A scheduled action belongs to its VM's owner. Rows are encoded before a commit makes its
+    objects visible, and a VM commits together with the actions of its template (allocate), so the
+    owners come from the VM rows themselves rather than from the pools.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[int, tuple[int, int]] = {}
+
+    def seen(self, row: Row) -> Row:
+        self._owners[row.id] = (row.uid, row.gid)
+        return row
+
+    def of(self, vm_id: int) -> tuple[int, int]:
+        return self._owners.get(vm_id, (0, 0))
+
+
+def _sched_action_row(sa: SchedAction, owners: _VmOwners) -> Row:
+    """The body is the SCHED_ACTION element in XML_ORDER, plus ANCHOR (not in OpenNebula's XML)."""
+    from lxml import etree
+
+    element = etree.Element("SCHED_ACTION")
+    for key, text in [*sa.to_vector().items(), ("ANCHOR", str(sa.anchor))]:
+        etree.SubElement(element, key).text = text
+    uid, gid = owners.of(sa.parent_id) if sa.type == "VM" else (0, 0)
+    body = etree.tostring(element, encoding="unicode")
+    return Row(id=sa.id, name=sa.action, uid=uid, gid=gid, body=body, parent=sa.parent_id)
+
+
+def _sched_action_from_row(row: Row) -> SchedAction:
+    from lxml import etree
+
+    element = etree.fromstring(row.body.encode())
+    vector = Vector((child.tag, child.text or "") for child in element if isinstance(child.tag, str))
+    anchor = vector.pop("ANCHOR")
+    return SchedAction.from_vector(vector, anchor=int(anchor) if anchor else -1)
+
+
 def build_codecs() -> dict[str, Codec]:
     from lxml import etree
 
     def decoder(cls: Any) -> Callable[[Row], Any]:
         return lambda row: cls.from_element(etree.fromstring(row.body.encode()))
+
+    owners = _VmOwners()
+    decode_vm = decoder(Vm)
 
     return {
         "user": Codec(
@@ -62,7 +107,13 @@ def build_codecs() -> dict[str, Codec]:
         "host": Codec("host", lambda h: _owned_row(h, h.to_xml()), decoder(Host)),
         "datastore": Codec("datastore", lambda d: _owned_row(d, d.to_xml(show_secrets=True)), decoder(Datastore)),
         "image": Codec("image", lambda i: _owned_row(i, i.to_xml()), decoder(Image)),
-        "vm": Codec("virtual machine", lambda v: _owned_row(v, v.to_xml(storage=True)), decoder(Vm)),
+        "vm": Codec(
+            "virtual machine",
+            lambda v: owners.seen(_owned_row(v, v.to_xml(storage=True))),
+            lambda row: decode_vm(owners.seen(row)),
+        ),
+        # After "vm": loading fills ``owners`` before any action is written.
+        "schedaction": Codec("scheduled action", lambda sa: _sched_action_row(sa, owners), _sched_action_from_row),
     }
 
 

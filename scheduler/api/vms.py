@@ -8,10 +8,13 @@ ACTIVE/RUNNING. Only a bound VM can be backed up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from scheduler import backups
 from scheduler.api.common import check_name, parse_request_template, pool_slice
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
+from scheduler.api.schedactions import actions_of, delete_actions, parse_actions, store_actions
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, ValidationError
 from scheduler.objects.common import Ownership
@@ -61,8 +64,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
     template = parse_request_template(text, "VM template")
     name = template.get("NAME")
     template.remove("NAME")
-    if template.vectors("SCHED_ACTION") or template.values("SCHED_ACTION"):
-        raise ValidationError("SCHED_ACTION is not accepted yet: scheduled actions arrive with the engine")
+    sched_actions = template.remove("SCHED_ACTION")
     user_config = _backup_config_input(template)
     number_disks(template)
     config = backups.parse_backup_config(
@@ -83,7 +85,9 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
             backup_config=config,
         )
         vm.template.set("VMID", str(vm_id))
-        m.put(KIND, vm)
+        actions = parse_actions(ctx.state, vm, sched_actions, origin=vm.stime)
+        m.put(KIND, vm)  # before its actions: their rows take the VM's owner
+        await store_actions(m, vm, actions)
     return vm_id
 
 
@@ -91,7 +95,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
 async def info(ctx: Context, caller: Caller, vm_id: int, decrypt: bool) -> str:
     vm = ctx.state.get(KIND, vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "info")
-    return ctx.xml.body(KIND, vm, "full", _full)
+    return _full_body(ctx, vm)
 
 
 @registry.method("one.vm.update", Param("id", int), Param("template", str), Param("type", int, 0))
@@ -179,6 +183,7 @@ async def recover(ctx: Context, caller: Caller, vm_id: int, operation: int) -> i
                 host = ctx.state.editable("host", host.id)
                 host.vms = [i for i in host.vms if i != vm_id]
                 m.put("host", host)
+        delete_actions(m, vm)
         m.delete(KIND, vm_id)
     return vm_id
 
@@ -216,11 +221,21 @@ async def _pool(ctx: Context, caller: Caller, pool_filter: int, start: int, end:
     if state < -2:
         raise ValidationError(f"state filter must be -2 (any), -1 (any but DONE) or a VM state, got {state}")
     vms = [vm for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end) if _state_matches(vm, state)]
-    return ctx.xml.pool("VM_POOL", KIND, vms, "full" if extended else "short", _full if extended else _short)
+    if not extended:
+        return ctx.xml.pool("VM_POOL", KIND, vms, "short", _short)
+    return ctx.xml.pool("VM_POOL", KIND, vms, "full", _full_builder(ctx), lambda vm: actions_of(ctx.state, vm))
 
 
-def _full(vm: Vm) -> str:
-    return vm.to_xml(extended=True)
+def _full_body(ctx: Context, vm: Vm) -> str:
+    """The vm.xsd body with the VM's scheduled actions, cached until the VM or one of them changes."""
+    return ctx.xml.body(KIND, vm, "full", _full_builder(ctx), deps=actions_of(ctx.state, vm))
+
+
+def _full_builder(ctx: Context) -> Callable[[Vm], str]:
+    def build(vm: Vm) -> str:
+        return vm.to_xml(extended=True, sched_actions=[action.to_vector() for action in actions_of(ctx.state, vm)])
+
+    return build
 
 
 def _short(vm: Vm) -> str:

@@ -1,4 +1,5 @@
-"""Commands that do not call a running daemon: checking files locally, and ``serve`` which is the daemon."""
+"""Commands that do not call a running daemon: checking files locally (templates, sched.conf, schedules),
+and ``serve`` which is the daemon."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from scheduler.cli import schedule
 from scheduler.cli.context import Context
 from scheduler.cli.tables import pretty_xml, to_json
 
@@ -62,3 +64,5 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = sub.add_parser("check", help="validate a sched.conf file", parents=[common])
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=config_check)
+
+    schedule.register(commands, common)

@@ -49,6 +49,16 @@ def format_time(epoch: str) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def time_until(seconds: int) -> str:
+    """A positive delay as onevm says it: ``3 days``, ``1 hour``, ``12 minutes`` (at least 1 minute)."""
+    for unit, length in (("day", 86400), ("hour", 3600)):
+        if seconds >= length:
+            count = seconds // length
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    minutes = max(1, -(-seconds // 60))
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
 def format_mb(megabytes: str) -> str:
     """``1536`` -> ``1.5G``, as OpenNebula prints sizes kept in MB."""
     try:

@@ -19,7 +19,9 @@ from scheduler.cli.tables import (
     render_fields,
     render_table,
     render_template,
+    time_until,
 )
+from scheduler.clock import SystemClock
 
 FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 ANY_BUT_DONE = -1
@@ -49,29 +51,48 @@ def _end(action: etree._Element) -> str:
     return format_time(value) if end_type == "2" else "none"
 
 
-def _status(action: etree._Element) -> str:
+def _number(action: etree._Element, name: str) -> int | None:
+    text = field(action, name).strip()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _status(action: etree._Element, now: int) -> str:
+    """onevm show's STATUS: the last error, else done (finished), else when it runs next."""
     if field(action, "MESSAGE"):
         return f"Error! {field(action, 'MESSAGE')}"
-    done = field(action, "DONE", "-1")
-    return f"Done on {format_time(done)}" if done.isdigit() and int(done) > 0 else "-"
+    time, done = _number(action, "TIME"), _number(action, "DONE") or -1
+    if done > 0 and (time is None or time <= done):
+        return f"Done on {format_time(str(done))}"
+    if time is None:
+        return "-"
+    return f"Next in {time_until(time - now)}" if time > now else "Overdue!"
+
+
+def _id(action: etree._Element, now: int) -> str:
+    """The id, marked ``*`` once the WARNING time has passed on a pending action."""
+    warning, time, done = _number(action, "WARNING"), _number(action, "TIME"), _number(action, "DONE")
+    warned = warning is not None and 0 < warning <= now and time is not None and time > (done or -1)
+    return f"*{field(action, 'ID')}" if warned else field(action, "ID")
 
 
 def _time(value: str) -> str:
     return format_time(value) if value.isdigit() else value or "-"
 
 
-SCHED_COLUMNS = (
-    Column("ID", lambda a: field(a, "ID"), right=True),
-    Column("ACTION", lambda a: field(a, "ACTION")),
-    Column("ARGS", lambda a: field(a, "ARGS", "-")),
-    Column("SCHEDULED", lambda a: _time(field(a, "TIME"))),
-    Column("REPEAT", _repeat),
-    Column("END", _end),
-    Column("STATUS", _status),
-)
+def sched_columns(now: int) -> tuple[Column, ...]:
+    return (
+        Column("ID", lambda a: _id(a, now), right=True),
+        Column("ACTION", lambda a: field(a, "ACTION")),
+        Column("ARGS", lambda a: field(a, "ARGS", "-")),
+        Column("SCHEDULED", lambda a: _time(field(a, "TIME"))),
+        Column("REPEAT", _repeat),
+        Column("END", _end),
+        Column("STATUS", lambda a: _status(a, now)),
+    )
 
 
-def render_vm(vm: etree._Element) -> str:
+def render_vm(vm: etree._Element, now: int) -> str:
+    """``vm show``; ``now`` (epoch) is when the scheduled actions' STATUS is told."""
     actions = vm.findall("TEMPLATE/SCHED_ACTION")
     backups = ids(vm, "BACKUPS/BACKUP_IDS")
     return join_sections([
@@ -86,7 +107,7 @@ def render_vm(vm: etree._Element) -> str:
             ("START TIME", format_time(field(vm, "STIME", "0"))),
             ("DEPLOY ID", field(vm, "DEPLOY_ID", "-")),
         ]),
-        "SCHEDULED ACTIONS\n" + render_table(SCHED_COLUMNS, actions) if actions else "",
+        "SCHEDULED ACTIONS\n" + render_table(sched_columns(now), actions) if actions else "",
         render_template("BACKUP CONFIGURATION", vm.find("BACKUPS/BACKUP_CONFIG")),
         f"VM BACKUPS\nIMAGE IDS: {','.join(backups) if backups else '-'}\n",
         render_template("USER TEMPLATE", vm.find("USER_TEMPLATE")),
@@ -110,7 +131,8 @@ def list_vms(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def show(ctx: Context, args: argparse.Namespace) -> int:
-    ctx.print_object(ctx.call("one.vm.info", ctx.resolve(VMS, args.vm), False), render_vm)
+    now = int(SystemClock().now())
+    ctx.print_object(ctx.call("one.vm.info", ctx.resolve(VMS, args.vm), False), lambda vm: render_vm(vm, now))
     return 0
 
 
@@ -141,6 +163,23 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def sched_add(ctx: Context, args: argparse.Namespace) -> int:
+    template = ctx.read_template(args.file)
+    ctx.print_id(ctx.call("one.vm.schedadd", ctx.resolve(VMS, args.vm), template.render()))
+    return 0
+
+
+def sched_update(ctx: Context, args: argparse.Namespace) -> int:
+    template = ctx.read_template(args.file)
+    ctx.call("one.vm.schedupdate", ctx.resolve(VMS, args.vm), args.sa_id, template.render())
+    return 0
+
+
+def sched_delete(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.call("one.vm.scheddelete", ctx.resolve(VMS, args.vm), args.sa_id)
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("vm", help="virtual machines (onevm)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -165,3 +204,13 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("host", metavar="HOST", help="host id or name")
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
+
+    p = add_id_command(
+        sub, common, "sched-add", "schedule an action (a file holding one SCHED_ACTION)", "vm", sched_add
+    )
+    p.add_argument("file", metavar="FILE", help="template file, - for standard input")
+    p = add_id_command(sub, common, "sched-update", "change a scheduled action (merged into it)", "vm", sched_update)
+    p.add_argument("sa_id", metavar="SA_ID", type=int, help="scheduled action id")
+    p.add_argument("file", metavar="FILE", help="file holding one SCHED_ACTION, - for standard input")
+    p = add_id_command(sub, common, "sched-delete", "delete a scheduled action", "vm", sched_delete)
+    p.add_argument("sa_id", metavar="SA_ID", type=int, help="scheduled action id")

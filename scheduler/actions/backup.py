@@ -1,0 +1,57 @@
+"""The ``backup`` action: ARGS ``ds_id[,reset]`` (spec §2.8), reset ``0`` or ``1``; one token means
+reset 0. At schedule time the datastore must exist and be a backup datastore, and the VM must not
+belong to a backup job (whose backups the job schedules: OpenNebula would leave such an action due
+forever, spec §3.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.actions.base import ActionSpec, RunContext, bool_token, int_token, malformed, split_args
+from scheduler.errors import ActionError, ValidationError
+from scheduler.objects.states import DatastoreType
+from scheduler.objects.vm import Vm
+from scheduler.state import State
+
+NAME = "backup"
+ARGS_FORMAT = "ds_id[,reset]"
+
+
+@dataclass(frozen=True)
+class BackupArgs:
+    ds_id: int
+    reset: bool = False
+
+
+def parse_args(args: str) -> BackupArgs:
+    tokens = split_args(args)
+    if not 1 <= len(tokens) <= 2:
+        raise malformed(NAME, ARGS_FORMAT)
+    ds_id = int_token(tokens[0])
+    reset = bool_token(tokens[1]) if len(tokens) == 2 else False
+    if ds_id is None or reset is None:
+        raise malformed(NAME, ARGS_FORMAT)
+    return BackupArgs(ds_id, reset)
+
+
+def validate(args: str) -> None:
+    parse_args(args)
+
+
+def check(state: State, vm: Vm, args: str) -> None:
+    ds_id = parse_args(args).ds_id
+    datastore = state.find("datastore", ds_id)
+    if datastore is None:
+        raise ValidationError(f"Error getting datastore [{ds_id}]")
+    if datastore.type != DatastoreType.BACKUP_DS:
+        raise ValidationError(f"Datastore {ds_id} is not of type BACKUP")
+    job = (vm.backup_config.get("BACKUP_JOB_ID") or "-1").strip()
+    if job not in ("", "-1"):
+        raise ValidationError(f"VM {vm.id} is part of backup job {job}, which schedules its backups")
+
+
+async def run(ctx: RunContext) -> str | None:
+    raise ActionError("backups are not implemented in this version of vmsched yet")
+
+
+SPECS = (ActionSpec(NAME, "backup", True, validate, run, args_format=ARGS_FORMAT, check=check),)
