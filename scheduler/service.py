@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -13,15 +14,22 @@ from pathlib import Path
 from aiohttp import web
 
 from scheduler import bootstrap
+from scheduler.actions import is_backup
+from scheduler.admission import Limits
 from scheduler.api import Context, build_codecs, make_authenticator, registry
 from scheduler.auth import SessionCache
 from scheduler.clock import Clock, SystemClock
 from scheduler.config import Config, load_config
+from scheduler.engine import Engine, EngineSettings
 from scheduler.errors import ConfigError, StoreError
+from scheduler.executor import make_executor, simulated_durations
+from scheduler.journal import Journal
 from scheduler.logs import setup_logging
+from scheduler.metrics import render as render_metrics
 from scheduler.server import Dispatcher, make_app
 from scheduler.state import State
 from scheduler.store import Store
+from scheduler.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +54,35 @@ def run_daemon(state_dir: Path, config_path: Path | None) -> int:
     setup_logging(config.log)
     log.info("configuration: %s", used or "built-in defaults")
     try:
-        return asyncio.run(Daemon(state_dir, config).run())
+        return asyncio.run(Daemon(state_dir, config, config_path=used).run())
     except StoreError as exc:
         log.error("%s", exc)
         print(f"vmsched: {exc}", file=sys.stderr)
         return 1
 
 
+def engine_settings(config: Config) -> EngineSettings:
+    return EngineSettings(
+        limits=Limits(config.max_backups, config.max_backups_host, config.max_backups_datastore),
+        retry_max=config.retry.max,
+        retry_backoff=float(config.retry.backoff),
+        missed_runs=config.missed_runs,
+        timezone=config.timezone,
+        drain_time=float(config.drain_time),
+    )
+
+
 class Daemon:
-    def __init__(self, state_dir: Path, config: Config, clock: Clock | None = None) -> None:
+    def __init__(self, state_dir: Path, config: Config, clock: Clock | None = None,
+                 config_path: Path | None = None) -> None:
         self.state_dir = state_dir
         self.config = config
+        self.config_path = config_path
         self.clock = clock or SystemClock()
         self.stopping = asyncio.Event()
+        self.notifier = Notifier()
+        self.engine: Engine | None = None
+        self.context: Context | None = None
 
     def db_path(self) -> Path:
         return self.config.db.path or self.state_dir / DB_FILE
@@ -70,37 +94,99 @@ class Daemon:
             state = State(store, build_codecs())
             await state.load()
             await bootstrap.ensure_admin(state, self.state_dir, self.clock)
-            context = Context(state=state, config=self.config, clock=self.clock, state_dir=self.state_dir)
+            journal = Journal(state)
+            executor = make_executor(state, self.clock, simulated_durations())
+            self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
+                                          is_backup=is_backup)
+            self.context = context = Context(state=state, config=self.config, clock=self.clock,
+                                             state_dir=self.state_dir, engine=engine)
             sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)
             dispatcher = Dispatcher(registry, make_authenticator(context, sessions), context)
             self._install_signals()
-            runner = await self._serve(make_app(dispatcher, self.config.message_size))
+            engine_task = asyncio.create_task(engine.run(), name="engine")
+            await engine.ready.wait()  # start-up recovery done
+            gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
+            app = make_app(dispatcher, self.config.message_size, metrics=lambda: render_metrics(engine))
+            runner = await self._serve(app)
+            self.notifier.ready(self._status())
+            watchdog = asyncio.create_task(self._watchdog(engine_task))
             await self.stopping.wait()
-            log.info("stopping")
-            await runner.cleanup()
+            log.info("stopping: no new work; running actions get %ss to finish", self.config.drain_time)
+            self.notifier.stopping()
+            watchdog.cancel()
+            await runner.cleanup()  # no API calls during the drain
+            await engine.stop(float(self.config.drain_time))
+            engine_task.cancel()
+            await asyncio.gather(engine_task, watchdog, return_exceptions=True)
+            await state.close()
         finally:
             await store.close()
+        log.info("stopped")
         return 0
+
+    def _status(self) -> str:
+        engine = self.engine
+        if engine is None:
+            return "starting"
+        return f"{len(engine.running)} running, {len(engine.queues)} queued"
+
+    async def _watchdog(self, engine_task: asyncio.Task[None]) -> None:
+        """WATCHDOG=1 only while the engine is alive; STATUS= lines for systemctl status."""
+        interval = self.notifier.watchdog_interval or 30.0
+        while True:
+            if engine_task.done():
+                log.error("the engine stopped unexpectedly: %r", engine_task.exception() if not engine_task.cancelled() else None)
+                self.stopping.set()
+                return
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            self.notifier.status(self._status())
+            await asyncio.sleep(interval)
+
+    def reload(self) -> None:
+        """SIGHUP: read sched.conf again; limits apply at once. An invalid file keeps the old config."""
+        if self.config_path is None:
+            log.info("SIGHUP: no configuration file (built-in defaults); nothing to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, keeping the running configuration: %s", problem)
+            return
+        restart_needed = [name for name in ("listen", "db", "log") if getattr(new, name) != getattr(self.config, name)]
+        if restart_needed:
+            log.warning("reload: %s changed and take effect at the next restart", ", ".join(k.upper() for k in restart_needed))
+        self.config = new
+        if self.context is not None:
+            self.context.config = new
+        if self.engine is not None:
+            self.engine.reconfigure(engine_settings(new))
+        log.info("reloaded %s: MAX_BACKUPS=%s MAX_BACKUPS_HOST=%s MAX_BACKUPS_DATASTORE=%s", self.config_path,
+                 new.max_backups, new.max_backups_host, new.max_backups_datastore)
 
     async def _serve(self, app: web.Application) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         listen = self.config.listen
-        tcp = web.TCPSite(runner, listen.address, listen.port, reuse_address=True)
-        await tcp.start()
-        port = tcp._server.sockets[0].getsockname()[1]  # the real port when PORT is 0
+        if listen.address:
+            tcp = web.TCPSite(runner, listen.address, listen.port, reuse_address=True)
+            await tcp.start()
+            port = tcp._server.sockets[0].getsockname()[1]  # the real port when PORT is 0
+            host = f"[{listen.address}]" if ":" in listen.address else listen.address
+            print(f"listening on http://{host}:{port}/RPC2", flush=True)
+            log.info("listening on http://%s:%s/RPC2", host, port)
         if listen.unix_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen.unix_socket)
             await web.UnixSite(runner, str(listen.unix_socket)).start()
             os.chmod(listen.unix_socket, 0o660)
+            print(f"listening on unix:{listen.unix_socket}", flush=True)
             log.info("listening on unix:%s", listen.unix_socket)
-        host = f"[{listen.address}]" if ":" in listen.address else listen.address
-        print(f"listening on http://{host}:{port}/RPC2", flush=True)
-        log.info("listening on http://%s:%s/RPC2", host, port)
         return runner
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.errors import NotFound
-from scheduler.store import Row, Store, Txn
+from scheduler.store import Row, Store, delete_sql, put_sql, row_params
 
 log = logging.getLogger(__name__)
+
+FLUSH_RETRY = 1.0  # seconds before a failed group commit is tried again
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class Mutation:
         self.deletes.add((kind, obj_id))
 
 
-# Extra writers joining every group commit (the run journal): called with the open transaction.
-FlushHook = Callable[[Txn], Awaitable[None]]
+# Extra writers joining every group commit (the run journal): each returns the statements to write
+# and a callback told whether they were committed.
+Ops = list[tuple[str, list[tuple[Any, ...]]]]
+FlushHook = Callable[[], tuple[Ops, Callable[[bool], None]]]
 
 
 class State:
@@ -73,8 +77,14 @@ class State:
         self.flush_hooks: list[FlushHook] = []
         self._next_ids: dict[str, int] = {}
         self._dirty: set[tuple[str, int]] = set()
-        self._flushing: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._flush_wanted = asyncio.Event()
+        self._committing = False
         self._waiters: list[asyncio.Future[None]] = []
+        # Seconds a group commit waits for more changes before it starts: fewer, larger transactions
+        # under load, at the price of that much latency.
+        self.commit_window = 0.001
+        self._last_flush = float("-inf")
 
     async def load(self) -> None:
         for kind, codec in self.codecs.items():
@@ -145,60 +155,102 @@ class State:
         """Something outside the pools (a flush hook) has changes to write."""
         self._dirty.add(("", -1))
 
+    def flush_soon(self) -> None:
+        """Start committing what is dirty now, without waiting for it."""
+        if self._dirty:
+            self._wake_flusher()
+
     async def durable(self) -> None:
         """Wait until every change made so far is committed."""
-        if not self._dirty and self._flushing is None:
+        if not self._dirty and not self._committing:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush_loop())
+        self._wake_flusher()
         await waiter
 
-    async def _flush_loop(self) -> None:
-        try:
-            while self._dirty:
+    def _wake_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_forever())
+        self._flush_wanted.set()
+
+    async def _flush_forever(self) -> None:
+        """One long-lived task commits whatever is dirty, in order, one transaction at a time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            while self._dirty or self._waiters:
+                if not self._dirty:  # waiters registered while nothing was dirty any more
+                    self._release(self._waiters, None)
+                    self._waiters = []
+                    break
+                if self.commit_window and loop.time() - self._last_flush < self.commit_window:
+                    # in a burst: let changes gather for a moment into one transaction
+                    await asyncio.sleep(self.commit_window)
+                self._last_flush = loop.time()
                 dirty, self._dirty = self._dirty, set()
                 waiters, self._waiters = self._waiters, []
+                self._committing = True
                 try:
                     await self._flush(dirty)
-                except BaseException as exc:
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-                    if not isinstance(exc, Exception):
-                        raise
-                    log.error("group commit failed: %s", exc)
+                except Exception as exc:
+                    self._dirty |= dirty  # written again with the next commit
+                    self._release(waiters, exc)
+                    log.error("group commit failed, retrying in %ss: %s", FLUSH_RETRY, exc)
+                    await asyncio.sleep(FLUSH_RETRY)
                     continue
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-            for waiter in self._waiters:  # registered while nothing was dirty any more
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._waiters = []
-        finally:
-            self._flushing = None
+                finally:
+                    self._committing = False
+                self._release(waiters, None)
+
+    @staticmethod
+    def _release(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the flusher."""
+        if self._dirty:
+            await self.durable()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
 
     async def _flush(self, dirty: set[tuple[str, int]]) -> None:
         async with self.lock:  # never interleave with an API mutation's read-modify-write
-            puts: dict[str, list[Row]] = {}
-            deletes: dict[str, list[int]] = {}
+            puts: dict[str, list[tuple[Any, ...]]] = {}
+            deletes: dict[str, list[tuple[Any, ...]]] = {}
             for kind, obj_id in dirty:
                 if not kind:
                     continue
                 obj = self.pools[kind].get(obj_id)
                 if obj is None:
-                    deletes.setdefault(kind, []).append(obj_id)
+                    deletes.setdefault(kind, []).append((obj_id,))
                 else:
-                    puts.setdefault(kind, []).append(self.codecs[kind].encode(obj))
-            async with self.store.transaction() as txn:
-                for kind, rows in puts.items():
-                    await txn.put_many(kind, rows)
-                for kind, ids in deletes.items():
-                    await txn.delete_many(kind, ids)
-                for hook in self.flush_hooks:
-                    await hook(txn)
+                    puts.setdefault(kind, []).append(row_params(self.codecs[kind].encode(obj)))
+            ops: Ops = [(put_sql(kind), rows) for kind, rows in puts.items()]
+            ops += [(delete_sql(kind), ids) for kind, ids in deletes.items()]
+            callbacks = []
+            for hook in self.flush_hooks:
+                hook_ops, done = hook()
+                ops += hook_ops
+                callbacks.append(done)
+            try:
+                if ops:
+                    await self.store.write_batch(ops)
+            except BaseException:
+                for done in callbacks:
+                    done(False)
+                raise
+            for done in callbacks:
+                done(True)
 
     # -- notifications ---------------------------------------------------------------------------
     def _apply(self, kind: str, obj_id: int, obj: Any | None) -> None:

@@ -69,6 +69,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
         *_pool_tables("user", "group", "host", "datastore", "image", "vm", "template", "schedaction", "backupjob"),
     ),
+    # 2: the run journal (scheduler/journal.py); these statements are frozen here once shipped.
+    (
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY, action_id INTEGER, vm_id INTEGER NOT NULL, action TEXT NOT NULL,"
+        " args TEXT NOT NULL, scheduled INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " not_before REAL NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,"
+        " host_id INTEGER NOT NULL, datastore_id INTEGER NOT NULL, priority INTEGER NOT NULL,"
+        " message TEXT NOT NULL, steps TEXT NOT NULL)",
+        "CREATE INDEX runs_open ON runs (state) WHERE state IN ('queued', 'running')",
+        "CREATE INDEX runs_vm ON runs (vm_id, id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -221,6 +231,11 @@ class Store:
     def schema_version(self) -> int:
         return self._schema_version
 
+    @property
+    def busy(self) -> bool:
+        """A transaction is open (work may be in flight on the database thread)."""
+        return self._lock.locked()
+
     async def close(self) -> None:
         """Checkpoint the WAL into the main file and close; waits for a running transaction."""
         async with self._exclusive():
@@ -253,6 +268,20 @@ class Store:
     async def put_meta(self, key: str, value: str) -> None:
         async with self.transaction() as txn:
             await txn.put_meta(key, value)
+
+    async def write_batch(self, ops: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Many statements in one transaction, in one trip to the database thread (group commit).
+
+        ``ops`` are (sql, parameter rows) pairs; pool writes can be built with ``put_sql(kind)`` and
+        ``delete_sql(kind)``. Committed or rolled back as a whole on the database thread; a caller
+        cancelled meanwhile does not learn which (the state's flush task is never cancelled).
+        """
+        async with self._exclusive():
+            try:
+                # The function runs to its end on the database thread whatever happens to the caller.
+                await self._conn._execute(_apply_batch, self._conn, ops)
+            except sqlite3.Error as e:
+                raise _store_error(self.path, e) from e
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Txn]:
@@ -314,6 +343,34 @@ class Store:
         """A read of the caller's own tables, outside any transaction of another task."""
         async with self._reading():
             return await self._fetch(sql, params)
+
+
+def put_sql(kind: str) -> str:
+    """The upsert of one pool row: parameters (id, name, uid, gid, body, parent)."""
+    return _pool(kind).put
+
+
+def delete_sql(kind: str) -> str:
+    return _pool(kind).delete
+
+
+def row_params(row: Row) -> tuple[Any, ...]:
+    return (row.id, row.name, row.uid, row.gid, row.body, row.parent)
+
+
+def _apply_batch(conn: aiosqlite.Connection, ops: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    """Runs on the database thread: BEGIN, every statement, COMMIT; ROLLBACK on any error."""
+    raw = conn._conn
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in ops:
+            if params:
+                raw.executemany(sql, params)
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
 
 
 def _store_error(path: Path, error: sqlite3.Error) -> StoreError:

@@ -121,21 +121,21 @@ async def test_a_failing_migration_is_rolled_back_and_a_later_one_adds_tables(
         await txn.put("vm", row(0))
     await opened.close()
 
-    broken = (*store_module.MIGRATIONS, ("CREATE TABLE runs (id INTEGER PRIMARY KEY)", "NOT SQL AT ALL"))
+    broken = (*store_module.MIGRATIONS, ("CREATE TABLE later_table (id INTEGER PRIMARY KEY)", "NOT SQL AT ALL"))
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
     with pytest.raises(StoreError, match=f"migration to schema version {len(broken)} failed"):
         await Store.open(path)
     assert sql(path, "PRAGMA user_version") == [(len(broken) - 1,)]
-    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'runs'") == []
+    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'later_table'") == []
 
-    fixed = (*store_module.MIGRATIONS[:-1], ("CREATE TABLE runs (id INTEGER PRIMARY KEY)",))
+    fixed = (*store_module.MIGRATIONS[:-1], ("CREATE TABLE later_table (id INTEGER PRIMARY KEY)",))
     monkeypatch.setattr(store_module, "MIGRATIONS", fixed)
     migrated = await Store.open(path)
     assert migrated.schema_version == len(fixed)
     assert await migrated.load("vm") == [row(0)]
     await migrated.close()
-    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'runs'") == [("runs",)]
+    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'later_table'") == [("later_table",)]
 
 
 def _foreign_sqlite(path: Path) -> None:

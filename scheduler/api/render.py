@@ -48,4 +48,7 @@ class XmlCache:
 
 
 def _same(old: Deps, new: Deps) -> bool:
-    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+    """Objects by identity (replaced, never changed in place); strings (messages) by value."""
+    return len(old) == len(new) and all(
+        a == b if isinstance(a, str) else a is b for a, b in zip(old, new, strict=True)
+    )

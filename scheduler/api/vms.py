@@ -8,6 +8,7 @@ ACTIVE/RUNNING. Only a bound VM can be backed up.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from scheduler import backups
@@ -223,16 +224,29 @@ async def _pool(ctx: Context, caller: Caller, pool_filter: int, start: int, end:
     vms = [vm for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end) if _state_matches(vm, state)]
     if not extended:
         return ctx.xml.pool("VM_POOL", KIND, vms, "short", _short)
-    return ctx.xml.pool("VM_POOL", KIND, vms, "full", _full_builder(ctx), lambda vm: actions_of(ctx.state, vm))
+    return ctx.xml.pool("VM_POOL", KIND, vms, "full", _full_builder(ctx), lambda vm: _deps(ctx, vm))
 
 
 def _full_body(ctx: Context, vm: Vm) -> str:
-    """The vm.xsd body with the VM's scheduled actions, cached until the VM or one of them changes."""
-    return ctx.xml.body(KIND, vm, "full", _full_builder(ctx), deps=actions_of(ctx.state, vm))
+    """The vm.xsd body with the VM's scheduled actions and, while one of its actions waits, why
+    (USER_TEMPLATE/SCHED_MESSAGE); cached until the VM, one of its actions or that reason changes."""
+    return ctx.xml.body(KIND, vm, "full", _full_builder(ctx), deps=_deps(ctx, vm))
+
+
+def _deps(ctx: Context, vm: Vm) -> tuple[object, ...]:
+    return (*actions_of(ctx.state, vm), _waiting(ctx, vm) or "")
+
+
+def _waiting(ctx: Context, vm: Vm) -> str | None:
+    return ctx.engine.waiting_reason(vm.id) if ctx.engine is not None else None
 
 
 def _full_builder(ctx: Context) -> Callable[[Vm], str]:
     def build(vm: Vm) -> str:
+        reason = _waiting(ctx, vm)
+        if reason:
+            vm = dataclasses.replace(vm, user_template=vm.user_template.copy())
+            vm.user_template.set("SCHED_MESSAGE", reason)
         return vm.to_xml(extended=True, sched_actions=[action.to_vector() for action in actions_of(ctx.state, vm)])
 
     return build
