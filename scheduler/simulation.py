@@ -52,6 +52,7 @@ class BenchArgs:
     clock: str = "virtual"
     seed: int = 1
     days: int = 0  # 0: one-shot runs due over --spread; N: a daily backup SCHED_ACTION per VM for N days
+    state_dir: str | None = None  # None: a temporary directory, in /dev/shm when it exists
 
 
 @dataclass
@@ -150,12 +151,25 @@ async def simulate(args: BenchArgs, clock: Clock, workdir: Path,
                    on_store: Callable[[Store], None] = lambda store: None) -> dict[str, Any]:
     cpu0, wall0, thread0 = time.process_time(), time.perf_counter(), time.thread_time()
     rng = random.Random(args.seed)
+    draw = sampler(args.duration_dist, rng)  # bad arguments fail before anything starts
+    host_chooser(args.host_skew, max(args.hosts, 1), rng)
+    if args.hosts < 1 or args.datastores < 1:
+        raise ValueError("--hosts and --datastores must be at least 1")
     store = await Store.open(workdir / "bench.db")
+    try:
+        return await _simulate(args, clock, store, on_store, rng, draw, (cpu0, wall0, thread0))
+    finally:
+        await store.close()
+
+
+async def _simulate(args: BenchArgs, clock: Clock, store: Store, on_store: Callable[[Store], None],
+                    rng: random.Random, draw: Callable[[], float], started: tuple[float, float, float]
+                    ) -> dict[str, Any]:
+    cpu0, wall0, thread0 = started
     on_store(store)
     state = State(store, _memory_codecs())
     journal = Journal(state)
     vms = await _setup(state, args, rng)
-    draw = sampler(args.duration_dist, rng)
     recorder = Recorder(draw, expected=args.vms * max(args.days, 1))
     if args.vms == 0:
         recorder.finished.set()
@@ -197,7 +211,6 @@ async def simulate(args: BenchArgs, clock: Clock, workdir: Path,
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await state.close()
-    await store.close()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     report = _report(args, engine, recorder, start, setup_cpu, cpu, wall)
     report["event_loop_cpu_s"] = round(time.thread_time() - thread0, 3)
@@ -258,17 +271,21 @@ def _report(args: BenchArgs, engine: Engine, recorder: Recorder, start: float, s
 
 
 def run_benchmark(args: BenchArgs) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="vmsched-sim-") as tmp:
+    parent = args.state_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else None)
+    with tempfile.TemporaryDirectory(prefix="vmsched-sim-", dir=parent) as tmp:
         if args.clock == "virtual":
             stores: list[Store] = []
             loop = VirtualTimeLoop(busy=lambda: any(store.busy for store in stores))
             try:
-                return loop.run_until_complete(simulate(args, VirtualClock(loop, START_EPOCH), Path(tmp), stores.append))
+                report = loop.run_until_complete(simulate(args, VirtualClock(loop, START_EPOCH), Path(tmp), stores.append))
             finally:
                 loop.close()
-        if args.clock != "real":
+        elif args.clock == "real":
+            report = asyncio.run(simulate(args, SystemClock(), Path(tmp)))
+        else:
             raise ValueError(f"bad --clock {args.clock!r}: use virtual or real")
-        return asyncio.run(simulate(args, SystemClock(), Path(tmp)))
+    report["state_file_dir"] = parent or tempfile.gettempdir()
+    return report
 
 
 def print_report(report: dict[str, Any], as_json: bool, command: str) -> None:
