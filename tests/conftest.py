@@ -44,7 +44,8 @@ def start_daemon(state_dir: Path, config_text: str = "", home: Path | None = Non
     state_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "sched.conf"
     if not conf.exists():
-        conf.write_text('LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0" ]\n' + config_text)
+        listen = "" if "LISTEN" in config_text else 'LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0" ]\n'
+        conf.write_text(listen + config_text)
     log_file = state_dir / "daemon.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(

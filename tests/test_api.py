@@ -233,3 +233,25 @@ def test_auth_file_is_private(daemon: Daemon) -> None:
     user, password = daemon.session.split(":", 1)
     assert user == "oneadmin" and len(password) >= 20
     assert password not in daemon.log()
+
+
+def test_unix_socket_serves_the_same_api(tmp_path: Path) -> None:
+    import asyncio
+
+    import aiohttp
+
+    socket_path = tmp_path / "api.sock"
+    running = start_daemon(tmp_path / "state", f'LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0", UNIX_SOCKET = "{socket_path}" ]\n')
+    try:
+        assert socket_path.stat().st_mode & 0o777 == 0o660
+
+        async def call() -> bytes:
+            body = xmlrpc.client.dumps((running.session,), "one.system.version").encode()
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as client:
+                async with client.post("http://localhost/RPC2", data=body) as response:
+                    return await response.read()
+
+        ok, version, code = xmlrpc.client.loads(asyncio.run(call()))[0][0]
+        assert (ok, version, code) == (True, "7.0.0", 0)
+    finally:
+        assert running.stop() == 0
