@@ -26,6 +26,7 @@ from scheduler.backups import (
 )
 from scheduler.errors import ValidationError
 from scheduler.template import Template, Vector
+from tests import xsd
 
 VM_XSD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opennebula-7.0-xsd" / "vm.xsd"
 
@@ -262,6 +263,7 @@ def test_reset_chain_returns_a_copy_with_both_pointers_at_minus_one():
 
 
 def test_order_matches_the_vm_schema():
+    xsd.require_schemas()
     schema = etree.parse(str(VM_XSD))
     ns = {"xs": "http://www.w3.org/2001/XMLSchema"}
     sequence = schema.xpath(

@@ -31,6 +31,7 @@ from scheduler.schedule import (
     upcoming,
 )
 from scheduler.template import Vector
+from tests import xsd
 
 SHARED_XSD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opennebula-7.0-xsd" / "shared.xsd"
 
@@ -657,6 +658,7 @@ def test_from_vector_defaults_and_bad_numbers() -> None:
 
 def test_xml_order_matches_the_opennebula_schema() -> None:
     """shared.xsd's SCHED_ACTION type (used by vm.xsd) lists exactly these elements; no CRON."""
+    xsd.require_schemas()
     schema = etree.parse(str(SHARED_XSD))
     ns = {"xs": "http://www.w3.org/2001/XMLSchema"}
     elements = schema.xpath("//xs:complexType[@name='SCHED_ACTION']/xs:sequence/xs:element/@name", namespaces=ns)
