@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.errors import NotFound
-from scheduler.store import Row, Store, delete_sql, put_sql, row_params
+from scheduler.store import Row, Store, delete_sql, put_sql, row_params, run_to_completion
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class State:
             change = Mutation(self)
             yield change
             if change.puts or change.deletes:
-                await _to_completion(self._commit(change))
+                await run_to_completion(self._commit(change))
 
     async def _commit(self, change: Mutation) -> None:
         async with self.store.transaction() as txn:
@@ -261,13 +261,3 @@ class State:
         for listener in self.listeners:
             listener(kind, obj_id, obj)
 
-
-async def _to_completion(operation: Awaitable[None]) -> None:
-    """Finish ``operation`` even if the caller is cancelled meanwhile, then deliver the cancellation."""
-    task = asyncio.ensure_future(operation)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if not task.done():
-            await asyncio.wait([task])
-        raise

@@ -294,10 +294,10 @@ class Store:
             try:
                 yield txn
                 txn._open = False
-                await _to_completion(self._fetch("COMMIT"))
+                await run_to_completion(self._fetch("COMMIT"))
             except BaseException:
                 txn._open = False
-                await _to_completion(self._conn.rollback())
+                await run_to_completion(self._conn.rollback())
                 raise
 
     @asynccontextmanager
@@ -386,7 +386,7 @@ async def _sql(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ())
     return list(await conn.execute_fetchall(sql, params))
 
 
-async def _to_completion(operation: Awaitable[Any]) -> None:
+async def run_to_completion(operation: Awaitable[Any]) -> None:
     """Finish ``operation`` even if the task is cancelled meanwhile, then deliver the cancellation.
 
     A COMMIT or ROLLBACK is always carried out before the caller sees an exception, so the outcome
