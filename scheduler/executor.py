@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from scheduler.actions import check_action, spec_of
 from scheduler.actions.base import RunContext
@@ -36,7 +37,8 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
     return durations
 
 
-def make_executor(state: State, clock: Clock, simulate: dict[str, float]) -> Callable[[Run], Awaitable[str | None]]:
+def make_executor(state: State, clock: Clock, simulate: dict[str, float],
+                  links: Any = None) -> Callable[[Run], Awaitable[str | None]]:
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
@@ -53,7 +55,7 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float]) -> Cal
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
-            cancelled=asyncio.Event(),
+            cancelled=asyncio.Event(), links=links,
         )  # fmt: skip
         return await spec.run(context)
 

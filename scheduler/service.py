@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from drivers.ssh import SshSettings
 from scheduler import bootstrap
 from scheduler.actions import is_backup
 from scheduler.admission import Limits
@@ -23,6 +24,7 @@ from scheduler.config import Config, load_config
 from scheduler.engine import Engine, EngineSettings
 from scheduler.errors import ConfigError, StoreError
 from scheduler.executor import make_executor, simulated_durations
+from scheduler.hostlinks import HostLinks
 from scheduler.journal import Journal
 from scheduler.logs import setup_logging
 from scheduler.metrics import render as render_metrics
@@ -94,12 +96,13 @@ class Daemon:
             state = State(store, build_codecs())
             await state.load()
             await bootstrap.ensure_admin(state, self.state_dir, self.clock)
+            links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
             journal = Journal(state)
-            executor = make_executor(state, self.clock, simulated_durations())
+            executor = make_executor(state, self.clock, simulated_durations(), links)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
                                           is_backup=is_backup)
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
-                                             state_dir=self.state_dir, engine=engine)
+                                             state_dir=self.state_dir, engine=engine, links=links)
             sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)
             dispatcher = Dispatcher(registry, make_authenticator(context, sessions), context)
             self._install_signals()
@@ -118,6 +121,7 @@ class Daemon:
             await engine.stop(float(self.config.drain_time))
             engine_task.cancel()
             await asyncio.gather(engine_task, watchdog, return_exceptions=True)
+            await links.close()
             await state.close()
         finally:
             await store.close()

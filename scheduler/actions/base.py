@@ -37,6 +37,7 @@ class RunContext:
     clock: Clock
     log: logging.LoggerAdapter[Any]
     cancelled: asyncio.Event
+    links: Any = None  # scheduler.hostlinks.HostLinks: the VM's host's runner and libvirt connection
 
 
 ArgsCheck = Callable[[str], None]

@@ -36,6 +36,7 @@ class Context:
     clock: Clock
     state_dir: Path
     engine: Any = None  # scheduler.engine.Engine once the daemon runs one
+    links: Any = None  # scheduler.hostlinks.HostLinks: runners and libvirt connections per host
     xml: XmlCache = field(default_factory=XmlCache)
 
     def __post_init__(self) -> None:
