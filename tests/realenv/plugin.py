@@ -6,6 +6,11 @@
 * ``hypervisors`` (session): a cached :class:`Hypervisor` (libvirt over ssh) per host name.
 * ``tiny_domain`` (function): a factory ``tiny_domain(host="host1", *, start=True, cdrom=False)`` for
   tiny QEMU domains in the test's tmp_path; every domain it made is destroyed and undefined afterwards.
+* ``agent_guest_image`` (session): the real Linux guest image with the QEMU guest agent, built once into
+  ``DIR/agent-guest`` (cached across sessions).
+* ``agent_guest`` (function): a running :class:`AgentGuest` on host1 whose agent answers, shared by the tests
+  of one module (one boot per module). It is started again when a test left it stopped; a test that leaves
+  it frozen gets an error at teardown (after the guest is thawed for the next test).
 
 Set ``VMSCHED_REALENV_TEARDOWN=1`` to run ``down`` at the end of the session (default: leave it running,
 so the next ``up`` is warm).
@@ -22,11 +27,14 @@ import libvirt
 import pytest
 
 from tests.realenv import realenv as realenv_cli
+from tests.realenv.agentguest import AgentGuest, GuestImage, ensure_image
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.errors import EnvUnavailable
 from tests.realenv.model import HostInfo, RealEnv
 
 TEARDOWN_ENV_VAR = "VMSCHED_REALENV_TEARDOWN"
+AGENT_GUEST_DIR = "agent-guest"
+AGENT_GUEST_HOST = "host1"
 
 
 def _shout(config: pytest.Config, message: str) -> None:
@@ -86,3 +94,31 @@ def tiny_domain(hypervisors: Callable[[str], Hypervisor],
     yield make
     for dom in reversed(made):
         hypervisors(dom.host).remove(dom)
+
+
+@pytest.fixture(scope="session")
+def agent_guest_image(realenv: RealEnv) -> GuestImage:
+    return ensure_image(realenv.dir / AGENT_GUEST_DIR)
+
+
+@pytest.fixture(scope="module")
+def _agent_guest_of_module(hypervisors: Callable[[str], Hypervisor], agent_guest_image: GuestImage,
+                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentGuest]:
+    hypervisor = hypervisors(AGENT_GUEST_HOST)
+    guest = AgentGuest.define(hypervisor.conn, hypervisor.host.name, agent_guest_image,
+                              tmp_path_factory.mktemp("agent-guest"))
+    try:
+        guest.start()
+        yield guest
+    finally:
+        guest.remove()
+
+
+@pytest.fixture
+def agent_guest(_agent_guest_of_module: AgentGuest) -> Iterator[AgentGuest]:
+    guest = _agent_guest_of_module
+    if not guest.dom.isActive():
+        guest.start()
+    yield guest
+    if guest.dom.isActive() and guest.dom.fsThaw() > 0:
+        pytest.fail(f"the test left {guest.name} frozen (thawed now)")
