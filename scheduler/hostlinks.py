@@ -42,7 +42,7 @@ def ssh_target(name: str, template: Any) -> SshTarget:
         host=template.get("SSH_HOST") or name,
         port=int(port),
         user=template.get("SSH_USER") or "root",
-        key=Path(template["SSH_KEY"]) if template.get("SSH_KEY") else None,
+        key=Path(template.get("SSH_KEY")) if template.get("SSH_KEY") else None,
     )
 
 

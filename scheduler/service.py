@@ -28,6 +28,7 @@ from scheduler.hostlinks import HostLinks
 from scheduler.journal import Journal
 from scheduler.logs import setup_logging
 from scheduler.metrics import render as render_metrics
+from scheduler.monitoring import HostMonitor
 from scheduler.server import Dispatcher, make_app
 from scheduler.state import State
 from scheduler.store import Store
@@ -85,6 +86,7 @@ class Daemon:
         self.notifier = Notifier()
         self.engine: Engine | None = None
         self.context: Context | None = None
+        self.monitor: HostMonitor | None = None
 
     def db_path(self) -> Path:
         return self.config.db.path or self.state_dir / DB_FILE
@@ -98,7 +100,8 @@ class Daemon:
             await bootstrap.ensure_admin(state, self.state_dir, self.clock)
             links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
             journal = Journal(state)
-            executor = make_executor(state, self.clock, simulated_durations(), links)
+            simulate = simulated_durations()
+            executor = make_executor(state, self.clock, simulate, links)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
                                           is_backup=is_backup)
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
@@ -108,6 +111,12 @@ class Daemon:
             self._install_signals()
             engine_task = asyncio.create_task(engine.run(), name="engine")
             await engine.ready.wait()  # start-up recovery done
+            if simulate:  # the hosts of a simulation are not real: nothing to monitor
+                log.warning("host monitoring is off while actions are simulated")
+                monitor_task: asyncio.Task[None] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")
+            else:
+                self.monitor = HostMonitor(context)
+                monitor_task = asyncio.create_task(self.monitor.run(), name="host monitor")
             gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
             app = make_app(dispatcher, self.config.message_size, metrics=lambda: render_metrics(engine))
             runner = await self._serve(app)
@@ -118,6 +127,8 @@ class Daemon:
             self.notifier.stopping()
             watchdog.cancel()
             await runner.cleanup()  # no API calls during the drain
+            monitor_task.cancel()
+            await asyncio.gather(monitor_task, return_exceptions=True)
             await engine.stop(float(self.config.drain_time))
             engine_task.cancel()
             await asyncio.gather(engine_task, watchdog, return_exceptions=True)
@@ -166,6 +177,8 @@ class Daemon:
             self.context.config = new
         if self.engine is not None:
             self.engine.reconfigure(engine_settings(new))
+        if self.monitor is not None:
+            self.monitor.reconfigure()
         log.info("reloaded %s: MAX_BACKUPS=%s MAX_BACKUPS_HOST=%s MAX_BACKUPS_DATASTORE=%s", self.config_path,
                  new.max_backups, new.max_backups_host, new.max_backups_datastore)
 

@@ -169,7 +169,8 @@ def test_check_against_the_objects(state: State, action: str, args: str, config:
 
 
 @pytest.mark.parametrize("action", list(ACTIONS))
-async def test_every_run_refuses_until_its_driver_exists(state: State, action: str) -> None:
+async def test_runs_refuse_honestly_when_they_cannot_act(state: State, action: str) -> None:
+    """backup has no driver yet; domain actions need host connections. Neither pretends success."""
     ctx = RunContext(
         run_id=1,
         vm=Vm(id=3, name="db"),
@@ -183,8 +184,8 @@ async def test_every_run_refuses_until_its_driver_exists(state: State, action: s
     expected = (
         "backups are not implemented in this version of vmsched yet"
         if action == "backup"
-        else f"{action} needs the libvirt driver, which this version does not have yet"
+        else "this daemon has no host connections; actions on domains cannot run"
     )
     with pytest.raises(ActionError) as caught:
         await ACTIONS[action].run(ctx)
-    assert str(caught.value) == expected
+    assert expected in str(caught.value)

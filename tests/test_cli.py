@@ -75,29 +75,28 @@ def table(out: str) -> list[list[str]]:
 
 def test_host_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
-    out = ok(daemon, "host", "create", "kvm1", "--ssh", "backup@127.0.0.1:2222", "--key", str(key), "--accept-hostkey")
+    # Nothing listens on port 9: the host is probed at once and may already show its error.
+    out = ok(daemon, "host", "create", "kvm1", "--ssh", "backup@127.0.0.1:9", "--key", str(key))
     host_id = created_id(out)
 
-    assert table(ok(daemon, "host", "list")) == [
-        ["ID", "NAME", "SSH", "VMS", "STAT"],
-        [str(host_id), "kvm1", "backup@127.0.0.1:2222", "0", "init"],
-    ]
+    listed = table(ok(daemon, "host", "list"))
+    assert listed[0] == ["ID", "NAME", "SSH", "VMS", "STAT"]
+    assert listed[1][:4] == [str(host_id), "kvm1", "backup@127.0.0.1:9", "0"] and listed[1][4] in ("init", "err")
     shown = ok(daemon, "host", "show", "kvm1")  # by name
     assert shown.startswith(f"HOST {host_id} INFORMATION\n")
     for line in (
         'SSH_HOST="127.0.0.1"',
-        'SSH_PORT="2222"',
+        'SSH_PORT="9"',
         'SSH_USER="backup"',
         f'SSH_KEY="{key}"',
-        'ACCEPT_HOSTKEY="YES"',
     ):
         assert line in shown.splitlines()
 
     update = tmp_path / "extra.tmpl"
-    update.write_text('LIBVIRT_URI = "qemu+ssh://backup@127.0.0.1:2222/system"\n')
+    update.write_text('LIBVIRT_URI = "qemu+ssh://backup@127.0.0.1:9/system"\n')
     ok(daemon, "host", "update", str(host_id), str(update), "--append")
     host = vmsched(daemon, "--xml", "host", "show", str(host_id)).xml()
-    assert host.findtext("TEMPLATE/LIBVIRT_URI") == "qemu+ssh://backup@127.0.0.1:2222/system"
+    assert host.findtext("TEMPLATE/LIBVIRT_URI") == "qemu+ssh://backup@127.0.0.1:9/system"
     assert host.findtext("TEMPLATE/SSH_HOST") == "127.0.0.1"  # merged, not replaced
 
     ok(daemon, "host", "disable", "kvm1")
@@ -105,9 +104,9 @@ def test_host_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     ok(daemon, "host", "enable", "kvm1")
     assert table(ok(daemon, "host", "list"))[1][-1] != "dsbl"
 
-    ok(daemon, "host", "update", "kvm1", "-", stdin='SSH_HOST = "10.0.0.9"\n')  # replace
+    ok(daemon, "host", "update", "kvm1", "-", stdin='SSH_HOST = "127.0.0.9"\nSSH_PORT = "9"\n')  # replace
     host = vmsched(daemon, "host", "show", "kvm1", "--xml").xml()
-    assert host.findtext("TEMPLATE/SSH_HOST") == "10.0.0.9"
+    assert host.findtext("TEMPLATE/SSH_HOST") == "127.0.0.9"
     assert host.find("TEMPLATE/LIBVIRT_URI") is None
 
     ok(daemon, "host", "delete", "kvm1")

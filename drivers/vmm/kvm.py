@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import libvirt
@@ -44,6 +45,19 @@ SNAPSHOT_DISK_ONLY = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR
 COMMIT_ACTIVE_SHALLOW = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
 KEEPALIVE = (5, 3)  # seconds between probes, unanswered probes before the connection counts as dead
 DISK_SNAPSHOT_REASON = "qemu-img cannot change an image QEMU holds open; power the VM off first"
+
+
+@dataclass(frozen=True)
+class Versions:
+    """What a host runs, as ``major.minor.release`` texts."""
+
+    libvirt: str
+    qemu: str
+
+
+def version_text(number: int) -> str:
+    """libvirt's packed version number (major * 1,000,000 + minor * 1,000 + release) as ``9.0.0``."""
+    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
 
 
 class CommandRunner(Protocol):
@@ -163,6 +177,12 @@ class KvmHost:
                 await asyncio.get_running_loop().run_in_executor(self._executor, close)
         finally:
             self._executor.shutdown(wait=False)
+
+    async def versions(self) -> Versions:
+        """The libvirt daemon's version and the hypervisor's (QEMU) version on this host."""
+        return await self._call("versions", None,
+                                lambda conn: Versions(version_text(conn.getLibVersion()),
+                                                      version_text(conn.getVersion())))
 
     # ------------------------------------------------------------------ inventory
 

@@ -42,7 +42,7 @@ def check_uri(uri: str) -> str:
 def host_uri(template: Mapping[str, str], host_name: str, *, ssh_command: str | None = None) -> str:
     """The libvirt URI of a host from its TEMPLATE (``LIBVIRT_URI``, else ``SSH_HOST/PORT/USER/KEY``)."""
     if template.get("LIBVIRT_URI"):
-        return check_uri(template["LIBVIRT_URI"])
+        return check_uri(template.get("LIBVIRT_URI") or "")
     port = template.get("SSH_PORT") or "22"
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValidationError(f"host {host_name}: SSH_PORT {port!r} is not a TCP port")

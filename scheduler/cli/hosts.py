@@ -102,7 +102,17 @@ def create(ctx: Context, args: argparse.Namespace) -> int:
         _forget(ctx, host_id)  # do not leave behind a host vmsched does not know how to reach
         raise
     ctx.print_id(host_id)
+    if args.accept_hostkey:
+        _tell_fingerprint(ctx, host_id)
     return 0
+
+
+def _tell_fingerprint(ctx: Context, host_id: object) -> None:
+    """On standard error, so that standard output stays what scripts parse."""
+    host = etree.fromstring(str(ctx.call("one.host.info", host_id, False)).encode())
+    fingerprint = field(host, "TEMPLATE/SSH_HOSTKEY_FINGERPRINT")
+    if fingerprint:
+        ctx.err.write(f"host {field(host, 'NAME')}: trusting host key {fingerprint}\n")
 
 
 def _forget(ctx: Context, host_id: object) -> None:
@@ -125,6 +135,13 @@ def show(ctx: Context, args: argparse.Namespace) -> int:
 def update(ctx: Context, args: argparse.Namespace) -> int:
     template = ctx.read_template(args.file)
     ctx.call("one.host.update", ctx.resolve(HOSTS, args.host), template.render(), update_type(args.append))
+    return 0
+
+
+def accept_hostkey(ctx: Context, args: argparse.Namespace) -> int:
+    host_id = ctx.resolve(HOSTS, args.host)
+    ctx.call("one.host.update", host_id, 'ACCEPT_HOSTKEY = "YES"', UPDATE_MERGE)
+    _tell_fingerprint(ctx, host_id)
     return 0
 
 
@@ -158,6 +175,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_parser("list", help="list hosts", parents=[common]).set_defaults(handler=list_hosts)
     add_id_command(sub, common, "show", "show a host", "host", show)
     add_update_command(sub, common, "update", "replace (or --append to) the host template", "host", update)
+    add_id_command(sub, common, "accept-hostkey",
+                   "trust the key the host presents now (never replaces another recorded key)", "host", accept_hostkey)
     add_id_command(sub, common, "enable", "enable a host", "host", enable)
     add_id_command(sub, common, "disable", "disable a host (no new backups start on it)", "host", disable)
     add_id_command(sub, common, "delete", "unregister a host", "host", delete)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 from lxml import etree
 
+from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
 from scheduler.cli.hosts import HOSTS
 from scheduler.cli.states import LCM_STATES, VM_STATES, name_of, vm_stat
@@ -16,6 +19,7 @@ from scheduler.cli.tables import (
     ids,
     join_sections,
     last_host,
+    pretty_xml,
     render_fields,
     render_table,
     render_template,
@@ -163,6 +167,40 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+IMPORT_FIELDS = ("ID", "DOMAIN", "UUID", "STATUS", "MESSAGE")
+IMPORT_COLUMNS = (
+    Column("ID", lambda r: "-" if field(r, "ID") == "-1" else field(r, "ID"), right=True),
+    Column("DOMAIN", lambda r: field(r, "DOMAIN")),
+    Column("STATUS", lambda r: field(r, "STATUS")),
+    Column("MESSAGE", lambda r: field(r, "MESSAGE", "-")),
+)
+
+
+def import_element(results: list[dict[str, Any]]) -> etree._Element:
+    """The answer of one.host.importvm as ``<IMPORTS><IMPORT><ID/>...</IMPORT></IMPORTS>``."""
+    root = etree.Element("IMPORTS")
+    for result in results:
+        item = etree.SubElement(root, "IMPORT")
+        for name in IMPORT_FIELDS:
+            etree.SubElement(item, name).text = str(result.get(name, ""))
+    return root
+
+
+def import_domains(ctx: Context, args: argparse.Namespace) -> int:
+    """``vm import HOST [DOMAIN... | --all]``: one line per domain; exit status 1 when one failed."""
+    if bool(args.domains) == args.all:
+        raise UsageError("name the domains to import, or give --all")
+    answer = ctx.call("one.host.importvm", ctx.resolve(HOSTS, args.host), list(args.domains), args.all)
+    results: list[dict[str, Any]] = list(answer) if isinstance(answer, list) else []
+    if ctx.output == "json":
+        ctx.print(json.dumps(results, indent=2))
+    elif ctx.output == "xml":
+        ctx.print(pretty_xml(import_element(results)))
+    else:
+        ctx.print(render_table(IMPORT_COLUMNS, import_element(results).findall("IMPORT")))
+    return 1 if any(r.get("STATUS") == "failed" for r in results) else 0
+
+
 def sched_add(ctx: Context, args: argparse.Namespace) -> int:
     template = ctx.read_template(args.file)
     ctx.print_id(ctx.call("one.vm.schedadd", ctx.resolve(VMS, args.vm), template.render()))
@@ -202,6 +240,13 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
     p = add_id_command(sub, common, "deploy", "bind a VM to the host where its libvirt domain runs", "vm", deploy)
     p.add_argument("host", metavar="HOST", help="host id or name")
+
+    p = sub.add_parser("import", help="register a host's libvirt domains as VMs (again: refresh them)",
+                       parents=[common])
+    p.add_argument("host", metavar="HOST", help="host id or name")
+    p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domain name or UUID")
+    p.add_argument("--all", action="store_true", help="every domain of the host")
+    p.set_defaults(handler=import_domains)
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
 

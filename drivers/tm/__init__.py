@@ -1,0 +1,15 @@
+"""Transfer drivers (OpenNebula's TM_MAD), one module per kind of disk: ``qcow2`` for file disks.
+
+``qcow2.capture`` stages one ``disk.<disk_id>.0`` per disk on the host for upload; ``qcow2.recover``
+undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts.
+"""
+
+from __future__ import annotations
+
+from drivers.tm.plan import DiskSource, FsFreeze, Step, fs_freeze, overlay_path, staging_dir, staging_file
+from drivers.tm.qcow2 import CaptureError, CaptureOptions, CaptureResult, DiskImage, RecoveryReport, capture, recover
+
+__all__ = [
+    "CaptureError", "CaptureOptions", "CaptureResult", "DiskImage", "DiskSource", "FsFreeze", "RecoveryReport",
+    "Step", "capture", "fs_freeze", "overlay_path", "recover", "staging_dir", "staging_file",
+]

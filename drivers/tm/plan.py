@@ -1,0 +1,233 @@
+"""Pure parts of capturing file disks: vmsched's file names, request checks, qemu-img argv and output,
+the journal steps of a capture and what a crashed capture left behind.
+
+Names are what makes a file vmsched's: an overlay is ``<disk file>.vmsched-<run>.overlay`` beside the
+VM's disk, a staged copy is ``<staging dir>/disk.<disk_id>.<increment>`` where the staging dir is
+``<BACKUP_BASE_PATH>/<vm_id>/<run>``. Recovery removes only files whose names match the run they were
+journaled for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any
+
+from drivers.vmm.domainxml import Disk
+from scheduler.errors import ValidationError
+
+TM = "qcow2"  # the ``tm`` key of every journal step this driver writes
+FORMATS = ("qcow2", "raw")
+CONVERT_COROUTINES = 4  # qemu-img convert -m: parallel requests per disk, as OpenNebula's backup tool
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_STAGING_FILE = re.compile(r"disk\.\d+\.\d+\Z")
+
+
+class FsFreeze(StrEnum):
+    """``BACKUP_CONFIG/FS_FREEZE``: how the guest is quiesced for the snapshot (spec §4.7)."""
+
+    NONE = "NONE"
+    AGENT = "AGENT"
+    SUSPEND = "SUSPEND"
+
+
+def fs_freeze(value: str | None) -> FsFreeze:
+    """The mode named by ``value``; anything else is NONE, as OpenNebula's core normalises it."""
+    try:
+        return FsFreeze((value or "").strip().upper())
+    except ValueError:
+        return FsFreeze.NONE
+
+
+class Step(StrEnum):
+    """Journal step names; each is written before the artifact it names exists (thawed, resumed and
+    committed after the fact they record)."""
+
+    FROZEN = "frozen"
+    THAWED = "thawed"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    OVERLAY = "overlay"
+    STAGING = "staging"
+    COMMITTED = "committed"
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    """One disk to back up: OpenNebula's DISK_ID, the libvirt target and the file the VM runs on."""
+
+    disk_id: int
+    target: str
+    path: str
+    format: str
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def check_run_id(run_id: int | str) -> str:
+    text = str(run_id)
+    if not _RUN_ID.match(text):
+        raise ValidationError(f"run id {text!r} is not a plain token (letters, digits, '-', '_')")
+    return text
+
+
+def overlay_path(disk_path: str, run_id: int | str) -> str:
+    """The overlay of ``disk_path`` for a run: beside the disk, never on the staging space."""
+    return f"{disk_path}.vmsched-{check_run_id(run_id)}.overlay"
+
+
+def staging_dir(base: str, vm_id: int, run_id: int | str) -> str:
+    """``<BACKUP_BASE_PATH>/<vm_id>/<run>``."""
+    return str(PurePosixPath(base) / str(vm_id) / check_run_id(run_id))
+
+
+def staging_file(directory: str, disk_id: int, increment: int = 0) -> str:
+    return str(PurePosixPath(directory) / f"disk.{disk_id}.{increment}")
+
+
+def _plain_absolute(path: PurePosixPath) -> bool:
+    return path.is_absolute() and ".." not in path.parts
+
+
+def is_overlay_of_run(path: str, run_id: str) -> bool:
+    pure, suffix = PurePosixPath(path), f".vmsched-{run_id}.overlay"
+    return _plain_absolute(pure) and pure.name.endswith(suffix) and len(pure.name) > len(suffix)
+
+
+def is_staging_of_run(path: str, run_id: str) -> bool:
+    pure = PurePosixPath(path)
+    return _plain_absolute(pure) and pure.parent.name == run_id and bool(_STAGING_FILE.match(pure.name))
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_request(disks: Sequence[DiskSource], run_id: int | str, staging: str) -> str:
+    """The run id as text, after refusing what cannot be captured: no disks, duplicate ids or targets,
+    relative paths, formats other than qcow2/raw, a staging dir not named after the run."""
+    run = check_run_id(run_id)
+    if not disks:
+        raise ValidationError("no disks to back up")
+    for attribute in ("disk_id", "target", "path"):
+        values = [getattr(d, attribute) for d in disks]
+        if len(set(values)) != len(values):
+            raise ValidationError(f"the same {attribute} appears twice in the disks to back up: {values}")
+    for disk in disks:
+        if not PurePosixPath(disk.path).is_absolute():
+            raise ValidationError(f"disk {disk.disk_id} ({disk.target}): path {disk.path!r} is not absolute")
+        if disk.format not in FORMATS:
+            raise ValidationError(f"disk {disk.disk_id} ({disk.target}) is {disk.format!r}; file disks must be "
+                                  f"one of {', '.join(FORMATS)}")
+    if not PurePosixPath(staging).is_absolute() or PurePosixPath(staging).name != run:
+        raise ValidationError(f"staging dir {staging!r} must be an absolute path ending in the run id {run!r}")
+    return run
+
+
+def check_sources(disks: Iterable[DiskSource], current: Sequence[Disk]) -> None:
+    """Refuse unless the domain runs each disk on exactly the file and format asked for (a disk already on
+    an overlay, or moved since the request was built, is not captured)."""
+    by_target = {d.target: d for d in current}
+    for disk in disks:
+        now = by_target.get(disk.target)
+        if now is None:
+            raise ValidationError(f"disk {disk.disk_id}: the domain has no disk {disk.target!r} "
+                                  f"(disks: {', '.join(by_target) or 'none'})")
+        if now.type != "file" or not now.writable_disk:
+            raise ValidationError(f"disk {disk.disk_id} ({disk.target}) is a {now.type} {now.device}, "
+                                  "not a writable file disk")
+        if (now.path, now.format) != (disk.path, disk.format):
+            raise ValidationError(f"disk {disk.disk_id} ({disk.target}) runs on {now.path} ({now.format}), "
+                                  f"not on {disk.path} ({disk.format})")
+
+
+# ------------------------------------------------------------------------------------------------ qemu-img
+
+
+def convert_argv(disk: DiskSource, target: str, *, shared: bool, rate_limit_mib: int = 0) -> list[str]:
+    """``qemu-img convert`` of a disk (with its backing chain, flattened) into a sparse qcow2.
+
+    ``shared`` (-U) reads an image QEMU holds open: the frozen base of a live snapshot, which nothing
+    writes any more. A powered-off disk is read with the lock taken, so the VM cannot start meanwhile."""
+    argv = ["qemu-img", "convert", "-q", "-m", str(CONVERT_COROUTINES), "-f", disk.format, "-O", "qcow2"]
+    if shared:
+        argv.append("-U")
+    if rate_limit_mib:
+        argv += ["-r", f"{rate_limit_mib}M"]
+    return [*argv, disk.path, target]
+
+
+def image_sizes(info_json: str | bytes) -> tuple[int, int]:
+    """(virtual size, bytes allocated on the host) from ``qemu-img info --output=json``."""
+    info = json.loads(info_json)
+    return int(info["virtual-size"]), int(info.get("actual-size", 0))
+
+
+def chain_files(info_json: str | bytes) -> list[str]:
+    """The files of a backing chain, top first, from ``qemu-img info --backing-chain --output=json``."""
+    infos = json.loads(info_json)
+    return [str(info["filename"]) for info in (infos if isinstance(infos, list) else [infos])]
+
+
+# ------------------------------------------------------------------------------------------------ journal
+
+
+def step(name: Step, run: str, **fields: Any) -> dict[str, Any]:
+    """One journal step of this driver (plain JSON)."""
+    return {"tm": TM, "step": name.value, "run": run, **fields}
+
+
+@dataclass
+class Artifacts:
+    """What a capture of one run may have left: a frozen or paused guest, overlays, staged files.
+
+    ``record`` follows the journal: capture feeds it the steps it journals, recovery the steps it reads
+    back. A path whose name does not belong to the run is refused (kept in ``refused``, never touched)."""
+
+    run: str
+    frozen: bool = False
+    suspended: bool = False
+    overlays: dict[str, str] = field(default_factory=dict)  # target -> overlay file
+    committed: set[str] = field(default_factory=set)
+    staging: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        if entry.get("tm") != TM or str(entry.get("run")) != self.run:
+            return
+        name, path = entry.get("step"), str(entry.get("path", ""))
+        if name in (Step.FROZEN, Step.THAWED):
+            self.frozen = name == Step.FROZEN
+        elif name in (Step.SUSPENDED, Step.RESUMED):
+            self.suspended = name == Step.SUSPENDED
+        elif name == Step.OVERLAY:
+            if self._ours(path, is_overlay_of_run(path, self.run)):
+                self.overlays[str(entry.get("target"))] = path
+        elif name == Step.STAGING:
+            if self._ours(path, is_staging_of_run(path, self.run)) and path not in self.staging:
+                self.staging.append(path)
+        elif name == Step.COMMITTED:
+            self.committed.add(str(entry.get("target")))
+
+    def _ours(self, path: str, ours: bool) -> bool:
+        if not ours and path not in self.refused:
+            self.refused.append(path)
+        return ours
+
+
+def artifacts_from_steps(steps: Iterable[Mapping[str, Any]]) -> Artifacts | None:
+    """What the journaled ``steps`` say may be left, or None when no step is this driver's."""
+    ours = [s for s in steps if s.get("tm") == TM]
+    if not ours:
+        return None
+    runs = {str(s.get("run")) for s in ours}
+    if len(runs) != 1:
+        raise ValidationError(f"journal steps of several runs mixed together: {sorted(runs)}")
+    artifacts = Artifacts(check_run_id(runs.pop()))
+    for entry in ours:
+        artifacts.record(entry)
+    return artifacts

@@ -1,0 +1,324 @@
+"""The ``qcow2`` transfer driver's capture of file disks (qcow2 and raw files): OpenNebula's full
+``prebackup[_live]`` and the overlay half of ``postbackup_live`` (spec §4.6, §4.7).
+
+Live VM: quiesce the guest as FS_FREEZE says, take ONE atomic disk-only external snapshot of the
+selected disks (overlays beside the VM's disks), unquiesce at once, ``qemu-img convert`` each frozen base
+into the staging dir (a few disks at a time, under nice/ionice), then blockcommit each overlay back into
+the image it was taken on, pivot, and delete it. Powered-off VM: ``qemu-img convert`` of the disks.
+
+Every artifact is journaled before it exists (:class:`drivers.tm.plan.Step`). Whatever happens (error,
+cancellation, timeout) the cleanup runs to its end, shielded from cancellation: the guest is thawed or
+resumed and runs on its own files again, and a failed capture leaves no staged file. :func:`recover`
+runs the same cleanup from journaled steps after a crash of the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from drivers.commands import Runner, shielded
+from drivers.tm import plan
+from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
+from drivers.vmm.errors import GuestAgentError, VmmError
+from drivers.vmm.kvm import KvmHost
+from drivers.vmm.states import DomainState
+from scheduler.errors import DriverError, ValidationError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Journal = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class CaptureError(DriverError):
+    """A capture or its cleanup could not finish; the message says what is left and where."""
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    parallel: int = 2  # disks converted at the same time
+    rate_limit_mib: int = 0  # qemu-img convert -r, MiB/s per disk; 0 = unlimited
+    convert_timeout: float = 6 * 3600.0
+    commit_deadline: float = 600.0  # per overlay; past it the commit is aborted and the overlay kept
+    command_timeout: float = 120.0  # mkdir, rm, qemu-img info
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """One staged ``disk.<disk_id>.0``: its path on the host and sizes in bytes."""
+
+    disk_id: int
+    target: str
+    path: str
+    virtual_size: int
+    actual_size: int
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    images: list[DiskImage]
+    live: bool
+    frozen_filesystems: int | None = None  # AGENT: how many the agent froze; 0 means nothing was quiesced
+    thawed_first: int = 0  # filesystems found frozen (left by an earlier crash) and thawed before freezing
+    snapshot_seconds: float | None = None  # freeze/suspend + snapshot + thaw/resume: the guest's pause
+
+
+@dataclass
+class RecoveryReport:
+    thawed: bool = False
+    resumed: bool = False
+    committed: list[str] = field(default_factory=list)  # disk targets pivoted back to their own file
+    removed: list[str] = field(default_factory=list)  # overlays and staged files deleted
+    refused: list[str] = field(default_factory=list)  # journaled paths not named like the run's: untouched
+
+
+async def _no_journal(entry: dict[str, Any]) -> None:
+    return None
+
+
+async def capture(kvm: KvmHost, runner: Runner, domain: str, disks: Sequence[DiskSource], *, fs_freeze: FsFreeze,
+                  run_id: int | str, staging_dir: str, journal: Journal, nice: int | None = None,
+                  ionice: int | None = None, options: CaptureOptions = CaptureOptions()) -> CaptureResult:
+    """Stage ``disk.<disk_id>.0`` (qcow2, sparse, backing chain flattened) of each disk in ``staging_dir``
+    (``<BACKUP_BASE_PATH>/<vm_id>/<run_id>``, created if missing; the caller removes it after upload)."""
+    run = plan.check_request(disks, run_id, staging_dir)
+    session = _Session(kvm, runner, domain, Artifacts(run), journal, options, staging=staging_dir, nice=nice,
+                       ionice=ionice)
+    state = await kvm.state(domain)
+    try:
+        plan.check_sources(disks, await kvm.disks(domain))
+    except ValidationError as exc:
+        raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
+    if state is DomainState.SHUTOFF:
+        return await session.guarded(session.cold(disks))
+    if state not in (DomainState.RUNNING, DomainState.PAUSED):
+        raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
+                           "are backed up", host=kvm.name)
+    return await session.guarded(session.live(disks, fs_freeze, paused=state is DomainState.PAUSED))
+
+
+async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
+                  journal: Journal | None = None, options: CaptureOptions = CaptureOptions()) -> RecoveryReport:
+    """Undo what a capture that died left, from its journaled ``steps``: resume/thaw the guest, commit back
+    every overlay the guest still runs on, delete overlays and staged files. Idempotent; files whose names
+    are not the run's are left alone. CaptureError (after doing the rest) when something could not be undone."""
+    artifacts = plan.artifacts_from_steps(steps)
+    if artifacts is None:
+        return RecoveryReport()
+    session = _Session(kvm, runner, domain, artifacts, journal or _no_journal, options)
+    for path in artifacts.refused:
+        log.error("%s: journaled path %s is not named like this run's files: left alone", session.where, path)
+    await shielded(session.release(discard=True))
+    session.raise_problems("recovery incomplete")
+    session.report.refused = list(artifacts.refused)
+    return session.report
+
+
+class _Session:
+    """One capture (or recovery) of one domain: the artifacts it journaled and the cleanup they need."""
+
+    def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, journal: Journal,
+                 options: CaptureOptions, *, staging: str = "", nice: int | None = None,
+                 ionice: int | None = None) -> None:
+        self.kvm, self.runner, self.domain, self.artifacts = kvm, runner, domain, artifacts
+        self.journal, self.options, self.staging, self.nice, self.ionice = journal, options, staging, nice, ionice
+        self.where = f"{kvm.name}: domain {domain!r}: run {artifacts.run}"
+        self.problems: list[Exception] = []
+        self.report = RecoveryReport()
+
+    async def note(self, name: Step, **fields: Any) -> None:
+        entry = plan.step(name, self.artifacts.run, **fields)
+        self.artifacts.record(entry)
+        await self.journal(entry)
+
+    async def command(self, argv: list[str]) -> bytes:
+        return (await self.runner.run(argv, timeout=self.options.command_timeout)).stdout
+
+    # ------------------------------------------------------------------ the two captures
+
+    async def guarded(self, body: Awaitable[T]) -> T:
+        """``body``, then the cleanup; on any failure the cleanup also discards the staged files."""
+        try:
+            value = await body
+        except BaseException as exc:
+            await shielded(self.release(discard=True))
+            for problem in self.problems:
+                exc.add_note(f"cleanup: {problem}")
+            raise
+        await shielded(self.release(discard=False))
+        self.raise_problems("backup captured, but the cleanup failed (staged files removed)")
+        return value
+
+    async def cold(self, disks: Sequence[DiskSource]) -> CaptureResult:
+        await self.command(["mkdir", "-p", "--", self.staging])
+        return CaptureResult(await self.convert_all(disks, shared=False), live=False)
+
+    async def live(self, disks: Sequence[DiskSource], mode: FsFreeze, *, paused: bool) -> CaptureResult:
+        if paused and mode is not FsFreeze.NONE:
+            log.info("%s: the guest is paused: nothing to quiesce", self.where)
+            mode = FsFreeze.NONE
+        overlays = {d.target: plan.overlay_path(d.path, self.artifacts.run) for d in disks}
+        for target, path in overlays.items():
+            await self.note(Step.OVERLAY, target=target, path=path)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            frozen, thawed_first = await self.quiesce(mode)
+        except BaseException:
+            self.artifacts.overlays.clear()  # no snapshot was attempted: no overlay can exist
+            raise
+        try:
+            await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
+        finally:
+            await shielded(self.unquiesce())
+        window = loop.time() - started
+        log.info("%s: snapshot of %s taken in %.3f s (FS_FREEZE=%s)", self.where, ", ".join(overlays), window,
+                 mode.value)
+        await self.command(["mkdir", "-p", "--", self.staging])
+        images = await self.convert_all(disks, shared=True)
+        return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
+                             snapshot_seconds=window)
+
+    # ------------------------------------------------------------------ quiesce
+
+    async def quiesce(self, mode: FsFreeze) -> tuple[int | None, int]:
+        """(filesystems frozen or None, filesystems found frozen and thawed first)."""
+        if mode is FsFreeze.SUSPEND:
+            await self.note(Step.SUSPENDED)
+            await self.kvm.suspend(self.domain)
+        elif mode is FsFreeze.AGENT:
+            await self.note(Step.FROZEN)
+            return await self.freeze()
+        return None, 0
+
+    async def freeze(self) -> tuple[int, int]:
+        thawed_first = 0
+        try:
+            frozen = await self.kvm.fsfreeze(self.domain)
+        except GuestAgentError as exc:
+            self.artifacts.frozen = False  # the agent did not answer: nothing was frozen
+            raise GuestAgentError(f"{exc}; FS_FREEZE=AGENT needs a running QEMU guest agent in the VM; "
+                                  "nothing was snapshotted", host=self.kvm.name, code=exc.code) from exc
+        except VmmError as exc:
+            if "frozen" not in str(exc):
+                raise
+            thawed_first = await self.kvm.fsthaw(self.domain)
+            log.warning("%s: the guest was left frozen (by an earlier run that died?); thawed %d filesystems "
+                        "before freezing again", self.where, thawed_first)
+            frozen = await self.kvm.fsfreeze(self.domain)
+        if frozen == 0:
+            log.warning("%s: the guest agent froze 0 filesystems: nothing was quiesced", self.where)
+        return frozen, thawed_first
+
+    async def unquiesce(self) -> None:
+        if self.artifacts.frozen:
+            await self.kvm.fsthaw(self.domain)
+            await self.note(Step.THAWED)
+        if self.artifacts.suspended:
+            await self.kvm.resume(self.domain)
+            await self.note(Step.RESUMED)
+
+    # ------------------------------------------------------------------ convert
+
+    async def convert_all(self, disks: Sequence[DiskSource], *, shared: bool) -> list[DiskImage]:
+        bound = asyncio.Semaphore(max(1, self.options.parallel))
+
+        async def one(disk: DiskSource) -> DiskImage:
+            async with bound:
+                return await self.convert(disk, shared=shared)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(disk)) for disk in disks]
+        except BaseExceptionGroup as failed:
+            for other in failed.exceptions[1:]:
+                log.error("%s: %s", self.where, other)
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def convert(self, disk: DiskSource, *, shared: bool) -> DiskImage:
+        target = plan.staging_file(self.staging, disk.disk_id)
+        await self.note(Step.STAGING, path=target)
+        argv = plan.convert_argv(disk, target, shared=shared, rate_limit_mib=self.options.rate_limit_mib)
+        done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice)
+        virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
+        log.info("%s: disk %d (%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
+                 disk.disk_id, disk.target, target, done.duration, virtual, actual)
+        return DiskImage(disk.disk_id, disk.target, target, virtual, actual)
+
+    # ------------------------------------------------------------------ cleanup (capture and recovery)
+
+    async def release(self, *, discard: bool) -> None:
+        """Resume, thaw, commit back and delete the overlays, and (``discard``, or when something failed)
+        delete the staged files. Each part is tried even when an earlier one failed; failures are kept in
+        ``problems``."""
+        await self.attempt("resume the guest", self.resume_if_suspended())
+        await self.attempt("thaw the guest", self.thaw_if_frozen())
+        for target, overlay in list(self.artifacts.overlays.items()):
+            await self.attempt(f"commit {target} back from {overlay}", self.drop_overlay(target, overlay))
+        if discard or self.problems:
+            for path in list(self.artifacts.staging):
+                await self.attempt(f"remove {path}", self.remove_staged(path))
+
+    async def attempt(self, what: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - every cleanup step is tried; the failures are reported
+            log.error("%s: cannot %s: %s", self.where, what, exc)
+            self.problems.append(exc)
+
+    def raise_problems(self, summary: str) -> None:
+        if self.problems:
+            retryable = all(getattr(p, "retryable", False) for p in self.problems)
+            raise CaptureError(f"{self.where}: {summary}: " + "; ".join(str(p) for p in self.problems),
+                               host=self.kvm.name, retryable=retryable) from self.problems[0]
+
+    async def resume_if_suspended(self) -> None:
+        if not self.artifacts.suspended:
+            return
+        if await self.kvm.state(self.domain) is DomainState.PAUSED:
+            await self.kvm.resume(self.domain)
+            self.report.resumed = True
+        await self.note(Step.RESUMED)
+
+    async def thaw_if_frozen(self) -> None:
+        if not self.artifacts.frozen:
+            return
+        if await self.kvm.state(self.domain) is DomainState.RUNNING:  # a stopped guest is frozen no more
+            self.report.thawed = await self.kvm.fsthaw(self.domain) > 0
+        await self.note(Step.THAWED)
+
+    async def drop_overlay(self, target: str, overlay: str) -> None:
+        chain = await self.chain(target)
+        if chain[:1] == [overlay]:
+            if await self.kvm.state(self.domain) is DomainState.SHUTOFF:
+                raise CaptureError(f"{self.where}: the powered-off domain is defined on {overlay} for {target}; "
+                                   f"kept: commit it into its backing file by hand", host=self.kvm.name)
+            await self.kvm.blockcommit(self.domain, target, deadline=self.options.commit_deadline)
+            await self.note(Step.COMMITTED, target=target)
+            self.report.committed.append(target)
+        elif overlay in chain:
+            raise CaptureError(f"{self.where}: {target} runs on an image backed by {overlay} (a snapshot was "
+                               "taken on top of it); kept", host=self.kvm.name)
+        await self.remove(overlay)
+        del self.artifacts.overlays[target]
+
+    async def chain(self, target: str) -> list[str]:
+        """The files ``target`` runs on now, top first; empty when the domain has no such disk."""
+        disk = next((d for d in await self.kvm.disks(self.domain) if d.target == target), None)
+        if disk is None or not disk.path:
+            return []
+        return plan.chain_files(await self.command(["qemu-img", "info", "-U", "--backing-chain",
+                                                    "--output=json", disk.path]))
+
+    async def remove_staged(self, path: str) -> None:
+        await self.remove(path)
+        self.artifacts.staging.remove(path)
+
+    async def remove(self, path: str) -> None:
+        if await self.command(["rm", "-f", "-v", "--", path]):  # -v: says so only when the file was there
+            self.report.removed.append(path)
