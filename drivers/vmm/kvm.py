@@ -201,6 +201,10 @@ class KvmHost:
         """The domain's disks as they are now (sources change with snapshots and pivots)."""
         return domainxml.parse_disks(await self.xml(domain))
 
+    async def block_capacity(self, domain: str, target: str) -> int:
+        """The virtual size in bytes of one disk of the domain (libvirt's blockInfo capacity)."""
+        return int(await self._call(f"block info {target}", domain, lambda dom: dom.blockInfo(target)[0]))
+
     async def list_domains(self) -> list[DomainInfo]:
         """Every domain defined or running on the host, sorted by name."""
         return sorted(await self._call("list domains", None, lambda conn: [_info(d) for d in conn.listAllDomains()]),

@@ -53,7 +53,7 @@ async def _disk_size(kvm: KvmHost, runner: Any, host: Host, uuid: str, disk: Dis
             return size_mb((await image_info(runner, disk.path, host.name)).virtual_size)
         if disk.type == "network" and disk.image:
             # KvmHost has no public block-info call yet; its host thread is the way to libvirt.
-            capacity = await kvm._call(f"block info {disk.target}", uuid, lambda dom: dom.blockInfo(disk.target)[0])
+            capacity = await kvm.block_capacity(uuid, disk.target)
             return size_mb(int(capacity))
     except DriverError as exc:
         log.warning("host %s: domain %s: size of disk %s unknown: %s", host.name, uuid, disk.target, exc)
