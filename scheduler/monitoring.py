@@ -45,6 +45,7 @@ from scheduler.errors import DriverError, VmschedError
 from scheduler.hostlinks import is_local, ssh_target
 from scheduler.objects.host import Host
 from scheduler.objects.states import HostState
+from scheduler.vmsync import VmStateSync
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class HostMonitor:
         self._again: set[int] = set()
         self._written: dict[int, Host] = {}
         self._wake = asyncio.Event()
+        self.vm_states = VmStateSync(ctx)
 
     @property
     def interval(self) -> float:
@@ -300,8 +302,19 @@ class HostMonitor:
             log.exception("host %s: monitoring failed", host.name)
             reason = f"monitoring failed: {exc!r}"
         else:
+            await self._sync_vms(host)
             return lambda current: record_success(current, probe, self.ctx.now())
         return lambda current: record_failure(current, reason, self.ctx.now())
+
+    async def _sync_vms(self, host: Host) -> None:
+        """The VMs' states from libvirt (a failure here does not make the host ERROR)."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                await self.vm_states.poll(host)
+        except (TimeoutError, VmschedError) as exc:
+            log.warning("host %s: VM states not refreshed: %s", host.name, exc)
+        except Exception:  # a bug here must not stop monitoring
+            log.exception("host %s: VM states not refreshed", host.name)
 
     async def _record(self, probed: Host, change: Callable[[Host], Host]) -> None:
         state = self.ctx.state

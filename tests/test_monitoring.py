@@ -203,6 +203,12 @@ class FakeVmm:
     async def versions(self) -> Versions:
         return Versions("9.0.0", "7.2.0")
 
+    async def poll_states(self) -> dict:
+        return {}
+
+    async def watch_states(self, callback: Any) -> None:
+        self.callback = callback
+
 
 class FakeLinks:
     def __init__(self, known_hosts: Path) -> None:
