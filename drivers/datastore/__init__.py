@@ -1,0 +1,33 @@
+"""Backup datastore drivers, by the datastore's DS_MAD (``rsync``, ``fs``).
+
+``open_datastore(datastore, pool)`` returns the driver object for one datastore; ``pool`` (an
+:class:`drivers.ssh.SshPool`) gives the runner for the backup server when the driver needs one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from drivers.datastore.base import BackupDatastore, Capacity, UploadResult
+from drivers.datastore.fs import FsDatastore
+from drivers.datastore.rsync import RsyncDatastore, RunnerFactory
+from scheduler.errors import ValidationError
+from scheduler.objects.datastore import Datastore
+
+__all__ = ["BackupDatastore", "Capacity", "UploadResult", "DRIVERS", "open_datastore"]
+
+
+class DriverClass(Protocol):
+    def connect(self, datastore: Datastore, pool: RunnerFactory, **settings: float) -> BackupDatastore: ...
+
+
+DRIVERS: dict[str, DriverClass] = {"rsync": RsyncDatastore, "fs": FsDatastore}
+
+
+def open_datastore(datastore: Datastore, pool: RunnerFactory, **settings: float) -> BackupDatastore:
+    """The driver for ``datastore``'s DS_MAD; ``settings``: ``command_timeout``, ``progress_interval``."""
+    driver = DRIVERS.get(datastore.ds_mad)
+    if driver is None:
+        raise ValidationError(f"datastore {datastore.id}: no backup driver for DS_MAD {datastore.ds_mad!r} "
+                              f"(known: {', '.join(sorted(DRIVERS))})")
+    return driver.connect(datastore, pool, **settings)

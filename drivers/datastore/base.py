@@ -1,0 +1,356 @@
+"""The backup datastore contract, and what every directory-tree datastore (``rsync``, ``fs``) shares.
+
+A backup datastore keeps ``<BASE_PATH>/<vm_id>/<backup_id>/`` trees on a "server": the backup server over
+SSH (``rsync``) or the scheduler's own machine (``fs``). Everything but the upload itself is the same
+handful of commands run there through a :class:`Runner`; :class:`TreeDatastore` holds them, and the
+drivers only add the data path.
+
+Scripts given to ``sh -c`` here are constants; paths reach them as positional parameters, never pasted in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shlex
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from drivers.commands import CommandFailed, Runner, shielded
+from drivers.datastore import layout
+from drivers.datastore.layout import Layout
+from scheduler.errors import DriverError, NotFound, ValidationError
+from scheduler.objects.datastore import Datastore
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 60.0  # seconds, for every metadata command (mkdir, df, cat, rm, mv)
+PROGRESS_INTERVAL = 2.0  # seconds between two progress probes of a running upload
+MAX_SMALL_FILE = 16 * 1024 * 1024  # read_file refuses more than this (vm.xml and friends are kilobytes)
+MIB = 1024 * 1024
+NEW_ID_ATTEMPTS = 10
+DISCARD_ATTEMPTS = 5  # rm -rf of a partial upload, repeated while a dying receiver still creates files
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+_MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
+_RM = 'n=0; for d; do if [ -d "$d" ]; then rm -rf -- "$d" || exit 1; n=$((n + 1)); fi; done; [ "$n" -gt 0 ] || exit 3'
+_CLEANUP = '[ -d "$1" ] || exit 0; find "$1" -mindepth 1 -maxdepth 1 -type d -name ".tmp-*" -print -exec rm -rf -- {} +'
+# $1 VM dir, $2 final dir, $3 temporary dir: exit 3 when the backup exists, mkdir fails when the temp dir does
+_NEW_DIR = '[ -e "$2" ] && exit 3; mkdir -p -- "$1" && mkdir -- "$3"'
+_ANY_EXISTS = 'for p; do [ -e "$p" ] && exit 0; done; exit 1'
+_TREE_SIZE = r"""find "$1" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'"""  # file bytes
+# openssl is OpenSSL-speed; python3's hashlib too (OpenSSL inside). Never coreutils sha256sum (4x slower).
+_HASH_PY = (
+    "import hashlib,sys\n"
+    "for p in sys.argv[1:]:\n"
+    " h=hashlib.sha256()\n"
+    " with open(p,'rb') as f:\n"
+    "  while b:=f.read(1<<20): h.update(b)\n"
+    " print(h.hexdigest(),'*'+p)\n"
+)
+NOT_FOUND_STATUS = 127
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Datastore space in MB (plain numbers, unlike OpenNebula's ``2983M``)."""
+
+    total_mb: int
+    free_mb: int
+    used_mb: int
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """One uploaded backup: its allocated size on the hypervisor (like ``du -sm``) and each file's sha256."""
+
+    size_mb: int
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+class BackupDatastore(Protocol):
+    """What the backup action and the image operations call; one object per datastore."""
+
+    datastore: Datastore
+
+    async def monitor(self) -> Capacity: ...
+
+    async def new_backup_id(self, vm_id: int) -> str: ...
+
+    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
+                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
+                     progress: Progress | None = None) -> UploadResult: ...
+
+    async def rm(self, vm_id: int, sources: Sequence[str]) -> None: ...
+
+    async def stat(self, vm_id: int, source: str, disk_id: int) -> int: ...
+
+    async def read_file(self, vm_id: int, source: str, name: str) -> bytes: ...
+
+    async def list_backup(self, vm_id: int, source: str) -> list[str]: ...
+
+    async def exists(self, vm_id: int, source: str) -> bool: ...
+
+    async def cleanup_partial(self, vm_id: int) -> list[str]: ...
+
+
+# --- template attributes --------------------------------------------------------------------------------------
+
+def int_attribute(datastore: Datastore, name: str, low: int, high: int | None = None) -> int | None:
+    """An optional integer attribute of the datastore's TEMPLATE, range-checked."""
+    raw = (datastore.template.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"datastore {datastore.id}: {name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValidationError(f"datastore {datastore.id}: {name} must be {bounds}, got {value}")
+    return value
+
+
+def parse_df(output: bytes) -> tuple[int, int, int]:
+    """(total, used, available) from the last line of ``df -P``."""
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    fields = lines[-1].split() if lines else []
+    try:
+        return int(fields[1]), int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        raise DriverError(f"cannot read df output: {output[-200:]!r}") from None
+
+
+def apply_limit(total: int, used: int, free: int, limit_mb: int | None) -> Capacity:
+    """LIMIT_MB caps the datastore: free = min(df free, LIMIT_MB - used), total = min(df total, LIMIT_MB)."""
+    if limit_mb is None:
+        return Capacity(total, free, used)
+    return Capacity(min(total, limit_mb), max(0, min(free, limit_mb - used)), used)
+
+
+# --- hypervisor side: sizes and checksums of the staged files ---------------------------------------------------
+
+def parse_stat(output: bytes, paths: Sequence[str]) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) summed over ``stat -c '%s %b %B'`` lines, one per path."""
+    lines = output.decode().split()
+    if len(lines) != 3 * len(paths):
+        raise DriverError(f"unexpected stat output for {len(paths)} files: {output[-200:]!r}")
+    numbers = [int(word) for word in lines]
+    apparent = sum(numbers[0::3])
+    allocated = sum(blocks * unit for blocks, unit in zip(numbers[1::3], numbers[2::3], strict=True))
+    return apparent, allocated
+
+
+async def staged_sizes(source: Runner, paths: Sequence[str], timeout: float) -> tuple[int, int]:  # noqa: ASYNC109
+    result = await source.run(["stat", "-L", "-c", "%s %b %B", "--", *paths], timeout=timeout)
+    return parse_stat(result.stdout, paths)
+
+
+def parse_digests(output: bytes, paths: Sequence[str]) -> dict[str, str]:
+    """``{path: hex}`` from ``<hex> *<path>`` lines (``openssl dgst -r`` and the Python fallback print that)."""
+    digests = {}
+    for line in output.decode().splitlines():
+        digest, _, name = line.partition(" *")
+        digests[name] = digest.strip().lower()
+    missing = [path for path in paths if len(digests.get(path, "")) != 64]
+    if missing:
+        raise DriverError(f"no sha256 for {', '.join(missing)} in the hasher's output")
+    return {path: digests[path] for path in paths}
+
+
+async def hash_files(source: Runner, paths: Sequence[str], timeout: float,  # noqa: ASYNC109
+                     nice: int | None = None, ionice: int | None = None) -> dict[str, str]:
+    """sha256 of each path on ``source`` with ``openssl dgst``, or a ``python3`` one-liner without openssl."""
+    argv = ["openssl", "dgst", "-sha256", "-r", "--", *paths]
+    result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False)
+    if result.exit_status == NOT_FOUND_STATUS:
+        argv = ["python3", "-c", _HASH_PY, *paths]
+        result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False)
+    if result.exit_status != 0:
+        raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(source, "host", None))
+    return parse_digests(result.stdout, paths)
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group, so callers see the DriverError, not the group."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# --- the shared tree operations ---------------------------------------------------------------------------------
+
+class TreeDatastore:
+    """A ``<BASE_PATH>/<vm_id>/<backup_id>/`` tree on the machine ``server`` runs commands on."""
+
+    def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
+                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+        self.datastore = datastore
+        self.server = server
+        self.layout = Layout(datastore.base_path)
+        self.command_timeout = command_timeout
+        self.progress_interval = progress_interval
+        self.limit_mb = int_attribute(datastore, "LIMIT_MB", 0)
+
+    async def _run(self, argv: Sequence[str], *, check: bool = True, input: bytes | None = None) -> bytes:
+        result = await self.server.run(argv, timeout=self.command_timeout, check=check, input=input)
+        return result.stdout
+
+    async def _status(self, argv: Sequence[str]) -> int:
+        result = await self.server.run(argv, timeout=self.command_timeout, check=False)
+        if result.exit_status not in (0, 1):
+            raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(self.server, "host", None))
+        return result.exit_status
+
+    async def monitor(self) -> Capacity:
+        """Space where BASE_PATH lives (created when missing), LIMIT_MB applied."""
+        total, used, free = parse_df(await self._run(["sh", "-c", _MONITOR, "sh", self.layout.base_path]))
+        return apply_limit(total, used, free, self.limit_mb)
+
+    async def new_backup_id(self, vm_id: int) -> str:
+        """A random 6-hex-char id whose directory (final or temporary) does not exist yet."""
+        for _ in range(NEW_ID_ATTEMPTS):
+            backup_id = layout.random_backup_id()
+            paths = [self.layout.backup_dir(vm_id, backup_id), self.layout.tmp_dir(vm_id, backup_id)]
+            if await self._status(["sh", "-c", _ANY_EXISTS, "sh", *paths]) == 1:
+                return backup_id
+        raise DriverError(f"datastore {self.datastore.id}: no free backup id after {NEW_ID_ATTEMPTS} attempts")
+
+    async def exists(self, vm_id: int, source: str) -> bool:
+        return await self._status(["test", "-d", self.layout.backup_dir(vm_id, source)]) == 0
+
+    async def read_file(self, vm_id: int, source: str, name: str) -> bytes:
+        path = self.layout.file_path(vm_id, source, name)
+        result = await self.server.run(["head", "-c", str(MAX_SMALL_FILE + 1), "--", path],
+                                       timeout=self.command_timeout, check=False)
+        if result.exit_status != 0:
+            raise NotFound(f"datastore {self.datastore.id}: cannot read {path}: "
+                           f"{result.stderr.decode('utf-8', 'replace').strip()}")
+        if len(result.stdout) > MAX_SMALL_FILE:
+            raise DriverError(f"datastore {self.datastore.id}: {path} is larger than {MAX_SMALL_FILE} bytes")
+        return result.stdout
+
+    async def stat(self, vm_id: int, source: str, disk_id: int) -> int:
+        """Virtual size (MB) of disk ``disk_id`` as recorded in the backup's vm.xml."""
+        return layout.disk_size_mb(await self.read_file(vm_id, source, layout.VM_XML), disk_id)
+
+    async def list_backup(self, vm_id: int, source: str) -> list[str]:
+        directory = self.layout.backup_dir(vm_id, source)
+        result = await self.server.run(["find", directory, "-mindepth", "1", "-maxdepth", "1", "-printf", "%f\\n"],
+                                       timeout=self.command_timeout, check=False)
+        if result.exit_status != 0:
+            raise NotFound(f"datastore {self.datastore.id}: no backup {source} of VM {vm_id} ({directory})")
+        return sorted(result.stdout.decode().splitlines())
+
+    async def rm(self, vm_id: int, sources: Sequence[str]) -> None:
+        """Remove the directories of every increment; an error when none of them existed."""
+        dirs = [self.layout.backup_dir(vm_id, source) for source in sources]
+        if not dirs:
+            raise ValidationError("rm: no backup sources given")
+        result = await self.server.run(["sh", "-c", _RM, "sh", *dirs], timeout=self.command_timeout, check=False)
+        if result.exit_status == 3:
+            raise NotFound(f"datastore {self.datastore.id}: nothing to remove for VM {vm_id}: "
+                           f"{', '.join(sources)}")
+        if result.exit_status != 0:
+            raise CommandFailed(["rm", "-rf", *dirs], result.exit_status, result.stderr,
+                                host=getattr(self.server, "host", None))
+
+    async def cleanup_partial(self, vm_id: int) -> list[str]:
+        """Remove the VM's ``.tmp-*`` upload leftovers; returns their backup ids."""
+        out = await self._run(["sh", "-c", _CLEANUP, "sh", self.layout.vm_dir(vm_id)])
+        removed = [layout.tmp_backup_id(line.rsplit("/", 1)[-1]) or line for line in out.decode().splitlines()]
+        if removed:
+            log.info("datastore %s: removed partial uploads of VM %s: %s", self.datastore.id, vm_id, removed)
+        return removed
+
+    # --- upload scaffolding: temporary directory, commit, discard, progress ----------------------------------
+
+    async def _begin(self, vm_id: int, backup_id: str) -> str:
+        """Create the empty ``.tmp-<backup_id>`` directory (refused when the backup exists already)."""
+        final, tmp = self.layout.backup_dir(vm_id, backup_id), self.layout.tmp_dir(vm_id, backup_id)
+        argv = ["sh", "-c", _NEW_DIR, "sh", self.layout.vm_dir(vm_id), final, tmp]
+        result = await self.server.run(argv, timeout=self.command_timeout, check=False)
+        if result.exit_status == 3:
+            raise DriverError(f"datastore {self.datastore.id}: backup {backup_id} of VM {vm_id} exists already")
+        if result.exit_status != 0:  # e.g. the temporary directory exists: another upload of that id runs
+            raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(self.server, "host", None))
+        return tmp
+
+    async def _commit(self, vm_id: int, backup_id: str) -> None:
+        await self._run(["mv", "-T", "--", self.layout.tmp_dir(vm_id, backup_id),
+                         self.layout.backup_dir(vm_id, backup_id)])
+
+    async def _discard(self, tmp: str) -> None:
+        """``rm -rf`` the partial upload, again while a receiver that is being torn down still adds files."""
+        for _ in range(DISCARD_ATTEMPTS):
+            try:
+                result = await self.server.run(["rm", "-rf", "--", tmp], timeout=self.command_timeout, check=False)
+            except DriverError as exc:
+                log.warning("datastore %s: cannot remove partial upload %s: %s", self.datastore.id, tmp, exc)
+                return
+            if result.exit_status == 0:
+                return
+        log.warning("datastore %s: partial upload %s still there; cleanup_partial will retry",
+                    self.datastore.id, tmp)
+
+    async def _report_progress(self, tmp: str, total: asyncio.Future[tuple[int, int]], progress: Progress) -> None:
+        """Feed ``progress`` with the apparent size of the temporary directory until cancelled; best effort:
+        a failed probe ends the reports, not the upload."""
+        apparent, _ = await total
+        while True:
+            try:
+                out = await self._run(["sh", "-c", _TREE_SIZE, "sh", tmp], check=False)
+            except DriverError as exc:
+                log.info("datastore %s: no more progress reports for %s: %s", self.datastore.id, tmp, exc)
+                return
+            words = out.split()
+            done = int(words[0]) if words and words[0].isdigit() else 0
+            progress(min(done, apparent), apparent)
+            await asyncio.sleep(self.progress_interval)
+
+    async def _upload(self, source: Runner, paths: list[str], vm_id: int, backup_id: str, timeout: float,  # noqa: ASYNC109
+                      transfer: Callable[[str], Coroutine[Any, Any, None]],
+                      progress: Progress | None, nice: int | None, ionice: int | None) -> UploadResult:
+        """Stat, hash and ``transfer(tmp)`` at the same time; rename the directory when all succeeded."""
+        tmp = await self._begin(vm_id, backup_id)
+        try:
+            async with asyncio.TaskGroup() as group:
+                sizes = group.create_task(staged_sizes(source, paths, timeout))
+                digests = group.create_task(hash_files(source, paths, timeout, nice, ionice))
+                copy = group.create_task(transfer(tmp))
+                if progress is not None:
+                    probe = group.create_task(self._report_progress(tmp, sizes, progress))
+                    copy.add_done_callback(lambda _: probe.cancel())
+            await self._commit(vm_id, backup_id)
+        except BaseException as exc:
+            await shielded(self._discard(tmp))
+            if isinstance(exc, BaseExceptionGroup):
+                raise first_error(exc) from None
+            raise
+        apparent, allocated = sizes.result()
+        if progress is not None:
+            progress(apparent, apparent)
+        hashes = {path.rsplit("/", 1)[-1]: digest for path, digest in digests.result().items()}
+        return UploadResult(size_mb=math.ceil(allocated / MIB), sha256=hashes)
+
+
+def staged_paths(staging_dir: str, files: Sequence[str]) -> list[str]:
+    """Absolute paths of the staged files, every part checked (no '..', no '/' in names, no duplicates)."""
+    directory = layout.check_path(staging_dir, "staging directory")
+    names = [layout.check_file_name(name) for name in files]
+    if not names:
+        raise ValidationError("upload: no files given")
+    if len(set(names)) != len(names):
+        raise ValidationError(f"upload: duplicate file names in {names}")
+    return [f"{directory}/{name}" for name in names]
+
+
+def rsync_ssh(ssh_command: Sequence[str], port: int | None) -> str:
+    """rsync's ``-e`` value: the caller's ssh argv, with ``-p port`` added unless it names a port itself."""
+    words = list(ssh_command)
+    if port is not None and "-p" not in words:
+        words[1:1] = ["-p", str(port)]
+    return shlex.join(words)

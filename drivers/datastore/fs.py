@@ -1,0 +1,67 @@
+"""The ``fs`` backup datastore: directories on the scheduler's own machine, under BASE_PATH.
+
+The hypervisor's staged files reach it in one of two ways:
+
+* the hypervisor *is* this machine (the source runner has no SSH target): ``cp --sparse=always``;
+* a remote hypervisor: this machine pulls with ``rsync`` over ssh (the caller's ssh command, with the
+  hypervisor's verified host key). This is the one case where the scheduler's machine carries disk data,
+  because it is the backup target itself.
+
+Either way the files land in ``<BASE_PATH>/<vm_id>/.tmp-<backup_id>/``, renamed to ``<backup_id>`` only when
+all arrived, and their sha256 is computed on the hypervisor while they are copied. Attributes (spec §11
+naming): ``FS_ARGS`` (rsync options for the pull, default ``-aS``), ``FS_BWLIMIT``, ``FS_NICE``,
+``FS_IONICE``, ``BASE_PATH``, ``LIMIT_MB``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from drivers.commands import Runner
+from drivers.datastore.base import (
+    COMMAND_TIMEOUT,
+    PROGRESS_INTERVAL,
+    Progress,
+    TreeDatastore,
+    UploadResult,
+    rsync_ssh,
+    staged_paths,
+)
+from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, priority, remote, rsync_options
+from drivers.local import LocalRunner
+from drivers.ssh import SshTarget
+from scheduler.objects.datastore import Datastore
+
+
+class FsDatastore(TreeDatastore):
+    """Backups as directories under BASE_PATH on this machine."""
+
+    def __init__(self, datastore: Datastore, server: Runner | None = None, *,
+                 command_timeout: float = COMMAND_TIMEOUT, progress_interval: float = PROGRESS_INTERVAL) -> None:
+        super().__init__(datastore, server or LocalRunner(), command_timeout=command_timeout,
+                         progress_interval=progress_interval)
+        self.options = rsync_options(datastore, "FS")
+        self.nice, self.ionice = priority(datastore, "FS")
+
+    @classmethod
+    def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> FsDatastore:
+        return cls(datastore, None, **settings)
+
+    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
+                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
+                     progress: Progress | None = None) -> UploadResult:
+        """Copy (local hypervisor) or pull (remote one) ``files`` of ``staging_dir`` into ``backup_id``."""
+        paths = staged_paths(staging_dir, files)
+        hypervisor: SshTarget | None = getattr(source, "target", None)
+
+        async def transfer(tmp: str) -> None:
+            if hypervisor is None:
+                argv = ["cp", "--sparse=always", "--preserve=mode,timestamps", "--", *paths, f"{tmp}/"]
+            else:
+                shell = rsync_ssh(ssh_command or DEFAULT_SSH, hypervisor.port)
+                argv = ["rsync", *self.options, "-e", shell, "--",
+                        *(f"{remote(hypervisor)}:{path}" for path in paths), f"{tmp}/"]
+            await self.server.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice)
+
+        return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
+                                  self.nice, self.ionice)

@@ -1,0 +1,124 @@
+"""The ``rsync`` backup datastore (spec §5.4): directories on a backup server reached over SSH.
+
+Data goes from the hypervisor straight to the backup server: ``rsync`` runs on the hypervisor (through the
+caller's runner for it) with ``-e`` set to the caller's ssh command, which must carry the key and the
+known_hosts holding the server's verified host key; the scheduler only runs metadata commands on the
+server (mkdir, rename, df, cat, rm). Each file's sha256 is computed on the hypervisor while rsync sends it.
+
+Template attributes: ``RSYNC_HOST`` (required), ``RSYNC_USER`` (default ``oneadmin``), ``RSYNC_PORT`` (our
+extension, default 22), ``RSYNC_ARGS`` (default ``-aS``; options only), ``RSYNC_NICE``, ``RSYNC_IONICE``,
+``RSYNC_BWLIMIT`` (our extension: rsync ``--bwlimit``, e.g. ``10M``), ``BASE_PATH``, ``LIMIT_MB``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from typing import Protocol
+
+from drivers.commands import Runner
+from drivers.datastore.base import (
+    COMMAND_TIMEOUT,
+    PROGRESS_INTERVAL,
+    Progress,
+    TreeDatastore,
+    UploadResult,
+    int_attribute,
+    rsync_ssh,
+    staged_paths,
+)
+from drivers.ssh import SshTarget
+from scheduler.errors import ValidationError
+from scheduler.objects.datastore import Datastore
+
+DEFAULT_USER = "oneadmin"
+DEFAULT_ARGS = "-aS"
+DEFAULT_PORT = 22
+# Used when the caller gives no ssh command: AES-GCM first (fastest with AES-NI), batch mode, strict keys.
+DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+               "-c", "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr")
+_BWLIMIT = re.compile(r"[0-9]+(\.[0-9]+)?[KkMmGg]?\Z")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+_OWNED_OPTIONS = ("-e", "--rsh")  # the driver sets the transport itself
+
+
+class RunnerFactory(Protocol):
+    """An :class:`drivers.ssh.SshPool`, or anything that hands out a runner per SSH target."""
+
+    def runner(self, target: SshTarget) -> Runner: ...
+
+
+def server_target(datastore: Datastore) -> SshTarget:
+    """The backup server named by RSYNC_HOST / RSYNC_PORT / RSYNC_USER."""
+    host = (datastore.template.get("RSYNC_HOST") or "").strip()
+    if not _HOST.match(host):
+        raise ValidationError(f"datastore {datastore.id}: RSYNC_HOST must be a host name or address, got {host!r}")
+    user = (datastore.template.get("RSYNC_USER") or "").strip() or DEFAULT_USER
+    if not _USER.match(user):
+        raise ValidationError(f"datastore {datastore.id}: bad RSYNC_USER {user!r}")
+    port = int_attribute(datastore, "RSYNC_PORT", 1, 65535) or DEFAULT_PORT
+    return SshTarget(host, port, user)
+
+
+def rsync_options(datastore: Datastore, prefix: str = "RSYNC") -> list[str]:
+    """``<prefix>_ARGS`` (default ``-aS``) plus ``-W`` (new files: no delta algorithm) and ``--bwlimit`` from
+    ``<prefix>_BWLIMIT``."""
+    raw = datastore.template.get(f"{prefix}_ARGS") or DEFAULT_ARGS
+    try:
+        words = shlex.split(raw)
+    except ValueError as exc:
+        raise ValidationError(f"datastore {datastore.id}: {prefix}_ARGS does not parse: {exc}") from None
+    for word in words:
+        if not word.startswith("-") or word.split("=", 1)[0] in _OWNED_OPTIONS:
+            raise ValidationError(f"datastore {datastore.id}: {prefix}_ARGS may only hold rsync options "
+                                  f"(not -e/--rsh or file names), got {word!r}")
+    words.append("-W")
+    bwlimit = (datastore.template.get(f"{prefix}_BWLIMIT") or "").strip()
+    if bwlimit:
+        if not _BWLIMIT.match(bwlimit):
+            raise ValidationError(f"datastore {datastore.id}: {prefix}_BWLIMIT must be a rate like 500 or 10M, "
+                                  f"got {bwlimit!r}")
+        words.append(f"--bwlimit={bwlimit}")
+    return words
+
+
+def priority(datastore: Datastore, prefix: str) -> tuple[int | None, int | None]:
+    """``<prefix>_NICE`` and ``<prefix>_IONICE`` (spec §11)."""
+    return (int_attribute(datastore, f"{prefix}_NICE", -20, 19), int_attribute(datastore, f"{prefix}_IONICE", 0, 7))
+
+
+def remote(target: SshTarget) -> str:
+    """``user@host`` as rsync wants it (an IPv6 address in brackets)."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"{target.user}@{host}"
+
+
+class RsyncDatastore(TreeDatastore):
+    """Backups as directories on RSYNC_HOST; uploads sent from the hypervisor by rsync over ssh."""
+
+    def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
+                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+        super().__init__(datastore, server, command_timeout=command_timeout, progress_interval=progress_interval)
+        self.target = server_target(datastore)
+        self.options = rsync_options(datastore)
+        self.nice, self.ionice = priority(datastore, "RSYNC")
+
+    @classmethod
+    def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> RsyncDatastore:
+        return cls(datastore, pool.runner(server_target(datastore)), **settings)
+
+    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
+                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
+                     progress: Progress | None = None) -> UploadResult:
+        """Send ``files`` of ``staging_dir`` (on the hypervisor ``source`` runs on) into backup ``backup_id``."""
+        paths = staged_paths(staging_dir, files)
+        remote_shell = rsync_ssh(ssh_command or DEFAULT_SSH, self.target.port)
+
+        async def transfer(tmp: str) -> None:
+            argv = ["rsync", *self.options, "-e", remote_shell, "--", *paths, f"{remote(self.target)}:{tmp}/"]
+            await source.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice)
+
+        return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
+                                  self.nice, self.ionice)
