@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 
 COMMAND = ".venv/bin/python -m benchmarks.bench_apscheduler"
 
@@ -49,7 +49,7 @@ async def _apscheduler(jobs: int, spread: float, seed: int) -> dict:
     start = time.time() + 1.0 + jobs / 20_000  # due only after adding them has finished
     for _ in range(jobs):
         due = start + rng.uniform(0, spread)
-        scheduler.add_job(job, "date", run_date=datetime.fromtimestamp(due, timezone.utc), args=[due])
+        scheduler.add_job(job, "date", run_date=datetime.fromtimestamp(due, UTC), args=[due])
     gc.collect()
     setup_cpu = time.process_time() - cpu0
     if time.time() > start:
