@@ -101,6 +101,7 @@ class Engine:
         self._open_per_action: Counter[int] = Counter()
         self._retrying: dict[int, dict[int, Run]] = {}  # vm id -> runs waiting for a retry time
         self._fresh: list[Run] = []  # runs queued since the last dispatch
+        self._held_others: dict[int, list[Run]] = {}  # host id -> non-backup runs waiting for the host
         self._wake = asyncio.Event()
         self._stopping = False
         self._drained = asyncio.Event()
@@ -175,11 +176,25 @@ class Engine:
 
     def _hosts_changed(self) -> None:
         self.queues.held = any(host.state in _HOST_HELD for host in self.state.pools.get("host", {}).values())
+        for host_id in [h for h in self._held_others if not self._host_hold(h)]:
+            for run in self._held_others.pop(host_id):  # the host is back: its actions queue again
+                self.queues.add(run)
+
+    def _host_hold(self, host_id: int) -> str:
+        """Why actions on this host wait ("" when they need not): ERROR, DISABLED, OFFLINE."""
+        host = self.state.find("host", host_id)
+        if host is not None and host.state in _HOST_HELD:
+            return f"host {host.name} is {_HOST_HELD[host.state]}"
+        return ""
 
     def _drop_queued(self, which: Callable[[Run], bool], why: str) -> None:
         for run in [r for r in self.queues.queued.values() if which(r)]:
             self.queues.remove(run.id)
             self._close(run, RunState.CANCELLED, why)
+        for held in self._held_others.values():
+            for run in [r for r in held if which(r)]:
+                held.remove(run)
+                self._close(run, RunState.CANCELLED, why)
         for runs in self._retrying.values():
             for run in [r for r in runs.values() if which(r)]:
                 del runs[run.id]
@@ -265,6 +280,9 @@ class Engine:
         if self._stopping:
             return
         for run in self.queues.next_others():
+            if self._host_hold(run.host_id):  # wait, with the reason, until the host recovers
+                self._held_others.setdefault(run.host_id, []).append(run)
+                continue
             self._start(run)
         for run in self.queues.next_backups(self.counts, self.settings.limits, self._candidate):
             self._start(run, admitted=True)
@@ -283,12 +301,9 @@ class Engine:
     def _candidate(self, run: Run) -> Candidate:
         host = self.state.find("host", run.host_id)
         datastore = self.state.find("datastore", run.datastore_id)
-        held = ""
-        if host is not None and host.state in _HOST_HELD:
-            held = f"host {host.name} is {_HOST_HELD[host.state]}"
         return Candidate(
             run.id, float(run.scheduled), run.host_id, host.name if host else str(run.host_id), run.datastore_id,
-            datastore.name if datastore else "", run.priority, held,
+            datastore.name if datastore else "", run.priority, self._host_hold(run.host_id),
         )
 
     def _start(self, run: Run, admitted: bool = False) -> None:
@@ -468,7 +483,8 @@ class Engine:
     # -- what operators see ----------------------------------------------------------------------
     def waiting_reasons(self) -> dict[int, str]:
         """Run id -> why it does not run yet, for every queued run."""
-        reasons = {}
+        reasons = {run.id: f"waiting: {self._host_hold(host_id)}"
+                   for host_id, held in self._held_others.items() for run in held}
         for run in self.queues.queued.values():
             reason = self._reason(run)
             if reason:
@@ -484,6 +500,9 @@ class Engine:
 
     def waiting_reason(self, vm_id: int) -> str | None:
         """Why this VM's queued action does not run yet, or None (shown as SCHED_MESSAGE)."""
+        for host_id, held in self._held_others.items():
+            if any(run.vm_id == vm_id for run in held):
+                return f"waiting: {self._host_hold(host_id)}"
         for run_id in sorted(self.queues.of_vm.get(vm_id, ())):
             reason = self._reason(self.queues.queued[run_id])
             if reason:

@@ -318,6 +318,27 @@ def test_disabled_host_holds_its_backups_with_the_reason(tmp_path: Path) -> None
     simulate(tmp_path, body, settings(max_backups=5, max_backups_host=2))
 
 
+def test_host_in_error_holds_its_other_actions_too(tmp_path: Path) -> None:
+    """A reboot of a VM whose host is in ERROR waits with the reason and runs once the host is back."""
+
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0, 2: 1})
+        h.host(0, HostState.ERROR)
+        h.action(1, "reboot", time=T0)
+        h.action(2, "reboot", time=T0)
+        engine = await h.start()
+        await h.until(T0 + 1)
+        assert [e.vm_id for e in h.executions] == [2]
+        assert engine.waiting_reason(1) == "waiting: host kvm0 is in ERROR"
+        assert list(engine.waiting_reasons().values()) == ["waiting: host kvm0 is in ERROR"]
+        h.host(0, HostState.MONITORED)
+        await h.settle()
+        assert [(e.vm_id, e.started) for e in h.executions] == [(2, T0), (1, T0 + 1)]
+        assert engine.waiting_reason(1) is None
+
+    simulate(tmp_path, body, settings(), Script(duration=0))
+
+
 # -- failures and retries ----------------------------------------------------------------------------
 
 
