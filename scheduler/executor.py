@@ -17,7 +17,7 @@ from scheduler.actions import check_action, spec_of
 from scheduler.actions.base import RunContext
 from scheduler.clock import Clock
 from scheduler.errors import ActionError, ValidationError
-from scheduler.journal import Run
+from scheduler.journal import Journal, Run
 from scheduler.state import State
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,10 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
     return durations
 
 
-def make_executor(state: State, clock: Clock, simulate: dict[str, float],
-                  links: Any = None) -> Callable[[Run], Awaitable[str | None]]:
+def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: Any = None,
+                  journal: Journal | None = None,
+                  config: Callable[[], Any] | None = None) -> Callable[[Run], Awaitable[str | None]]:
+    """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf."""
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
@@ -51,12 +53,27 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float],
             return f"simulated {run.action}"
         spec = spec_of(run.action)
         check_action(state, vm, run.action, run.args)
+        run.steps = []  # what an earlier attempt journaled was cleaned up by it, or by the recoverer
         action = state.find("schedaction", run.action_id) if run.action_id is not None else None
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
-            cancelled=asyncio.Event(), links=links,
+            cancelled=asyncio.Event(), links=links, journal_step=_step_journal(journal, run),
+            config=config() if config is not None else None,
         )  # fmt: skip
         return await spec.run(context)
 
     return execute
+
+
+def _step_journal(journal: Journal | None, run: Run) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+    """Append a step to the run and return once it is on disk."""
+    if journal is None:
+        return None
+
+    async def journal_step(entry: dict[str, Any]) -> None:
+        run.steps.append(entry)
+        journal.save(run)
+        await journal.durable()
+
+    return journal_step

@@ -19,6 +19,7 @@ from scheduler.actions import is_backup
 from scheduler.admission import Limits
 from scheduler.api import Context, build_codecs, make_authenticator, registry
 from scheduler.auth import SessionCache
+from scheduler.backup_run import make_recoverer
 from scheduler.clock import Clock, SystemClock
 from scheduler.config import Config, load_config
 from scheduler.engine import Engine, EngineSettings
@@ -101,9 +102,9 @@ class Daemon:
             links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
             journal = Journal(state)
             simulate = simulated_durations()
-            executor = make_executor(state, self.clock, simulate, links)
+            executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
-                                          is_backup=is_backup)
+                                          is_backup=is_backup, recoverer=make_recoverer(state, links))
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
                                              state_dir=self.state_dir, engine=engine, links=links)
             sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)

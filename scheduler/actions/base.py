@@ -38,6 +38,9 @@ class RunContext:
     log: logging.LoggerAdapter[Any]
     cancelled: asyncio.Event
     links: Any = None  # scheduler.hostlinks.HostLinks: the VM's host's runner and libvirt connection
+    # Appends a step to the run's journaled steps and returns once it is durable (before the artifact exists).
+    journal_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    config: Any = None  # scheduler.config.Config: sched.conf as it is when the run starts
 
 
 ArgsCheck = Callable[[str], None]

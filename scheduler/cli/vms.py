@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from lxml import etree
 
 from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
+from scheduler.cli.datastores import DATASTORES
 from scheduler.cli.hosts import HOSTS
 from scheduler.cli.states import LCM_STATES, VM_STATES, name_of, vm_stat
 from scheduler.cli.tables import (
@@ -167,6 +169,39 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+WAIT_POLL = 1.0  # seconds between two looks at a waited-for backup
+FINISHED = {"done": True, "given_up": False, "failed": False, "cancelled": False, "interrupted": False}
+
+
+def backup(ctx: Context, args: argparse.Namespace) -> int:
+    """``vm backup VM -d DS [--reset] [--wait]``: queue a backup; --wait follows it to its end."""
+    vm_id = ctx.resolve(VMS, args.vm)
+    ds_id = ctx.resolve(DATASTORES, args.datastore) if args.datastore is not None else -1
+    ctx.call("one.vm.backup", vm_id, ds_id, args.reset)
+    if not args.wait:
+        return 0
+    return wait_backup(ctx, vm_id, args.wait_timeout)
+
+
+def wait_backup(ctx: Context, vm_id: int, timeout: float) -> int:
+    """Poll the VM's last one-shot backup run: 0 when it is done; 1 when an attempt failed or time ran out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ctx.call("vmsched.vm.backupstatus", vm_id)
+        assert isinstance(status, dict)
+        state, message = str(status["STATE"]), str(status.get("MESSAGE") or "")
+        if state in FINISHED:
+            ctx.print(f"backup of VM {vm_id}: {state}: {message}".rstrip(": "))
+            return 0 if FINISHED[state] else 1
+        if state == "queued" and int(status["ATTEMPT"]) > 0 and message:
+            ctx.print(f"backup of VM {vm_id}: attempt {status['ATTEMPT']} failed: {message} (it will be retried)")
+            return 1
+        if time.monotonic() > deadline:
+            ctx.print(f"backup of VM {vm_id}: still {state} after {timeout:g} s")
+            return 1
+        time.sleep(WAIT_POLL)
+
+
 IMPORT_FIELDS = ("ID", "DOMAIN", "UUID", "STATUS", "MESSAGE")
 IMPORT_COLUMNS = (
     Column("ID", lambda r: "-" if field(r, "ID") == "-1" else field(r, "ID"), right=True),
@@ -247,6 +282,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domain name or UUID")
     p.add_argument("--all", action="store_true", help="every domain of the host")
     p.set_defaults(handler=import_domains)
+
+    p = add_id_command(sub, common, "backup", "back up a VM now (through the engine's limits)", "vm", backup)
+    p.add_argument("-d", "--datastore", metavar="DS", help="backup datastore id or name (default: the last one used)")
+    p.add_argument("--reset", action="store_true", help="start a new increment chain")
+    p.add_argument("--wait", action="store_true", help="wait for the backup to end; exit 1 if it failed")
+    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait waits at most")
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
 

@@ -1,0 +1,445 @@
+"""One full backup of a VM, end to end (spec §4, §7.1-7.2): checks, LCM state, capture, upload, record.
+
+The run checks the target (a BACKUP_DS datastore with room for the selected disks), puts the VM in
+ACTIVE/BACKUP (live, from RUNNING) or ACTIVE/BACKUP_POWEROFF (cold, from POWEROFF), stages the disks on
+the hypervisor under ``<BACKUP_BASE_PATH>/<vm_id>/<run_id>`` with the ``qcow2`` transfer driver, adds
+``vm.xml`` and ``domain.xml``, uploads the directory to the datastore and removes it. Then ONE transaction
+records the BACKUP image, the VM's BACKUP_IDS, the datastore's IMAGES and the VM's state back; KEEP_LAST
+removes the oldest backups afterwards (errors only logged, as OpenNebula does).
+
+Every artifact is journaled in the run's steps before it exists: the state the VM had, the staging dir on
+its host, the upload's backup id (plus the transfer driver's own steps). :func:`make_recoverer` reads them
+back after a crash of the daemon and undoes what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from drivers import tm
+from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore
+from drivers.datastore.layout import DOMAIN_XML, VM_XML
+from drivers.vmm.domainxml import Disk
+from scheduler import backups
+from scheduler.errors import ActionError, NotFound, ValidationError
+from scheduler.objects.common import BACKUP_IMAGE_PERMISSIONS
+from scheduler.objects.datastore import Datastore
+from scheduler.objects.image import Image
+from scheduler.objects.states import DatastoreType, ImageState, ImageType, LcmState, VmState
+from scheduler.objects.vm import Vm
+from scheduler.placement import Placement, locate_for_run, set_states
+from scheduler.state import State
+from scheduler.template import Vector
+
+log = logging.getLogger(__name__)
+
+UPLOAD_TIMEOUT = 6 * 3600.0
+COMMAND_TIMEOUT = 120.0
+STEP = "backup"  # the key of every journal step this module writes (the transfer driver's use "tm")
+StepJournal = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """What sched.conf says about backups, and the ssh options a hypervisor uses for the upload."""
+
+    base_path: str = "/var/tmp/vmsched"
+    capacity_check: bool = True
+    timezone: str = "UTC"
+    upload_timeout: float = UPLOAD_TIMEOUT
+
+    @classmethod
+    def from_config(cls, config: Any) -> BackupSettings:
+        if config is None:
+            return cls()
+        return cls(str(config.backup_base_path), bool(config.datastore_capacity_check), config.timezone)
+
+
+# ---- pure checks and choices ------------------------------------------------------------------------
+
+
+def target_datastore(state: State, ds_id: int) -> Datastore:
+    datastore = state.find("datastore", ds_id)
+    if datastore is None:
+        raise ValidationError(f"Error getting datastore [{ds_id}].")
+    if datastore.type != DatastoreType.BACKUP_DS:
+        raise ValidationError("Datastore needs to be of type BACKUP")
+    return datastore
+
+
+def state_name(vm: Vm) -> str:
+    """OpenNebula's state string: the LCM state of an ACTIVE VM, the VM state otherwise."""
+    return vm.lcm_state.name if vm.state == VmState.ACTIVE else vm.state.name
+
+
+def backup_state(vm: Vm) -> LcmState:
+    """BACKUP for a running VM, BACKUP_POWEROFF for a powered-off one (spec §4.2); else the error."""
+    if vm.host is None:
+        raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first): nothing to back up")
+    if (vm.state, vm.lcm_state) == (VmState.ACTIVE, LcmState.RUNNING):
+        return LcmState.BACKUP
+    if vm.state == VmState.POWEROFF:
+        return LcmState.BACKUP_POWEROFF
+    raise ActionError(f"Could not create a new backup for VM {vm.id}, wrong state {state_name(vm)}.")
+
+
+def selected_disks(vm: Vm) -> list[Vector]:
+    """The DISK vectors a backup includes (spec §4.4); an error when there are none."""
+    disks = vm.template.vectors("DISK")
+    ids = set(backups.backup_disk_ids(disks, backups.backup_volatile(vm.backup_config)))
+    chosen = [disk for disk in disks if int(disk.get("DISK_ID") or -1) in ids]
+    if not chosen:
+        raise ActionError(f"VM {vm.id} has no disk to back up (CDROM, swap and volatile disks are not backed up)")
+    return chosen
+
+
+def reservation_mb(disks: Sequence[Vector]) -> int:
+    return sum(int(d["SIZE"]) for d in disks if (d.get("SIZE") or "").strip().isdigit())
+
+
+def capacity_check_on(datastore: Datastore, default: bool) -> bool:
+    value = (datastore.template.get("DATASTORE_CAPACITY_CHECK") or "").strip().upper()
+    return default if value not in ("YES", "NO") else value == "YES"
+
+
+def check_space(capacity: Capacity, needed_mb: int) -> None:
+    if capacity.free_mb < needed_mb:
+        raise ActionError("Not enough free space on target datastore")
+
+
+def disk_sources(vm: Vm, disks: Sequence[Vector], current: Sequence[Disk]) -> list[tm.DiskSource]:
+    """The files the domain runs each selected disk on now (matched by TARGET)."""
+    by_target = {d.target: d for d in current}
+    sources = []
+    for disk in disks:
+        target = disk.get("TARGET") or ""
+        now = by_target.get(target)
+        if now is None or now.type != "file" or not now.path:
+            raise ActionError(f"VM {vm.id}: disk {disk.get('DISK_ID')} ({target or 'no TARGET'}) is not a file disk "
+                              "of the domain; only file disks (qcow2, raw) are backed up by this version")
+        sources.append(tm.DiskSource(int(disk["DISK_ID"]), target, now.path, now.format or "raw"))
+    return sources
+
+
+def image_name(vm_id: int, when: float, tz: ZoneInfo) -> str:
+    """``"<vm_id> <dd-Mon HH.MM.SS>"`` (spec §7.2), in the configured time zone."""
+    return f"{vm_id} {datetime.fromtimestamp(when, tz).strftime('%d-%b %H.%M.%S')}"
+
+
+def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, upload: UploadResult,
+                 disk_ids: Sequence[int], now: float, tz: ZoneInfo) -> Image:
+    """The BACKUP image of one full backup (spec §7.2); each file's sha256 in TEMPLATE/CHECKSUMS."""
+    image = Image(
+        id=image_id, name=image_name(vm.id, now, tz), ownership=vm.ownership, permissions=BACKUP_IMAGE_PERMISSIONS,
+        type=ImageType.BACKUP, regtime=int(now), modtime=int(now), source=backup_id, format="raw",
+        size=upload.size_mb, state=ImageState.READY, prev_state=ImageState.READY, datastore_id=datastore.id,
+        datastore=datastore.name, vms=[vm.id], backup_disk_ids=list(disk_ids),
+    )  # fmt: skip
+    for name, digest in sorted(upload.sha256.items()):
+        image.template.add("CHECKSUMS", Vector([("FILE", name), ("SHA256", digest)]))
+    return image
+
+
+def ssh_command(key: Any, known_hosts: Any) -> list[str]:
+    """The ssh argv a copy runs with: strict host keys from ``known_hosts``, only ``key``, no prompts."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null"]
+    if key:
+        argv += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
+    return argv
+
+
+def upload_ssh(links: Any, host: Any, datastore: Datastore) -> list[str]:
+    """How the upload reaches the other side. ``rsync``: the hypervisor's ssh to the backup server, with the
+    key and known_hosts named by the host's ``BACKUP_SSH_KEY``/``BACKUP_KNOWN_HOSTS`` (paths on the host),
+    by default the paths of sched.conf's SSH section. ``fs``: the scheduler's own ssh to the hypervisor."""
+    settings = links.settings
+    if datastore.ds_mad != "rsync":
+        return ssh_command(settings.key, settings.known_hosts)
+    key = host.template.get("BACKUP_SSH_KEY") or settings.key
+    known = host.template.get("BACKUP_KNOWN_HOSTS") or settings.known_hosts
+    return ssh_command(key, known)
+
+
+def step(name: str, **fields: Any) -> dict[str, Any]:
+    return {STEP: name, **fields}
+
+
+def steps_named(steps: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [s for s in steps if s.get(STEP) == name]
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Backup:
+    """One run in progress: what it works on, and what it must undo."""
+
+    ctx: Any
+    settings: BackupSettings
+    datastore: Datastore
+    store: BackupDatastore
+    where: Placement
+    disks: list[Vector]
+    restore_to: tuple[VmState, LcmState] | None = None
+    staging: str = ""
+
+    async def journal(self, entry: dict[str, Any]) -> None:
+        if self.ctx.journal_step is not None:
+            await self.ctx.journal_step(entry)
+
+    @property
+    def runner(self) -> Any:
+        return self.ctx.links.runner(self.where.host)
+
+    @property
+    def vm_id(self) -> int:
+        return int(self.where.vm.id)
+
+
+async def perform(ctx: Any, ds_id: int) -> str:
+    """The whole backup of ``ctx.vm`` into datastore ``ds_id``; the run's message."""
+    settings = BackupSettings.from_config(getattr(ctx, "config", None))
+    vm = ctx.state.get("vm", ctx.vm.id)
+    datastore = target_datastore(ctx.state, ds_id)
+    backup_state(vm)
+    disks = selected_disks(vm)
+    if ctx.links is None:
+        raise ActionError("this daemon has no host connections; backups cannot run")
+    where = await locate_for_run(ctx)
+    live = backup_state(where.vm) is LcmState.BACKUP
+    store = open_datastore(datastore, ctx.links.pool)
+    if capacity_check_on(datastore, settings.capacity_check):
+        check_space(await store.monitor(), reservation_mb(disks))
+    run = _Backup(ctx, settings, datastore, store, where, disks)
+    try:
+        await _enter_backup_state(run, LcmState.BACKUP if live else LcmState.BACKUP_POWEROFF)
+        image = await _backup(run)
+    finally:
+        await _leave_backup_state(run)
+    removed = await apply_keep_last(ctx.state, ctx.links, vm.id)
+    kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
+    return (f"{'live' if live else 'cold'} backup {image.source} of VM {vm.id} stored in datastore {ds_id} as image "
+            f"{image.id} ({image.size} MB){kept}")
+
+
+async def _enter_backup_state(run: _Backup, lcm: LcmState) -> None:
+    vm = run.ctx.state.get("vm", run.vm_id)
+    await run.journal(step("state", vm=vm.id, state=int(vm.state), lcm=int(vm.lcm_state)))
+    async with run.ctx.state.mutation() as m:
+        vm = run.ctx.state.editable("vm", run.vm_id)
+        run.restore_to = (vm.state, vm.lcm_state)
+        set_states(vm, VmState.ACTIVE, lcm)
+        m.put("vm", vm)
+
+
+async def _leave_backup_state(run: _Backup) -> None:
+    """Put the VM's state back unless the recording transaction did it already."""
+    if run.restore_to is None:
+        return
+    await restore_state(run.ctx.state, run.vm_id, run.restore_to)
+    run.restore_to = None
+
+
+async def restore_state(state: State, vm_id: int, to: tuple[VmState, LcmState]) -> None:
+    async with state.mutation() as m:
+        vm = state.find("vm", vm_id)
+        if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
+            vm = state.editable("vm", vm_id)
+            set_states(vm, *to)
+            m.put("vm", vm)
+
+
+async def _backup(run: _Backup) -> Image:
+    ctx, where = run.ctx, run.where
+    run.staging = tm.staging_dir(run.settings.base_path, run.vm_id, ctx.run_id)
+    await run.journal(step("staging", host=where.host.id, domain=where.ref, path=run.staging))
+    try:
+        sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
+        captured = await tm.capture(where.kvm, run.runner, where.ref, sources,
+                                    fs_freeze=tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
+                                    run_id=ctx.run_id, staging_dir=run.staging, journal=run.journal)
+        await _write_descriptions(run)
+        files = [PurePosixPath(image.path).name for image in captured.images] + [VM_XML, DOMAIN_XML]
+        backup_id = await run.store.new_backup_id(run.vm_id)
+        await run.journal(step("upload", datastore=run.datastore.id, vm=run.vm_id, backup_id=backup_id))
+        uploaded = await run.store.upload(run.runner, run.staging, files, run.vm_id, backup_id,
+                                          timeout=run.settings.upload_timeout,
+                                          ssh_command=upload_ssh(ctx.links, where.host, run.datastore))
+    finally:
+        await _remove_staging(run.runner, run.staging)
+    try:
+        return await _record(run, backup_id, uploaded)
+    except BaseException:
+        await _forget_upload(run.store, run.vm_id, backup_id)
+        raise
+
+
+async def _write_descriptions(run: _Backup) -> None:
+    """``vm.xml`` (the VM as it is now) and ``domain.xml`` (libvirt's definition) beside the disks."""
+    vm = run.ctx.state.get("vm", run.vm_id)
+    domain = await run.where.kvm.xml(run.where.ref, inactive=True)
+    for name, text in ((VM_XML, vm.to_xml()), (DOMAIN_XML, domain)):
+        await run.runner.run(["sh", "-c", 'cat > "$1"', "sh", f"{run.staging}/{name}"], timeout=COMMAND_TIMEOUT,
+                             input=text.encode())
+
+
+async def _remove_staging(runner: Any, staging: str) -> None:
+    """``rm -rf`` the run's staging dir, then its VM dir when that is empty; logged, never raised."""
+    try:
+        await runner.run(["rm", "-rf", "--", staging], timeout=COMMAND_TIMEOUT)
+        await runner.run(["rmdir", "--", str(PurePosixPath(staging).parent)], timeout=COMMAND_TIMEOUT, check=False)
+    except Exception as exc:  # noqa: BLE001 - the backup itself is not worse for a leftover dir
+        log.warning("cannot remove the staging dir %s: %s", staging, exc)
+
+
+async def _forget_upload(store: BackupDatastore, vm_id: int, backup_id: str) -> None:
+    try:
+        await store.rm(vm_id, [backup_id])
+    except Exception as exc:  # noqa: BLE001 - reported; the caller's error is what the run shows
+        log.error("cannot remove unrecorded backup %s of VM %s: %s", backup_id, vm_id, exc)
+
+
+async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image:
+    """One transaction: the image, the datastore's IMAGES, the VM's BACKUP_IDS and its state back."""
+    ctx = run.ctx
+    tz = ZoneInfo(run.settings.timezone)
+    disk_ids = [int(d["DISK_ID"]) for d in run.disks]
+    async with ctx.state.mutation() as m:
+        image_id = await m.new_id("image")
+        vm = ctx.state.editable("vm", run.vm_id)
+        image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, ctx.clock.now(), tz)
+        datastore = ctx.state.editable("datastore", run.datastore.id)
+        datastore.images = sorted({*datastore.images, image_id})
+        vm.backup_ids = backups.add_backup_id(vm.backup_ids, image_id)
+        if run.restore_to is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
+            set_states(vm, *run.restore_to)
+        m.put("image", image)
+        m.put("datastore", datastore)
+        m.put("vm", vm)
+    run.restore_to = None
+    return image
+
+
+# ---- retention ---------------------------------------------------------------------------------------
+
+
+async def apply_keep_last(state: State, links: Any, vm_id: int) -> list[int]:
+    """Delete the oldest backup images beyond KEEP_LAST (spec §7.1): the files, then the records.
+    Errors are logged; an image whose files cannot be removed keeps its record."""
+    vm = state.get("vm", vm_id)
+    doomed = backups.remove_last(vm.backup_ids, backups.keep_last(vm.backup_config))
+    if doomed:
+        log.info("VM %s: Removing backup snapshots: %s", vm_id, " ".join(map(str, doomed)))
+    removed = []
+    for image_id in doomed:
+        try:
+            await _delete_backup(state, links, vm_id, image_id)
+            removed.append(image_id)
+        except Exception as exc:  # noqa: BLE001 - OpenNebula only logs retention errors
+            log.error("VM %s: cannot remove backup image %s: %s", vm_id, image_id, exc)
+    return removed
+
+
+async def _delete_backup(state: State, links: Any, vm_id: int, image_id: int) -> None:
+    image = state.find("image", image_id)
+    if image is not None and image.source:
+        datastore = state.get("datastore", image.datastore_id)
+        try:
+            await open_datastore(datastore, links.pool).rm(vm_id, [image.source])
+        except NotFound:
+            log.warning("VM %s: files of backup image %s were gone already", vm_id, image_id)
+    await forget_image(state, vm_id, image_id)
+
+
+async def forget_image(state: State, vm_id: int, image_id: int) -> None:
+    """Remove an image record, from its datastore's IMAGES and from the VM's BACKUP_IDS."""
+    async with state.mutation() as m:
+        image = state.find("image", image_id)
+        if image is not None:
+            datastore = state.find("datastore", image.datastore_id)
+            if datastore is not None and image_id in datastore.images:
+                datastore = state.editable("datastore", datastore.id)
+                datastore.images = [i for i in datastore.images if i != image_id]
+                m.put("datastore", datastore)
+            m.delete("image", image_id)
+        vm = state.find("vm", vm_id)
+        if vm is not None and image_id in vm.backup_ids:
+            vm = state.editable("vm", vm_id)
+            vm.backup_ids = backups.del_backup_id(vm.backup_ids, image_id)
+            m.put("vm", vm)
+
+
+# ---- recovery after a crash of the daemon -----------------------------------------------------------
+
+
+def make_recoverer(state: State, links: Any) -> Callable[[Any], Awaitable[None]]:
+    """The engine's ``recoverer``: undo what an interrupted backup run journaled, then forget its steps."""
+
+    async def recover(run: Any) -> None:
+        steps = list(run.steps)
+        if not steps:
+            return
+        problems = [p for p in (await _recover_host(state, links, run, steps),
+                                await _recover_upload(state, links, steps),
+                                await _recover_state(state, steps)) if p]
+        if problems:
+            log.error("run %s: recovery incomplete: %s", run.id, "; ".join(problems))
+        else:
+            run.steps = []
+
+    return recover
+
+
+async def _recover_host(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> str:
+    """Guest resumed/thawed, overlays committed back, staged files and the staging dir removed."""
+    staged = steps_named(steps, "staging")
+    if not staged or links is None:
+        return ""
+    entry = staged[-1]
+    host = state.find("host", int(entry["host"]))
+    if host is None:
+        return f"host {entry['host']} of the staging dir {entry['path']} is not registered any more"
+    runner = links.runner(host)
+    try:
+        report = await tm.recover(links.vmm(host), runner, str(entry["domain"]), steps)
+        log.info("run %s: recovered on %s: %s", run.id, host.name, report)
+    except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried
+        return str(exc)
+    if PurePosixPath(entry["path"]).name == str(run.id):  # only the run's own dir
+        await _remove_staging(runner, str(entry["path"]))
+    return ""
+
+
+async def _recover_upload(state: State, links: Any, steps: list[dict[str, Any]]) -> str:
+    """Partial uploads removed; a complete upload that no image records removed too."""
+    uploads = steps_named(steps, "upload")
+    if not uploads or links is None:
+        return ""
+    entry = uploads[-1]
+    datastore = state.find("datastore", int(entry["datastore"]))
+    if datastore is None:
+        return f"datastore {entry['datastore']} is not registered any more"
+    store = open_datastore(datastore, links.pool)
+    vm_id, backup_id = int(entry["vm"]), str(entry["backup_id"])
+    try:
+        await store.cleanup_partial(vm_id)
+        recorded = any(i.source == backup_id and i.datastore_id == datastore.id for i in state.all("image"))
+        if not recorded and await store.exists(vm_id, backup_id):
+            await store.rm(vm_id, [backup_id])
+    except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried
+        return str(exc)
+    return ""
+
+
+async def _recover_state(state: State, steps: list[dict[str, Any]]) -> str:
+    for entry in steps_named(steps, "state")[-1:]:
+        await restore_state(state, int(entry["vm"]), (VmState(int(entry["state"])), LcmState(int(entry["lcm"]))))
+    return ""

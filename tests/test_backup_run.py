@@ -1,0 +1,211 @@
+"""The pure parts of a backup run (checks, disk choice, the image record) and, against the real
+environment, the recovery of a run the daemon died in."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from drivers.datastore import Capacity, UploadResult
+from drivers.ssh import SshSettings, SshTarget
+from drivers.tm import DiskSource
+from drivers.vmm.domainxml import Disk
+from scheduler import backup_run as br
+from scheduler.api import build_codecs
+from scheduler.errors import ActionError, ValidationError
+from scheduler.hostlinks import HostLinks
+from scheduler.journal import Run
+from scheduler.objects.common import Ownership
+from scheduler.objects.datastore import Datastore
+from scheduler.objects.host import Host
+from scheduler.objects.image import Image
+from scheduler.objects.states import DatastoreType, ImageType, LcmState, VmState
+from scheduler.objects.vm import History, Vm
+from scheduler.state import State
+from scheduler.store import Store
+from scheduler.template import Template, Vector
+from tests.realenv.model import RealEnv
+
+UTC = ZoneInfo("UTC")
+
+
+def disk(disk_id: int, target: str, kind: str = "FILE", size: str = "64") -> Vector:
+    return Vector([("DISK_ID", str(disk_id)), ("TARGET", target), ("TYPE", kind), ("SIZE", size)])
+
+
+def vm(state: VmState = VmState.ACTIVE, lcm: LcmState = LcmState.RUNNING, *, bound: bool = True,
+       disks: tuple[Vector, ...] = (), config: dict[str, str] | None = None) -> Vm:
+    template = Template()
+    for d in disks:
+        template.add("DISK", d)
+    history = [History(seq=0, hostname="host1", hid=0, stime=1)] if bound else []
+    return Vm(id=7, name="db", state=state, lcm_state=lcm, template=template, history=history,
+              backup_config=Vector(list((config or {}).items())), ownership=Ownership(5, 1, "alice", "users"))
+
+
+@pytest.mark.parametrize(("state", "lcm", "expected"), [
+    (VmState.ACTIVE, LcmState.RUNNING, LcmState.BACKUP),
+    (VmState.POWEROFF, LcmState.LCM_INIT, LcmState.BACKUP_POWEROFF),
+    (VmState.ACTIVE, LcmState.BACKUP, "wrong state BACKUP."),
+    (VmState.SUSPENDED, LcmState.LCM_INIT, "wrong state SUSPENDED."),
+    (VmState.ACTIVE, LcmState.HOTPLUG, "wrong state HOTPLUG."),
+])
+def test_backup_state(state: VmState, lcm: LcmState, expected: LcmState | str) -> None:
+    if isinstance(expected, LcmState):
+        assert br.backup_state(vm(state, lcm)) is expected
+    else:
+        with pytest.raises(ActionError, match="Could not create a new backup for VM 7, " + expected):
+            br.backup_state(vm(state, lcm))
+
+
+def test_unbound_vm_is_refused_before_its_state_is_looked_at() -> None:
+    with pytest.raises(ActionError, match="VM 7 is not bound to a host"):
+        br.backup_state(vm(VmState.PENDING, bound=False))
+
+
+@pytest.mark.parametrize(("disks", "config", "expected"), [
+    ((disk(0, "vda"), disk(1, "vdb", "CDROM"), disk(2, "vdc", "SWAP")), {}, [0]),
+    ((disk(0, "vda"), disk(3, "vdd", "FS")), {}, [0]),
+    ((disk(0, "vda"), disk(3, "vdd", "FS")), {"BACKUP_VOLATILE": "YES"}, [0, 3]),
+    ((disk(1, "hdc", "CDROM"),), {}, None),
+])
+def test_selected_disks(disks: tuple[Vector, ...], config: dict[str, str], expected: list[int] | None) -> None:
+    if expected is None:
+        with pytest.raises(ActionError, match="VM 7 has no disk to back up"):
+            br.selected_disks(vm(disks=disks, config=config))
+    else:
+        assert [int(d["DISK_ID"]) for d in br.selected_disks(vm(disks=disks, config=config))] == expected
+
+
+def test_reservation_is_the_sum_of_the_disk_sizes() -> None:
+    assert br.reservation_mb([disk(0, "vda", size="64"), disk(1, "vdb", size="32"), disk(2, "vdc", size="")]) == 96
+
+
+@pytest.mark.parametrize(("attribute", "default", "expected"), [
+    ("", True, True), ("", False, False), ("NO", True, False), ("yes", False, True), ("maybe", False, False),
+])
+def test_capacity_check_switch(attribute: str, default: bool, expected: bool) -> None:
+    template = Template()
+    if attribute:
+        template.set("DATASTORE_CAPACITY_CHECK", attribute)
+    assert br.capacity_check_on(Datastore(id=1, name="b", template=template), default) is expected
+
+
+def test_check_space() -> None:
+    br.check_space(Capacity(1000, 96, 904), 96)
+    with pytest.raises(ActionError, match="^Not enough free space on target datastore$"):
+        br.check_space(Capacity(1000, 95, 905), 96)
+
+
+def test_target_datastore_messages() -> None:
+    class Objects:
+        def find(self, kind: str, obj_id: int) -> Datastore | None:
+            return {1: Datastore(id=1, name="imgs"), 2: Datastore(id=2, name="b", type=DatastoreType.BACKUP_DS,
+                                                                   ds_mad="rsync")}.get(obj_id)
+
+    assert br.target_datastore(Objects(), 2).id == 2  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="^Datastore needs to be of type BACKUP$"):
+        br.target_datastore(Objects(), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"Error getting datastore \[9\]"):
+        br.target_datastore(Objects(), 9)  # type: ignore[arg-type]
+
+
+def test_disk_sources_follow_the_domain_by_target() -> None:
+    current = [Disk("vda", path="/d/vda.qcow2", format="qcow2"), Disk("vdb", path="/d/vdb.raw", format="raw"),
+               Disk("vdc", type="network", path=None)]
+    the_vm = vm(disks=(disk(0, "vda"), disk(1, "vdb")))
+    assert br.disk_sources(the_vm, the_vm.template.vectors("DISK"), current) == [
+        DiskSource(0, "vda", "/d/vda.qcow2", "qcow2"), DiskSource(1, "vdb", "/d/vdb.raw", "raw")]
+    for missing in (disk(2, "vdc"), disk(3, "vdz")):
+        with pytest.raises(ActionError, match="is not a file disk of the domain"):
+            br.disk_sources(the_vm, [missing], current)
+
+
+def test_backup_image_record() -> None:
+    ds = Datastore(id=100, name="backups", type=DatastoreType.BACKUP_DS, ds_mad="rsync")
+    upload = UploadResult(size_mb=12, sha256={"vm.xml": "b" * 64, "disk.0.0": "a" * 64})
+    when = 1701437816  # 2023-12-01 13.36.56 UTC
+    image = br.backup_image(4, vm(), ds, "1a2b3c", upload, [0, 1], when, UTC)
+    assert (image.id, image.name, image.type, image.source, image.size, image.format) == (
+        4, "7 01-Dec 13.36.56", ImageType.BACKUP, "1a2b3c", 12, "raw")
+    assert (image.ownership.uid, image.permissions.octal(), image.datastore_id, image.datastore) == (5, "600", 100,
+                                                                                                     "backups")
+    assert (image.vms, image.backup_disk_ids, image.regtime) == ([7], [0, 1], when)
+    assert [(c["FILE"], c["SHA256"]) for c in image.template.vectors("CHECKSUMS")] == [
+        ("disk.0.0", "a" * 64), ("vm.xml", "b" * 64)]
+    assert br.image_name(0, when, ZoneInfo("Europe/Madrid")) == "0 01-Dec 14.36.56"
+
+
+def test_upload_ssh_uses_the_host_overrides_only_for_rsync() -> None:
+    class Links:
+        settings = SshSettings(known_hosts=Path("/etc/vmsched/known_hosts"), key=Path("/etc/vmsched/id"))
+
+    host = Host(id=0, name="h")
+    host.template.set("BACKUP_SSH_KEY", "/root/.ssh/backup")
+    rsync = br.upload_ssh(Links(), host, Datastore(id=1, name="r", ds_mad="rsync"))
+    fs = br.upload_ssh(Links(), host, Datastore(id=2, name="f", ds_mad="fs"))
+    assert rsync[-2:] == ["-i", "/root/.ssh/backup"] and fs[-2:] == ["-i", "/etc/vmsched/id"]
+    for argv in (rsync, fs):
+        assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/etc/vmsched/known_hosts" in argv
+
+
+# ---- recovery against the real environment ----------------------------------------------------------
+
+
+@pytest.fixture
+async def recovery(realenv: RealEnv, tmp_path: Path) -> AsyncIterator[tuple[State, HostLinks, str]]:
+    store = await Store.open(tmp_path / "s.db")
+    state = State(store, build_codecs())
+    await state.load()
+    links = HostLinks(tmp_path, SshSettings(known_hosts=realenv.ssh.known_hosts, key=realenv.ssh.client_key))
+    marker = f"vmsched-bkrec-{uuid.uuid4().hex[:10]}"
+    host1, backup = realenv.host("host1"), realenv.backup
+    host = Host(id=0, name="host1")
+    for name, value in (("SSH_HOST", host1.address), ("SSH_PORT", str(host1.ssh_port)), ("SSH_USER", host1.user)):
+        host.template.set(name, value)
+    ds = Datastore(id=100, name="b", type=DatastoreType.BACKUP_DS, ds_mad="rsync")
+    for name, value in (("RSYNC_HOST", backup.address), ("RSYNC_PORT", str(backup.ssh_port)),
+                        ("RSYNC_USER", backup.user), ("BASE_PATH", f"{backup.data_dir}/{marker}")):
+        ds.template.set(name, value)
+    async with state.mutation() as m:
+        m.put("host", host)
+        m.put("datastore", ds)
+        m.put("vm", vm(VmState.ACTIVE, LcmState.BACKUP))
+    try:
+        yield state, links, marker
+    finally:
+        server = links.pool.runner(SshTarget(backup.address, backup.ssh_port, backup.user))
+        await server.run(["rm", "-rf", "--", f"{backup.data_dir}/{marker}"], timeout=20)
+        await links.runner(host).run(["rm", "-rf", "--", f"/var/tmp/{marker}"], timeout=20)
+        await links.close()
+        await store.close()
+
+
+@pytest.mark.realenv
+async def test_recoverer_undoes_an_interrupted_run(recovery: tuple[State, HostLinks, str], realenv: RealEnv) -> None:
+    state, links, marker = recovery
+    host, backup = state.get("host", 0), realenv.backup
+    staging = f"/var/tmp/{marker}/7/42"
+    hypervisor = links.runner(host)
+    server = links.pool.runner(SshTarget(backup.address, backup.ssh_port, backup.user))
+    vm_dir = f"{backup.data_dir}/{marker}/7"
+    await hypervisor.run(["sh", "-c", 'mkdir -p "$1" && echo x > "$1/disk.0.0"', "sh", staging], timeout=20)
+    await server.run(["mkdir", "-p", f"{vm_dir}/.tmp-aaaaaa", f"{vm_dir}/bbbbbb", f"{vm_dir}/cccccc"], timeout=20)
+    async with state.mutation() as m:  # cccccc is a recorded backup: never touched
+        m.put("image", Image(id=0, name="7 x", type=ImageType.BACKUP, source="cccccc", datastore_id=100, vms=[7]))
+    run = Run(id=42, vm_id=7, action="backup", args="100,0", scheduled=0, steps=[
+        br.step("state", vm=7, state=int(VmState.ACTIVE), lcm=int(LcmState.RUNNING)),
+        br.step("staging", host=0, domain="no-such-domain", path=staging),
+        br.step("upload", datastore=100, vm=7, backup_id="bbbbbb"),
+    ])
+    await br.make_recoverer(state, links)(run)
+    listing = (await server.run(["ls", "-A", vm_dir], timeout=20)).stdout.decode().split()
+    assert listing == ["cccccc"]
+    gone = await hypervisor.run(["test", "-e", f"/var/tmp/{marker}/7"], timeout=20, check=False)
+    assert gone.exit_status == 1
+    after = state.get("vm", 7)
+    assert (after.state, after.lcm_state) == (VmState.ACTIVE, LcmState.RUNNING) and run.steps == []
