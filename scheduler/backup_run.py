@@ -324,6 +324,8 @@ async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image
         m.put("image", image)
         m.put("datastore", datastore)
         m.put("vm", vm)
+        if ctx.complete is not None:  # the run's success commits with its image, never apart
+            ctx.complete(m)
     run.restore_to = None
     return image
 

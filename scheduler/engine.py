@@ -29,7 +29,7 @@ from scheduler.metrics import Histogram
 from scheduler.objects.states import HostState
 from scheduler.queues import Queues
 from scheduler.schedule import SchedAction
-from scheduler.state import State
+from scheduler.state import Mutation, State
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Engine:
         self._retrying: dict[int, dict[int, Run]] = {}  # vm id -> runs waiting for a retry time
         self._fresh: list[Run] = []  # runs queued since the last dispatch
         self._held_others: dict[int, list[Run]] = {}  # host id -> non-backup runs waiting for the host
+        self._completed: set[int] = set()  # runs whose success the action recorded itself
         self._wake = asyncio.Event()
         self._stopping = False
         self._drained = asyncio.Event()
@@ -372,6 +373,17 @@ class Engine:
             await self._advance_action(run, success=False, message=run.message)
 
     # -- outcomes --------------------------------------------------------------------------------
+    def stage_success(self, run: Run, m: Mutation) -> None:
+        """Record ``run``'s success inside the caller's transaction (``m``), with the caller's own
+        result (a backup's image): the run row closed as done and its action's DONE and next TIME
+        commit together with it, so a crash can never leave a recorded result whose run is retried."""
+        now = self.clock.now()
+        m.statements.append(self.journal.done_statement(run, now))
+        sa = self.state.find("schedaction", run.action_id) if run.action_id is not None else None
+        if sa is not None:
+            m.put("schedaction", schedule.after_run(sa, now=int(now), tz=self.settings.tz, success=True))
+        m.after_commit.append(lambda: self._completed.add(run.id))
+
     async def _finish(self, run: Run, success: bool, message: str) -> None:
         now = self.clock.now()
         async with self.state.lock:
@@ -379,7 +391,10 @@ class Engine:
                 log.info("run %s: %s succeeded in %.3fs", run.id, run.action, now - (run.started_at or now))
                 self._close(run, RunState.DONE, message)
                 self.stats.last_success[run.vm_id] = now
-                self._update_action(run, success=True, message="")
+                if run.id in self._completed:  # the action recorded it with its result
+                    self._completed.discard(run.id)
+                else:
+                    self._update_action(run, success=True, message="")
             elif self.is_backup_action(run.action) and run.attempt <= self.settings.retry_max:
                 delay = self.settings.retry_backoff * 2 ** (run.attempt - 1)
                 log.warning("run %s: %s failed (attempt %s): %s; retrying in %.0fs", run.id, run.action,

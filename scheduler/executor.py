@@ -39,8 +39,10 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
 
 def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: Any = None,
                   journal: Journal | None = None,
-                  config: Callable[[], Any] | None = None) -> Callable[[Run], Awaitable[str | None]]:
-    """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf."""
+                  config: Callable[[], Any] | None = None,
+                  complete: Callable[[Run, Any], None] | None = None) -> Callable[[Run], Awaitable[str | None]]:
+    """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf;
+    ``complete``: the engine's ``stage_success`` (a run's success committed with the action's result)."""
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
@@ -60,6 +62,7 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
             cancelled=asyncio.Event(), links=links, journal_step=_step_journal(journal, run),
             config=config() if config is not None else None,
+            complete=(lambda m: complete(run, m)) if complete is not None else None,
         )  # fmt: skip
         return await spec.run(context)
 

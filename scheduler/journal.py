@@ -8,6 +8,7 @@ as history.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,13 @@ class Journal:
 
         ops = [(_INSERT, inserts), (_UPDATE, updates)]
         return [op for op in ops if op[1]], done
+
+    @staticmethod
+    def done_statement(run: Run, when: float, message: str = "") -> tuple[str, tuple[Any, ...]]:
+        """The UPDATE closing ``run`` as done, for a transaction that records the run's result."""
+        closed = dataclasses.replace(run, state=RunState.DONE, finished_at=when, message=message,
+                                     steps=list(run.steps))
+        return _UPDATE, closed.changes()
 
     async def history(self, vm_id: int, limit: int = 20) -> list[Run]:
         rows = await self.state.store.query(

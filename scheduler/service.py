@@ -102,7 +102,8 @@ class Daemon:
             links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
             journal = Journal(state)
             simulate = simulated_durations()
-            executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config)
+            executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config,
+                                     complete=lambda run, m: self._engine().stage_success(run, m))
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
                                           is_backup=is_backup, recoverer=make_recoverer(state, links))
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
@@ -139,6 +140,10 @@ class Daemon:
             await store.close()
         log.info("stopped")
         return 0
+
+    def _engine(self) -> Engine:
+        assert self.engine is not None, "the engine runs before any action"
+        return self.engine
 
     def _status(self) -> str:
         engine = self.engine

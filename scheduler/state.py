@@ -48,6 +48,10 @@ class Mutation:
     state: State
     puts: dict[tuple[str, int], Any] = field(default_factory=dict)
     deletes: set[tuple[str, int]] = field(default_factory=set)
+    # Rows of other tables (the run journal) written in the same transaction, and what to do once
+    # the transaction is committed.
+    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     async def new_id(self, kind: str) -> int:
         return self.state.allocate_id(kind)
@@ -120,7 +124,7 @@ class State:
         async with self.lock:
             change = Mutation(self)
             yield change
-            if change.puts or change.deletes:
+            if change.puts or change.deletes or change.statements:
                 await run_to_completion(self._commit(change))
 
     async def _commit(self, change: Mutation) -> None:
@@ -129,10 +133,14 @@ class State:
                 await txn.put(kind, self.codecs[kind].encode(obj))
             for kind, obj_id in change.deletes:
                 await txn.delete(kind, obj_id)
+            for sql, params in change.statements:
+                await txn.execute_many(sql, [params])
         for (kind, obj_id), obj in change.puts.items():
             self._apply(kind, obj_id, obj)
         for kind, obj_id in change.deletes:
             self._apply(kind, obj_id, None)
+        for callback in change.after_commit:
+            callback()
 
     # -- engine updates (group commit) -----------------------------------------------------------
     async def update(self, kind: str, obj: Any) -> None:

@@ -101,6 +101,8 @@ class EngineHarness:
         self.settings = engine_settings or settings()
         self.script = script or Script()
         self.recoverer = recoverer
+        # Called after a simulated action succeeds, before it returns (an action recording its result).
+        self.on_success: Callable[[EngineHarness, Run], Awaitable[None]] | None = None
         self.executions: list[Execution] = []
         self.changed = asyncio.Event()
         self.engine: Engine | None = None
@@ -235,6 +237,8 @@ class EngineHarness:
             self.changed.set()
         if not record.ok:
             raise ActionError(self.script.error)
+        if self.on_success is not None:
+            await self.on_success(self, run)
         return "simulated"
 
     def _committed(self) -> tuple[list[Any], Callable[[bool], None]]:

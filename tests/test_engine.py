@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from scheduler.engine import EngineSettings
 from scheduler.journal import Run
 from scheduler.metrics import render
-from scheduler.objects.states import HostState
+from scheduler.objects.datastore import Datastore
+from scheduler.objects.states import DatastoreType, HostState
 from scheduler.schedule import EndType, Repeat, is_pending
 from tests.engine_harness import (
     BACKUP_DS,
@@ -514,6 +515,43 @@ def test_restart_recovers_running_and_queued_runs(tmp_path: Path) -> None:
         assert "vmsched_runs_running 0" in render(engine)
         for sa in (backup, queued):
             assert second.sched(sa.id).done != -1
+        await second.close()
+
+    run_virtual(scenario)
+
+
+def test_a_result_recorded_with_stage_success_is_never_redone_after_a_crash(tmp_path: Path) -> None:
+    """The action commits its result and the run's success in one transaction; a crash right after that
+    commit (before the engine's own bookkeeping) must not run the occurrence again."""
+    crashed: list[Path] = []
+
+    async def record_result(h: EngineHarness, run: Run) -> None:
+        assert h.engine is not None
+        async with h.state.mutation() as m:
+            m.put("datastore", Datastore(id=500 + run.id, name=f"result-{run.id}", type=DatastoreType.BACKUP_DS,
+                                         ds_mad="fs"))
+            h.engine.stage_success(run, m)
+        crashed.append(await h.crash_copy(tmp_path / "b.db"))
+
+    async def scenario() -> None:
+        first = await EngineHarness(tmp_path / "a.db", settings(retry_max=3), Script(duration=10)).open()
+        first.on_success = record_result
+        fleet(first, {1: 0})
+        sa = first.action(1, time=T0, repeat=Repeat.WEEKLY, days=EVERY_DAY)
+        await first.start()
+        await first.until(T0 + 20)  # the run succeeded at T0 + 10
+        assert len(crashed) == 1
+        await first.close()
+
+        second = await EngineHarness(crashed[0], settings(retry_max=3), Script(duration=10)).open()
+        assert second.state.find("datastore", 501) is not None  # the result is there
+        action = second.sched(sa.id)
+        assert action.done == T0 + 10 and action.time == T0 + DAY  # and the action moved on with it
+        await second.start()
+        await second.until(T0 + 3600)
+        assert second.executions == []  # nothing redone, nothing retried
+        rows = await second.runs()
+        assert [(r[1], r[4]) for r in rows if r[3] == T0] == [(sa.id, "done")]  # one run for that occurrence
         await second.close()
 
     run_virtual(scenario)

@@ -1,4 +1,4 @@
-"""Backup datastore drivers, by the datastore's DS_MAD (``rsync``, ``fs``).
+"""Backup datastore drivers, by the datastore's DS_MAD (``rsync``, ``fs``, ``restic``).
 
 ``open_datastore(datastore, pool)`` returns the driver object for one datastore; ``pool`` (an
 :class:`drivers.ssh.SshPool`) gives the runner for the backup server when the driver needs one.
@@ -10,6 +10,7 @@ from typing import Protocol
 
 from drivers.datastore.base import BackupDatastore, Capacity, UploadResult
 from drivers.datastore.fs import FsDatastore
+from drivers.datastore.restic import ResticDatastore
 from drivers.datastore.rsync import RsyncDatastore, RunnerFactory
 from scheduler.errors import ValidationError
 from scheduler.objects.datastore import Datastore
@@ -21,7 +22,7 @@ class DriverClass(Protocol):
     def connect(self, datastore: Datastore, pool: RunnerFactory, **settings: float) -> BackupDatastore: ...
 
 
-DRIVERS: dict[str, DriverClass] = {"rsync": RsyncDatastore, "fs": FsDatastore}
+DRIVERS: dict[str, DriverClass] = {"rsync": RsyncDatastore, "fs": FsDatastore, "restic": ResticDatastore}
 
 
 def open_datastore(datastore: Datastore, pool: RunnerFactory, **settings: float) -> BackupDatastore:

@@ -41,6 +41,9 @@ class RunContext:
     # Appends a step to the run's journaled steps and returns once it is durable (before the artifact exists).
     journal_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     config: Any = None  # scheduler.config.Config: sched.conf as it is when the run starts
+    # Stages the run's success into the action's own transaction (a scheduler.state.Mutation), so the
+    # result and the run's completion commit together.
+    complete: Callable[[Any], None] | None = None
 
 
 ArgsCheck = Callable[[str], None]

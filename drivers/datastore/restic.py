@@ -1,0 +1,486 @@
+"""The ``restic`` backup datastore (spec §5.5): one restic repository per VM on an SFTP server.
+
+The repository of VM ``n`` is ``<BASE_PATH>/<n>`` on RESTIC_SFTP_SERVER. Repository commands (init,
+snapshots, dump, forget, unlock) run *on the server* against the plain path; the upload runs ``restic
+backup`` *on the hypervisor* against ``sftp:<user>@<server>:<path>``, through the caller's ssh command, so
+disk data goes from the hypervisor to the server directly. Each upload is one snapshot tagged
+``vmsched-<vm_id>``; its backup id is the first 8 characters of the snapshot id. The id the caller chose
+before the upload (``new_backup_id``) is also kept as tag ``vmsched-backup-<id>``, and every lookup accepts
+either.
+
+RESTIC_PASSWORD never appears in a command line: each restic command runs inside a fixed ``sh`` script that
+writes its stdin (the password) to a fresh 0600 file, runs restic with ``--password-file`` and removes the
+file; the driver removes it again when the command did not finish. Error texts are scanned for it.
+
+Changes to a repository are serialised per repository inside this process. A command that finds the
+repository locked runs ``restic unlock`` (which removes stale locks only, e.g. left by a killed restic) and
+tries again with backoff until ``lock_wait`` seconds have passed, then reports who holds the lock.
+
+Template attributes: ``RESTIC_PASSWORD`` (required), ``RESTIC_SFTP_SERVER`` (required), ``RESTIC_SFTP_USER``
+(default ``oneadmin``), ``RESTIC_SFTP_PORT`` (our extension, default 22), ``RESTIC_COMPRESSION``
+(``auto``/``off``/``max``), ``RESTIC_BWLIMIT`` (KiB/s), ``RESTIC_CONNECTIONS`` (default 5),
+``RESTIC_MAXPROC`` (``GOMAXPROCS``), ``RESTIC_NICE``, ``RESTIC_IONICE``, ``RESTIC_PRUNE_MAX_REPACK``,
+``RESTIC_PRUNE_MAX_UNUSED`` (default 0), ``BASE_PATH``, ``LIMIT_MB``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import secrets
+import shlex
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivers.commands import Result, Runner, shielded, stderr_tail
+from drivers.datastore import layout
+from drivers.datastore.base import (
+    COMMAND_TIMEOUT,
+    MAX_SMALL_FILE,
+    MIB,
+    Capacity,
+    Progress,
+    UploadResult,
+    apply_limit,
+    first_error,
+    hash_files,
+    int_attribute,
+    parse_df,
+    staged_paths,
+)
+from drivers.datastore.layout import Layout
+from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
+from drivers.ssh import SshTarget
+from scheduler.errors import DriverError, NotFound, ValidationError
+from scheduler.objects.datastore import Datastore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 22
+DEFAULT_CONNECTIONS = 5
+SHORT_ID = 8  # characters of a snapshot id that make the backup id (OpenNebula's driver does the same)
+TAG_PREFIX = "vmsched-"
+BACKUP_TAG_PREFIX = "vmsched-backup-"
+LOCK_WAIT = 300.0  # seconds a command waits for a repository locked elsewhere (spec: 60 x 5 s)
+LOCK_BACKOFF = (0.5, 5.0)  # first and longest pause between two attempts on a locked repository
+PASSWORD_FILE_DIR = "/tmp"
+MASK = "******"
+WRITE_PASSWORD_FAILED = 125
+# $1: the password file, "$@" after it: the restic command. The file is created with O_EXCL (set -C), mode
+# 0600, from stdin, and removed however the shell ends short of SIGKILL.
+_WITH_PASSWORD = """\
+umask 077; set -C
+f=$1; shift
+cat > "$f" || exit 125
+trap 'rm -f -- "$f"' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+"$@"
+"""
+_MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
+_SIZE = re.compile(r"[0-9]+[kKmMgGtT]?\Z")
+_UNUSED = re.compile(r"([0-9]+[kKmMgGtT%]?|unlimited)\Z")
+_LOCKED = re.compile(r"repository is already locked (?:exclusively )?by (.+?)(?: \(UID [^)]*\))?\n"
+                     r"(?:lock was created at (.+?) \()?")
+_NO_REPO = ("Is there a repository at the following location?", "unable to open config file")
+
+
+# --- template attributes (pure) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResticSettings:
+    """What the datastore template says about the repositories and how to reach them."""
+
+    password: str = field(repr=False)
+    target: SshTarget
+    compression: str | None = None  # off | max; None: restic's auto
+    bwlimit: int | None = None  # KiB/s, both directions
+    connections: int | None = None  # only when not restic's default 5
+    maxproc: int | None = None
+    nice: int | None = None
+    ionice: int | None = None
+    prune_options: tuple[str, ...] = ("--max-unused", "0")
+
+
+def restic_settings(datastore: Datastore) -> ResticSettings:
+    template = datastore.template
+    password = (template.get("RESTIC_PASSWORD") or "").strip()
+    if len(password) >= 2 and password[0] == password[-1] and password[0] in "'\"":
+        password = password[1:-1]
+    if not password:
+        raise ValidationError(f"datastore {datastore.id}: RESTIC_PASSWORD is required")
+    if "\n" in password or "\0" in password:
+        raise ValidationError(f"datastore {datastore.id}: RESTIC_PASSWORD must be a single line")
+    compression = (template.get("RESTIC_COMPRESSION") or "auto").strip()
+    connections = int_attribute(datastore, "RESTIC_CONNECTIONS", 1, 1024)
+    nice, ionice = priority(datastore, "RESTIC")
+    return ResticSettings(
+        password=password, target=sftp_target(datastore),
+        compression=compression if compression in ("off", "max") else None,
+        bwlimit=int_attribute(datastore, "RESTIC_BWLIMIT", 1),
+        connections=None if connections in (None, DEFAULT_CONNECTIONS) else connections,
+        maxproc=int_attribute(datastore, "RESTIC_MAXPROC", 1, 4096), nice=nice, ionice=ionice,
+        prune_options=prune_options(datastore))
+
+
+def sftp_target(datastore: Datastore) -> SshTarget:
+    """The SFTP server named by RESTIC_SFTP_SERVER / RESTIC_SFTP_PORT / RESTIC_SFTP_USER."""
+    host = (datastore.template.get("RESTIC_SFTP_SERVER") or "").strip()
+    if not _HOST.match(host):
+        raise ValidationError(f"datastore {datastore.id}: RESTIC_SFTP_SERVER must be a host name or address, "
+                              f"got {host!r}")
+    user = (datastore.template.get("RESTIC_SFTP_USER") or "").strip() or DEFAULT_USER
+    if not _USER.match(user):
+        raise ValidationError(f"datastore {datastore.id}: bad RESTIC_SFTP_USER {user!r}")
+    return SshTarget(host, int_attribute(datastore, "RESTIC_SFTP_PORT", 1, 65535) or DEFAULT_PORT, user)
+
+
+def prune_options(datastore: Datastore) -> tuple[str, ...]:
+    """``--max-unused`` (RESTIC_PRUNE_MAX_UNUSED, default 0) and ``--max-repack-size`` when set."""
+    unused = (datastore.template.get("RESTIC_PRUNE_MAX_UNUSED") or "0").strip()
+    repack = (datastore.template.get("RESTIC_PRUNE_MAX_REPACK") or "").strip()
+    if not _UNUSED.match(unused):
+        raise ValidationError(f"datastore {datastore.id}: RESTIC_PRUNE_MAX_UNUSED must be like 10%, 5G or "
+                              f"unlimited, got {unused!r}")
+    if repack and not _SIZE.match(repack):
+        raise ValidationError(f"datastore {datastore.id}: RESTIC_PRUNE_MAX_REPACK must be like 500M, got {repack!r}")
+    return ("--max-unused", unused) + (("--max-repack-size", repack) if repack else ())
+
+
+# --- command lines and outputs (pure) ---------------------------------------------------------------------
+
+def sftp_repository(target: SshTarget, path: str) -> str:
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"sftp:{target.user}@{host}:{path}"
+
+
+def sftp_command(ssh_command: Sequence[str], target: SshTarget) -> str:
+    """restic's ``sftp.command``: the caller's ssh argv, ``-p port`` unless it names one, ``-s sftp``."""
+    words = list(ssh_command)
+    if "-p" not in words:
+        words[1:1] = ["-p", str(target.port)]
+    return shlex.join([*words, f"{target.user}@{target.host}", "-s", "sftp"])
+
+
+def transfer_options(settings: ResticSettings) -> list[str]:
+    """Global options of the commands that move data: compression, bandwidth, connections."""
+    words = [] if settings.compression is None else ["--compression", settings.compression]
+    if settings.bwlimit is not None:
+        words += ["--limit-upload", str(settings.bwlimit), "--limit-download", str(settings.bwlimit)]
+    if settings.connections is not None:
+        words += ["-o", f"sftp.connections={settings.connections}"]
+    return words
+
+
+def parse_summary(stdout: bytes) -> dict[str, Any]:
+    """The ``summary`` message of ``restic backup --json`` (the last JSON line of that type)."""
+    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("message_type") == "summary" and message.get("snapshot_id"):
+            return message
+    raise DriverError(f"restic backup printed no summary: {stdout[-300:]!r}")
+
+
+def parse_snapshots(stdout: bytes) -> list[dict[str, Any]]:
+    try:
+        snapshots = json.loads(stdout or b"[]")
+    except ValueError:
+        raise DriverError(f"cannot read restic snapshots output: {stdout[-200:]!r}") from None
+    if not isinstance(snapshots, list):
+        raise DriverError("restic snapshots printed no list")
+    return snapshots
+
+
+def matches(snapshot: dict[str, Any], source: str) -> bool:
+    """A backup id names a snapshot by its id's prefix or by the tag given at upload."""
+    return str(snapshot.get("id", "")).startswith(source) or f"{BACKUP_TAG_PREFIX}{source}" in (
+        snapshot.get("tags") or [])
+
+
+def lock_holder(stderr: bytes) -> str | None:
+    """``PID 12 on host1 by root since 2026-11-26 07:19:15`` when restic says the repository is locked."""
+    match = _LOCKED.search(stderr.decode("utf-8", "replace"))
+    if match is None:
+        return None
+    return match.group(1) + (f" since {match.group(2)}" if match.group(2) else "")
+
+
+def mask(text: str, secret: str) -> str:
+    return text.replace(secret, MASK) if secret else text
+
+
+# --- per-repository serialisation -----------------------------------------------------------------------------
+
+_repo_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int, str], asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+_known_repositories: set[tuple[str, int, str]] = set()  # opened with our password once: no check before each use
+
+
+def repository_lock(target: SshTarget, path: str) -> asyncio.Lock:
+    """The lock of one repository (server, port, path) in the running event loop."""
+    locks = _repo_locks.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault((target.host, target.port, path), asyncio.Lock())
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+
+class ResticFailed(DriverError):
+    """A restic command failed; the message holds the end of its stderr, password masked."""
+
+
+class ResticDatastore:
+    """Backups as restic snapshots, one repository per VM under BASE_PATH on the SFTP server."""
+
+    def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
+                 lock_wait: float = LOCK_WAIT, **_: float) -> None:
+        self.datastore = datastore
+        self.server = server
+        self.settings = restic_settings(datastore)
+        self.layout = Layout(datastore.base_path)
+        self.command_timeout = command_timeout
+        self.lock_wait = lock_wait
+        self.limit_mb = int_attribute(datastore, "LIMIT_MB", 0)
+
+    @classmethod
+    def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> ResticDatastore:
+        return cls(datastore, pool.runner(sftp_target(datastore)), **settings)
+
+    # --- running restic ---
+
+    async def _restic(self, runner: Runner, repo: str, args: Sequence[str], *, timeout: float | None = None,  # noqa: ASYNC109
+                      options: Sequence[str] = (), priority: bool = False) -> Result:
+        """``restic --repo REPO --password-file F OPTIONS ARGS`` on ``runner``, F written and removed around it."""
+        password_file = f"{PASSWORD_FILE_DIR}/vmsched-restic-{secrets.token_hex(8)}"
+        argv = ["sh", "-c", _WITH_PASSWORD, "sh", password_file,
+                "restic", "--repo", repo, "--password-file", password_file, *options, *args]
+        s = self.settings
+        env = {"GOMAXPROCS": str(s.maxproc)} if s.maxproc is not None else None
+        finished = False
+        try:
+            result = await runner.run(argv, timeout=timeout or self.command_timeout, check=False,
+                                      input=s.password.encode() + b"\n", env=env,
+                                      nice=s.nice if priority else None, ionice=s.ionice if priority else None)
+            finished = True
+        finally:
+            if not finished:
+                await shielded(_remove_quietly(runner, password_file, self.command_timeout))
+        if result.exit_status == WRITE_PASSWORD_FAILED:
+            raise ResticFailed(f"{_host(runner)}: cannot write a password file in {PASSWORD_FILE_DIR}: "
+                               f"{self._tail(result.stderr)}", host=_host(runner))
+        return result
+
+    def _tail(self, stderr: bytes) -> str:
+        return mask(stderr_tail(stderr, 600), self.settings.password)
+
+    def _failed(self, runner: Runner, repo: str, args: Sequence[str], result: Result) -> ResticFailed:
+        tail = self._tail(result.stderr)
+        if "wrong password or no key found" in tail:
+            detail = "wrong RESTIC_PASSWORD (or no key) for this repository"
+        else:
+            detail = f"exited with status {result.exit_status}: {tail}"
+        return ResticFailed(f"datastore {self.datastore.id}: {_host(runner)}: `restic {args[0]}` on {repo} {detail}",
+                            host=_host(runner), retryable=result.exit_status < 0)
+
+    async def _checked(self, runner: Runner, repo: str, args: Sequence[str], **kw: Any) -> Result:
+        result = await self._restic(runner, repo, args, **kw)
+        if result.exit_status != 0:
+            raise self._failed(runner, repo, args, result)
+        return result
+
+    async def _changing(self, runner: Runner, repo: str, args: Sequence[str], **kw: Any) -> Result:
+        """A command that needs the repository unlocked: on a lock, ``restic unlock`` (stale locks only) and try
+        again with backoff until ``lock_wait`` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self.lock_wait, LOCK_BACKOFF[0]
+        while True:
+            result = await self._restic(runner, repo, args, **kw)
+            holder = lock_holder(result.stderr) if result.exit_status != 0 else None
+            if holder is None:
+                if result.exit_status != 0:
+                    raise self._failed(runner, repo, args, result)
+                return result
+            await self._unlock(runner, repo, holder)
+            if loop.time() + delay > deadline:
+                raise ResticFailed(f"datastore {self.datastore.id}: repository {repo} locked by {holder}; gave up "
+                                   f"after {self.lock_wait:g} s", host=_host(runner), retryable=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LOCK_BACKOFF[1])
+
+    async def _unlock(self, runner: Runner, repo: str, holder: str) -> None:
+        result = await self._restic(runner, repo, ["unlock"])
+        log.warning("datastore %s: %s was locked by %s; restic unlock (stale locks only) on %s: %s",
+                    self.datastore.id, repo, holder, _host(runner),
+                    self._tail(result.stdout + result.stderr) or result.exit_status)
+
+    @asynccontextmanager
+    async def _repository(self, vm_id: int) -> AsyncIterator[str]:
+        """The VM's repository path on the server, created when missing, held for a change."""
+        path = self.layout.vm_dir(vm_id)
+        key = (self.settings.target.host, self.settings.target.port, path)
+        async with repository_lock(self.settings.target, path):
+            if key not in _known_repositories:
+                result = await self._restic(self.server, path, ["cat", "config"])
+                if result.exit_status != 0:
+                    if not any(text in result.stderr.decode("utf-8", "replace") for text in _NO_REPO):
+                        raise self._failed(self.server, path, ["cat", "config"], result)
+                    await self._init(path)
+                _known_repositories.add(key)
+            yield path
+
+    async def _init(self, path: str) -> None:
+        result = await self._restic(self.server, path, ["init"])
+        if result.exit_status != 0 and b"config file already exists" not in result.stderr:  # another scheduler won
+            raise self._failed(self.server, path, ["init"], result)
+        log.info("datastore %s: initialised restic repository %s", self.datastore.id, path)
+
+    async def _snapshots(self, vm_id: int) -> list[dict[str, Any]]:
+        """The VM's snapshots, oldest first; none when its repository does not exist."""
+        path = self.layout.vm_dir(vm_id)
+        result = await self._restic(self.server, path, ["snapshots", "--json", "--no-lock"])
+        if result.exit_status != 0:
+            if any(text in result.stderr.decode("utf-8", "replace") for text in _NO_REPO):
+                return []
+            raise self._failed(self.server, path, ["snapshots"], result)
+        return parse_snapshots(result.stdout)
+
+    async def _snapshot(self, vm_id: int, source: str) -> dict[str, Any]:
+        layout.check_backup_id(source)
+        found = [s for s in await self._snapshots(vm_id) if matches(s, source)]
+        if len(found) != 1:
+            what = "no" if not found else "more than one"
+            raise NotFound(f"datastore {self.datastore.id}: {what} restic snapshot {source} of VM {vm_id}")
+        return found[0]
+
+    # --- the contract ---
+
+    async def monitor(self) -> Capacity:
+        """Space where BASE_PATH lives on the server (created when missing), LIMIT_MB applied."""
+        result = await self.server.run(["sh", "-c", _MONITOR, "sh", self.layout.base_path],
+                                       timeout=self.command_timeout)
+        return apply_limit(*parse_df(result.stdout), self.limit_mb)
+
+    async def new_backup_id(self, vm_id: int) -> str:
+        """A random id no snapshot of the VM answers to; creates the VM's repository when missing."""
+        async with self._repository(vm_id):
+            pass
+        taken = await self._snapshots(vm_id)
+        while True:
+            backup_id = secrets.token_hex(SHORT_ID // 2)
+            if not any(matches(s, backup_id) for s in taken):
+                return backup_id
+
+    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
+                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
+                     progress: Progress | None = None) -> ResticUpload:
+        """``restic backup`` of ``files`` run on the hypervisor ``source``, hashing them meanwhile."""
+        paths = staged_paths(staging_dir, files)
+        layout.check_backup_id(backup_id)
+        target = self.settings.target
+        async with self._repository(vm_id) as path:
+            repo = sftp_repository(target, path)
+            options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",
+                       *transfer_options(self.settings)]
+            args = ["backup", "--json", "--force", "--tag", f"{TAG_PREFIX}{vm_id}",
+                    "--tag", f"{BACKUP_TAG_PREFIX}{backup_id}", "--", *paths]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    digests = group.create_task(hash_files(source, paths, timeout, self.settings.nice,
+                                                           self.settings.ionice))
+                    backup = group.create_task(self._changing(source, repo, args, timeout=timeout,
+                                                              options=options, priority=True))
+            except BaseExceptionGroup as exc:
+                raise first_error(exc) from None
+        summary = parse_summary(backup.result().stdout)
+        processed = int(summary.get("total_bytes_processed") or 0)
+        if progress is not None:
+            progress(processed, processed)
+        snapshot_id = str(summary["snapshot_id"])
+        log.info("datastore %s: VM %s backup %s is snapshot %s (%s bytes processed, %s added)", self.datastore.id,
+                 vm_id, backup_id, snapshot_id[:SHORT_ID], processed, summary.get("data_added"))
+        return ResticUpload(size_mb=math.ceil(processed / MIB),
+                            sha256={p.rsplit("/", 1)[-1]: d for p, d in digests.result().items()},
+                            backup_id=snapshot_id[:SHORT_ID], snapshot_id=snapshot_id,
+                            data_added=int(summary.get("data_added") or 0))
+
+    async def rm(self, vm_id: int, sources: Sequence[str]) -> None:
+        """``restic forget --prune`` of the snapshots of every increment; an error when none of them existed."""
+        if not sources:
+            raise ValidationError("rm: no backup sources given")
+        for source in sources:
+            layout.check_backup_id(source)
+        snapshots = await self._snapshots(vm_id)
+        ids = [s["id"] for s in snapshots if any(matches(s, source) for source in sources)]
+        if not ids:
+            raise NotFound(f"datastore {self.datastore.id}: nothing to remove for VM {vm_id}: {', '.join(sources)}")
+        async with self._repository(vm_id) as path:
+            await self._changing(self.server, path, ["forget", *ids, "--prune", *self.settings.prune_options])
+
+    async def stat(self, vm_id: int, source: str, disk_id: int) -> int:
+        """Virtual size (MB) of disk ``disk_id`` as recorded in the snapshot's vm.xml."""
+        return layout.disk_size_mb(await self.read_file(vm_id, source, layout.VM_XML), disk_id)
+
+    async def read_file(self, vm_id: int, source: str, name: str) -> bytes:
+        """``restic dump`` of one (small) file of the snapshot."""
+        layout.check_file_name(name)
+        snapshot = await self._snapshot(vm_id, source)
+        path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
+        if path is None:
+            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        repo = self.layout.vm_dir(vm_id)
+        result = await self._checked(self.server, repo, ["dump", "--no-lock", snapshot["id"], path])
+        if len(result.stdout) > MAX_SMALL_FILE:
+            raise DriverError(f"datastore {self.datastore.id}: {name} of backup {source} is larger than "
+                              f"{MAX_SMALL_FILE} bytes")
+        return result.stdout
+
+    async def list_backup(self, vm_id: int, source: str) -> list[str]:
+        snapshot = await self._snapshot(vm_id, source)
+        return sorted(p.rsplit("/", 1)[-1] for p in snapshot.get("paths") or [])
+
+    async def exists(self, vm_id: int, source: str) -> bool:
+        layout.check_backup_id(source)
+        return any(matches(s, source) for s in await self._snapshots(vm_id))
+
+    async def cleanup_partial(self, vm_id: int) -> list[str]:
+        """``restic unlock`` of the VM's repository: stale locks of dead restic processes go. A killed backup
+        leaves no snapshot, only unreferenced data that the next prune removes; nothing to return."""
+        path = self.layout.vm_dir(vm_id)
+        if await self._repository_exists(path):
+            async with repository_lock(self.settings.target, path):
+                result = await self._checked(self.server, path, ["unlock"])
+                log.info("datastore %s: restic unlock of %s: %s", self.datastore.id, path,
+                         self._tail(result.stdout + result.stderr))
+        return []
+
+    async def _repository_exists(self, path: str) -> bool:
+        result = await self.server.run(["test", "-f", f"{path}/config"], timeout=self.command_timeout, check=False)
+        return result.exit_status == 0
+
+
+@dataclass(frozen=True)
+class ResticUpload(UploadResult):
+    """An upload's result plus the snapshot it made: ``backup_id`` is the snapshot id's first 8 characters."""
+
+    backup_id: str = ""
+    snapshot_id: str = ""
+    data_added: int = 0  # bytes new to the repository (after deduplication, before compression)
+
+
+def _host(runner: Runner) -> str:
+    return str(getattr(runner, "host", None) or "local")
+
+
+async def _remove_quietly(runner: Runner, path: str, timeout: float) -> None:  # noqa: ASYNC109
+    try:
+        await runner.run(["rm", "-f", "--", path], timeout=timeout, check=False)
+    except DriverError as exc:
+        log.warning("%s: cannot remove password file %s: %s", _host(runner), path, exc)

@@ -1,0 +1,305 @@
+"""The ``restic`` backup datastore: pure parts table-driven, the rest against the real environment (restic on
+host1 sending over sftp to the backup server's sshd).
+
+Expected checksums come from coreutils ``sha256sum``; repository checks use ``restic`` run by the test itself
+with its own password file, an invocation independent of the driver's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from drivers.commands import HostUnreachable, Runner
+from drivers.datastore import open_datastore
+from drivers.datastore.restic import (
+    ResticDatastore,
+    ResticFailed,
+    ResticUpload,
+    lock_holder,
+    mask,
+    matches,
+    parse_summary,
+    prune_options,
+    restic_settings,
+    sftp_command,
+    transfer_options,
+)
+from drivers.ssh import SshTarget
+from scheduler.errors import DriverError, NotFound, ValidationError
+from tests.test_datastore_drivers import (
+    FILES,
+    QCOW2,
+    STEP,
+    VM_ID,
+    VM_XML,
+    Setup,
+    client_ssh,
+    datastore,
+    pgrep,
+    setup,  # noqa: F401 - the fixture
+    sh,
+    sha256sums,
+    stage,
+)
+
+T = TypeVar("T")
+PASSWORD = "s3cret-Rest1c-pw"  # noqa: S105 - the test repositories' password
+LOCKED_STDERR = (b"unable to create lock in backend: repository is already locked exclusively by PID 9931 on "
+                 b"host1 by root (UID 0, GID 0)\nlock was created at 2026-11-26 07:19:15 (933ms ago)\n"
+                 b"storage ID 8e8c626d\n")
+
+
+# --- pure ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [({}, []),
+     ({"RESTIC_COMPRESSION": "max"}, ["--compression", "max"]),
+     ({"RESTIC_COMPRESSION": "OFF"}, []),  # compared case-sensitively: anything else is auto
+     ({"RESTIC_COMPRESSION": "auto", "RESTIC_CONNECTIONS": "5"}, []),
+     ({"RESTIC_CONNECTIONS": "8"}, ["-o", "sftp.connections=8"]),
+     ({"RESTIC_BWLIMIT": "2048", "RESTIC_COMPRESSION": "off"},
+      ["--compression", "off", "--limit-upload", "2048", "--limit-download", "2048"])],
+)
+def test_transfer_options(attributes: dict[str, str], expected: list[str]) -> None:
+    ds = datastore("restic", RESTIC_PASSWORD=PASSWORD, RESTIC_SFTP_SERVER="b", **attributes)
+    assert transfer_options(restic_settings(ds)) == expected
+
+
+@pytest.mark.parametrize(
+    ("attributes", "problem"),
+    [({"RESTIC_SFTP_SERVER": "b"}, "RESTIC_PASSWORD"),
+     ({"RESTIC_PASSWORD": "x"}, "RESTIC_SFTP_SERVER"),
+     ({"RESTIC_PASSWORD": "x", "RESTIC_SFTP_SERVER": "b;rm"}, "RESTIC_SFTP_SERVER"),
+     ({"RESTIC_PASSWORD": "x", "RESTIC_SFTP_SERVER": "b", "RESTIC_SFTP_USER": "-oProxy"}, "RESTIC_SFTP_USER"),
+     ({"RESTIC_PASSWORD": "x", "RESTIC_SFTP_SERVER": "b", "RESTIC_BWLIMIT": "10M"}, "RESTIC_BWLIMIT"),
+     ({"RESTIC_PASSWORD": "x", "RESTIC_SFTP_SERVER": "b", "RESTIC_PRUNE_MAX_UNUSED": "lots"}, "MAX_UNUSED"),
+     ({"RESTIC_PASSWORD": "x", "RESTIC_SFTP_SERVER": "b", "RESTIC_PRUNE_MAX_REPACK": "1x"}, "MAX_REPACK")],
+)
+def test_bad_attributes_refused(attributes: dict[str, str], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        restic_settings(datastore("restic", **attributes))
+
+
+def test_password_quotes_stripped_and_defaults() -> None:
+    settings = restic_settings(datastore("restic", RESTIC_PASSWORD=f'"{PASSWORD}"', RESTIC_SFTP_SERVER="b"))
+    assert settings.password == PASSWORD
+    assert settings.target == SshTarget("b", 22, "oneadmin")
+    assert PASSWORD not in repr(settings)
+    assert prune_options(datastore("restic", RESTIC_PRUNE_MAX_REPACK="2G")) == (
+        "--max-unused", "0", "--max-repack-size", "2G")
+
+
+@pytest.mark.parametrize(
+    ("ssh", "expected"),
+    [(["ssh", "-i", "/k k"], "ssh -p 2222 -i '/k k' root@b -s sftp"),
+     (["ssh", "-p", "9"], "ssh -p 9 root@b -s sftp")],
+)
+def test_sftp_command(ssh: list[str], expected: str) -> None:
+    assert sftp_command(ssh, SshTarget("b", 2222, "root")) == expected
+
+
+def test_outputs_parsed() -> None:
+    out = (b'{"message_type":"status","percent_done":0.5}\nnot json\n'
+           b'{"message_type":"summary","data_added":12,"total_bytes_processed":3,"snapshot_id":"abcdef0123"}\n')
+    assert parse_summary(out)["snapshot_id"] == "abcdef0123"
+    with pytest.raises(DriverError, match="no summary"):
+        parse_summary(b'{"message_type":"status"}\n')
+    assert lock_holder(LOCKED_STDERR) == "PID 9931 on host1 by root since 2026-11-26 07:19:15"
+    assert lock_holder(b"Fatal: wrong password or no key found\n") is None
+    assert mask(f"x {PASSWORD} y", PASSWORD) == "x ****** y"
+    snapshot = {"id": "25f4b298aa", "tags": ["vmsched-6", "vmsched-backup-0011aabb"]}
+    assert [matches(snapshot, s) for s in ("25f4b298", "0011aabb", "25f4b299", "vmsched")] == [
+        True, True, False, False]
+
+
+# --- real environment ----------------------------------------------------------------------------------------
+
+def restic_store(s: Setup, password: str = PASSWORD, **attributes: object) -> ResticDatastore:
+    backup = s.env.backup
+    ds = datastore("restic", **{"RESTIC_PASSWORD": password, "RESTIC_SFTP_SERVER": backup.address,
+                                "RESTIC_SFTP_USER": backup.user, "RESTIC_SFTP_PORT": backup.ssh_port,
+                                "BASE_PATH": s.base, **attributes})
+    store = open_datastore(ds, s.pool)
+    assert isinstance(store, ResticDatastore)
+    return store
+
+
+async def restic(runner: Runner, repo: str, *args: str, check: bool = True) -> str:
+    """The test's own restic run (password file written and removed by the script)."""
+    script = ('f=$(mktemp) && cat > "$f" && r=$1 && shift && restic -q -r "$r" --password-file "$f" "$@"; '
+              's=$?; rm -f "$f"; exit $s')
+    return await sh(runner, script, repo, *args, input=PASSWORD.encode(), check=check)
+
+
+async def upload(store: ResticDatastore, s: Setup, vm_id: int = VM_ID) -> tuple[str, ResticUpload]:
+    backup_id = await store.new_backup_id(vm_id)
+    result = await store.upload(s.host1, s.staging, FILES, vm_id, backup_id, timeout=STEP,
+                                ssh_command=client_ssh(s.env))
+    return backup_id, result
+
+
+async def polled(probe: Callable[[], Awaitable[T]]) -> T:
+    """The first truthy answer of ``probe``, asked every 50 ms for at most STEP seconds (no event to await:
+    the state lives on another machine)."""
+    async with asyncio.timeout(STEP):
+        while True:
+            answer = await probe()
+            if answer:
+                return answer
+            await asyncio.sleep(0.05)
+
+
+async def password_files(runner: Runner) -> str:
+    return await sh(runner, 'grep -l -F -e "$1" /tmp/vmsched-restic-* 2>/dev/null; true', PASSWORD)
+
+
+@pytest.mark.realenv
+async def test_backup_restore_dedup_and_forget(setup: Setup) -> None:  # noqa: F811
+    store = restic_store(setup)
+    await stage(setup.host1, setup.staging)
+    placeholder, first = await upload(store, setup)
+    repo = store.layout.vm_dir(VM_ID)
+    assert first.sha256 == await sha256sums(setup.host1, setup.staging, FILES)
+    assert len(first.backup_id) == 8 and first.snapshot_id.startswith(first.backup_id)
+    assert first.size_mb >= 64  # bytes processed: the qcow2's apparent size
+    assert first.data_added >= 1024 * 1024  # the 1 MiB written into the qcow2
+
+    assert await store.exists(VM_ID, placeholder)  # the id given before the upload, and the snapshot's own:
+    assert await store.list_backup(VM_ID, first.backup_id) == sorted(FILES)
+    assert await store.read_file(VM_ID, first.backup_id, "vm.xml") == VM_XML
+    assert await store.stat(VM_ID, first.backup_id, 0) == 64
+    with pytest.raises(NotFound):
+        await store.read_file(VM_ID, first.backup_id, "domain.xml")
+    restored = await sh(setup.server, 'f=$(mktemp) && cat > "$f" && restic -q -r "$1" --password-file "$f" '
+                        'dump "$2" "$3" | sha256sum; rm -f "$f"', repo, first.snapshot_id,
+                        f"{setup.staging}/{QCOW2}", input=PASSWORD.encode())
+    assert restored.split()[0] == first.sha256[QCOW2]
+
+    _, second = await upload(store, setup)  # the same files again: only metadata is new
+    assert second.backup_id != first.backup_id
+    assert second.data_added < 64 * 1024
+    snapshots = json.loads(await restic(setup.server, repo, "snapshots", "--json"))
+    assert {tag for snap in snapshots for tag in snap["tags"]} >= {f"vmsched-{VM_ID}", f"vmsched-backup-{placeholder}"}
+    assert await password_files(setup.host1) == await password_files(setup.server) == ""
+
+    await store.rm(VM_ID, [placeholder, "0badc0de"])
+    with pytest.raises(NotFound):
+        await store.rm(VM_ID, [first.backup_id])
+    assert await store.exists(VM_ID, second.backup_id)
+
+
+@pytest.mark.realenv
+async def test_two_vms_concurrently_with_compression_off_and_max(setup: Setup) -> None:  # noqa: F811
+    stores = {7: restic_store(setup, RESTIC_COMPRESSION="off"), 8: restic_store(setup, RESTIC_COMPRESSION="max")}
+    await stage(setup.host1, setup.staging)
+    results = await asyncio.gather(*(upload(store, setup, vm_id) for vm_id, store in stores.items()))
+    assert results[0][1].sha256 == results[1][1].sha256
+    sizes = {}
+    for vm_id, store in stores.items():
+        assert await store.read_file(vm_id, results[vm_id - 7][0], "vm.xml") == VM_XML
+        out = await sh(setup.server, "find \"$1/data\" -type f -printf '%s\\n' | awk '{ s += $1 } END { print s }'",
+                       store.layout.vm_dir(vm_id))
+        sizes[vm_id] = int(out.split()[0])
+    assert sizes[7] > 1024 * 1024 > 10 * sizes[8]  # 1 MiB of 0xab stored as is, and compressed to almost nothing
+
+
+@pytest.mark.realenv
+async def test_wrong_password_and_unreachable_server_are_clear(setup: Setup) -> None:  # noqa: F811
+    await stage(setup.host1, setup.staging)
+    backup_id, _ = await upload(restic_store(setup), setup)
+    wrong = "Wr0ng-pa55word-xyz"
+    bad = restic_store(setup, password=wrong)
+    for call in (bad.new_backup_id(VM_ID), bad.read_file(VM_ID, backup_id, "vm.xml")):
+        with pytest.raises(ResticFailed, match="wrong RESTIC_PASSWORD") as caught:
+            await call
+        assert wrong not in str(caught.value) and PASSWORD not in str(caught.value)
+
+    nowhere = restic_store(setup, RESTIC_SFTP_PORT=1)
+    with pytest.raises(HostUnreachable):
+        await nowhere.new_backup_id(VM_ID)
+    store = restic_store(setup)
+    ssh = [*client_ssh(setup.env), "-p", "1"]  # the hypervisor cannot reach the sftp server
+    with pytest.raises(ResticFailed, match=r"restic backup.*Connection refused") as caught:
+        await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP, ssh_command=ssh)
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.realenv
+async def test_killed_backup_hides_password_and_its_stale_lock_is_removed(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    slow = restic_store(setup, RESTIC_BWLIMIT=256, RESTIC_NICE=5)
+    await stage(setup.host1, setup.staging, random_mib=8)  # 8 MiB at 256 KiB/s: half a minute unless killed
+    backup_id = await slow.new_backup_id(VM_ID)
+    task = asyncio.create_task(slow.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,
+                                           ssh_command=client_ssh(setup.env)))
+    marker = Path(setup.staging).name
+
+    async def restic_processes() -> list[str]:
+        return [line for line in (await pgrep(setup.host1, marker)).splitlines() if line.split()[1] == "restic"]
+
+    repo = slow.layout.vm_dir(VM_ID)
+    await polled(lambda: sh(setup.server, 'ls "$1/locks"', repo))  # restic has opened the repository
+    restics = await polled(restic_processes)
+    ps = await setup.host1.run(["ps", "-eo", "args"], timeout=STEP)
+    assert marker.encode() in ps.stdout and PASSWORD.encode() not in ps.stdout
+    assert "--limit-upload 256" in restics[0] and "--password-file /tmp/vmsched-restic-" in restics[0]
+    await setup.host1.run(["kill", "-9", restics[0].split()[0]], timeout=STEP)
+    with pytest.raises(ResticFailed) as caught:
+        await task
+    assert PASSWORD not in str(caught.value)
+    assert await sh(setup.server, 'ls "$1/locks"', repo) != ""  # the dead restic's lock is left behind
+    assert await password_files(setup.host1) == ""
+
+    store = restic_store(setup)
+    await stage(setup.host1, setup.staging)
+    with caplog.at_level(logging.WARNING, logger="drivers.datastore.restic"):
+        placeholder, result = await upload(store, setup)
+        await store.rm(VM_ID, [placeholder])  # forget needs an exclusive lock: the stale one must go first
+    assert any("locked by PID" in record.getMessage() for record in caplog.records)
+    assert not await store.exists(VM_ID, result.backup_id)
+    await restic(setup.server, repo, "check")
+
+
+@asynccontextmanager
+async def foreign_lock(s: Setup, repo: str) -> AsyncIterator[None]:
+    """``repo`` locked by a live restic started outside the driver: a backup of a stdin that never ends."""
+    script = ('f=$(mktemp) && cat > "$f" && sleep 600 | restic -r "$1" --password-file "$f" backup --stdin; '
+              'rm -f "$f"')
+    holder = asyncio.create_task(s.server.run(["sh", "-c", script, "sh", repo], timeout=60,
+                                              input=PASSWORD.encode(), check=False))
+    try:
+        await polled(lambda: sh(s.server, 'ls "$1/locks"', repo))
+        yield
+    finally:
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+
+
+@pytest.mark.realenv
+async def test_live_lock_held_elsewhere_is_waited_for_then_reported(setup: Setup) -> None:  # noqa: F811
+    store = restic_store(setup)
+    await stage(setup.host1, setup.staging)
+    backup_id, _ = await upload(store, setup)
+    store.lock_wait = 1.5
+    repo = store.layout.vm_dir(VM_ID)
+    async with foreign_lock(setup, repo):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ResticFailed, match=r"locked by PID [0-9]+ on \S+ by \S+ since 20[0-9-]+ ") as caught:
+            await store.rm(VM_ID, [backup_id])
+        assert caught.value.retryable
+        assert 1.5 <= asyncio.get_running_loop().time() - started < STEP
+        assert await sh(setup.server, 'ls "$1/locks"', repo) != ""  # a live lock is never removed
+    store.lock_wait = STEP
+    await store.rm(VM_ID, [backup_id])  # works once the holder is gone (its lock removed, or stale and unlocked)
+    assert not await store.exists(VM_ID, backup_id)
