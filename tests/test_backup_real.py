@@ -198,3 +198,17 @@ def test_powered_off_vm_through_the_cli(setup: Setup, tiny_domain: Callable[...,
     assert same_image(directory / "disk.0.0", dom.vda) and same_image(directory / "disk.1.0", dom.vdb)
     assert states(s.api, vm_id) == POWEROFF and host1.state(dom) == "shutoff"
     no_leftovers(s, host1, dom, vm_id)
+
+
+def test_deleting_a_backup_image_removes_its_files(setup: Setup, tiny_domain: Callable[..., TinyDomain]) -> None:
+    s = setup
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    assert s.api.run_action(vm_id, "backup", f"{s.fs_ds},0")[0]
+    [image_id] = backup_ids(s.api, vm_id)
+    directory = s.backup_dir(s.fs_ds, vm_id, s.image(image_id).findtext("SOURCE") or "")
+    assert directory.is_dir()
+    s.api.call("one.image.delete", image_id, False)
+    assert not directory.exists()
+    assert image_id not in s.image_ids() and backup_ids(s.api, vm_id) == []
+    assert "Error getting" in s.api.failure("one.image.info", image_id)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from scheduler import backups
+import logging
+
+from drivers.datastore import open_datastore
 from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
+from scheduler.backup_run import forget_image
+from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
 from scheduler.objects import pool_element
+from scheduler.objects.image import Image
+from scheduler.objects.states import ImageType, LcmState
 from scheduler.permissions import Caller, Right, require
 from scheduler.rpc import Param
 
 KIND = "image"
+log = logging.getLogger(__name__)
 
 
 @registry.method("one.image.info", Param("id", int), Param("decrypt", bool, False))
@@ -22,22 +29,34 @@ async def info(ctx: Context, caller: Caller, image_id: int, decrypt: bool) -> st
 
 @registry.method("one.image.delete", Param("id", int), Param("force", bool, False))
 async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> int:
-    async with ctx.state.mutation() as m:
-        image = ctx.state.get(KIND, image_id)
-        require(caller, image.ownership.uid, Right.MANAGE, "IMAGE", image_id, "delete")
-        datastore = ctx.state.find("datastore", image.datastore_id)
-        if datastore is not None and image_id in datastore.images:
-            datastore = ctx.state.editable("datastore", datastore.id)
-            datastore.images = [i for i in datastore.images if i != image_id]
-            m.put("datastore", datastore)
-        for vm_id in image.vms:
-            vm = ctx.state.find("vm", vm_id)
-            if vm is not None and image_id in vm.backup_ids:
-                vm = ctx.state.editable("vm", vm_id)
-                vm.backup_ids = backups.del_backup_id(vm.backup_ids, image_id)
-                m.put("vm", vm)
-        m.delete(KIND, image_id)
+    """A backup image's files go first, through its datastore's driver; then the record (OpenNebula's
+    image delete path, spec §5.2 ``rm``). With ``force`` the record goes even if the files cannot."""
+    image = ctx.state.get(KIND, image_id)
+    require(caller, image.ownership.uid, Right.MANAGE, "IMAGE", image_id, "delete")
+    vm_id = image.vms[0] if image.vms else -1
+    if image.type == ImageType.BACKUP:
+        vm = ctx.state.find("vm", vm_id)
+        if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
+            raise ActionError(f"Active backup on the associated VM {vm_id}: delete image {image_id} when it has ended")
+        await _remove_backup_files(ctx, image, vm_id, force)
+    await forget_image(ctx.state, vm_id, image_id)
     return image_id
+
+
+async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bool) -> None:
+    sources = [inc.source for inc in image.increments] or ([image.source] if image.source else [])
+    datastore = ctx.state.find("datastore", image.datastore_id)
+    if not sources or datastore is None or ctx.links is None:
+        return
+    try:
+        await open_datastore(datastore, ctx.links.pool).rm(vm_id, sources)
+    except NotFound:
+        log.warning("backup image %s: its files were gone already", image.id)
+    except (DriverError, ValidationError) as exc:
+        if not force:
+            raise ActionError(f"cannot remove the files of backup image {image.id}: {exc}; "
+                              "delete with force to drop the record anyway") from exc
+        log.warning("backup image %s: record removed by force, files left: %s", image.id, exc)
 
 
 @registry.method("one.imagepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))
