@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from scheduler import schedule
 from scheduler.admission import Candidate, Limits, Running, blocking_reason
 from scheduler.clock import Clock
+from scheduler.errors import ActionError
 from scheduler.journal import Journal, Run, RunState
 from scheduler.logs import log_context
 from scheduler.metrics import Histogram
@@ -344,6 +345,9 @@ class Engine:
                     self.stats.lateness.append(late)
             log.info("run %s: %s started (attempt %s, queued %.3fs)", run.id, run.action, run.attempt,
                      started - run.queued_at)
+            if not await self._clean_up(run):
+                raise ActionError("what an earlier attempt left behind could not be cleaned up (see the log); "
+                                  "not starting over it")
             message = await self.executor(run)
             outcome = (True, message or "")
         except asyncio.CancelledError:
@@ -483,8 +487,7 @@ class Engine:
 
     async def _recover_backup(self, run: Run, now: float) -> None:
         log.warning("run %s: %s was interrupted by a daemon restart; cleaning up", run.id, run.action)
-        if self.recoverer is not None:
-            await self.recoverer(run)
+        await self._clean_up(run, interrupted=True)  # what it leaves is tried again before the next attempt
         message = "interrupted by a daemon restart"
         if run.attempt <= self.settings.retry_max:
             run.state, run.message = RunState.QUEUED, message
@@ -494,6 +497,18 @@ class Engine:
         else:
             self._close(run, RunState.GIVEN_UP, message)
             await self._advance_action(run, success=False, message=message)
+
+    async def _clean_up(self, run: Run, interrupted: bool = False) -> bool:
+        """Undo what an earlier attempt of ``run`` journaled (always after a crash); True when nothing
+        is left."""
+        if self.recoverer is None or not (run.steps or interrupted):
+            return True
+        try:
+            await self.recoverer(run)
+        except Exception:  # never let one run's clean-up stop the engine
+            log.exception("run %s: clean-up of an earlier attempt failed", run.id)
+        self.journal.save(run)
+        return not run.steps
 
     # -- what operators see ----------------------------------------------------------------------
     def waiting_reasons(self) -> dict[int, str]:

@@ -55,7 +55,6 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
             return f"simulated {run.action}"
         spec = spec_of(run.action)
         check_action(state, vm, run.action, run.args)
-        run.steps = []  # what an earlier attempt journaled was cleaned up by it, or by the recoverer
         action = state.find("schedaction", run.action_id) if run.action_id is not None else None
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,

@@ -557,6 +557,42 @@ def test_a_result_recorded_with_stage_success_is_never_redone_after_a_crash(tmp_
     run_virtual(scenario)
 
 
+def test_a_backup_is_not_started_over_what_a_failed_clean_up_left(tmp_path: Path) -> None:
+    """After a crash, if the recoverer cannot clean up (host unreachable...), the retry does not run
+    the action over the leftovers: it fails with the reason and is tried again later, then given up."""
+    calls: list[int] = []
+
+    async def stuck_recoverer(run: Run) -> None:
+        calls.append(run.id)  # leaves run.steps as they are: nothing could be undone
+
+    async def scenario() -> None:
+        first = await EngineHarness(tmp_path / "a.db", settings(retry_max=1, retry_backoff=60),
+                                    Script(duration=100)).open()
+        fleet(first, {1: 0})
+        sa = first.action(1, time=T0)
+        engine = await first.start()
+        await first.until(T0 + 10)
+        [(run, _)] = engine.running.values()
+        run.steps.append({"tm": "qcow2", "step": "overlay", "run": str(run.id), "path": "/x.overlay"})
+        first.journal.save(run)
+        crashed = await first.crash_copy(tmp_path / "b.db")
+        await first.close()
+
+        second = EngineHarness(crashed, settings(retry_max=1, retry_backoff=60), Script(duration=100),
+                               stuck_recoverer)
+        await second.open()
+        await second.start()
+        await second.until(T0 + 3600)
+        assert second.executions == []  # never run over the leftovers
+        assert len(calls) >= 2  # at start-up, and again before the retry
+        assert "could not be cleaned up" in second.sched(sa.id).message
+        rows = await second.runs()
+        assert [r[4] for r in rows] == ["given_up"]
+        await second.close()
+
+    run_virtual(scenario)
+
+
 def test_backup_interrupted_more_often_than_retry_max_is_given_up(tmp_path: Path) -> None:
     async def scenario() -> None:
         first = await EngineHarness(tmp_path / "a.db", settings(retry_max=0), Script(duration=100)).open()
