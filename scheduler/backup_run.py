@@ -146,10 +146,14 @@ def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, up
     return image
 
 
+# AES-GCM first: the fastest cipher where both ends have AES-NI (data-path facts); chacha20 otherwise.
+DATA_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
+
+
 def ssh_command(key: Any, known_hosts: Any) -> list[str]:
     """The ssh argv a copy runs with: strict host keys from ``known_hosts``, only ``key``, no prompts."""
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null"]
+            "-o", "GlobalKnownHostsFile=/dev/null", "-c", DATA_CIPHERS]
     if key:
         argv += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
     return argv
