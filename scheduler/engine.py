@@ -104,6 +104,7 @@ class Engine:
         self._fresh: list[Run] = []  # runs queued since the last dispatch
         self._held_others: dict[int, list[Run]] = {}  # host id -> non-backup runs waiting for the host
         self._completed: set[int] = set()  # runs whose success the action recorded itself
+        self._cancel_requested: set[int] = set()  # runs an operator cancelled
         self._wake = asyncio.Event()
         self._stopping = False
         self._drained = asyncio.Event()
@@ -351,8 +352,10 @@ class Engine:
             message = await self.executor(run)
             outcome = (True, message or "")
         except asyncio.CancelledError:
-            await self._interrupted_by_stop(run)
-            raise
+            if run.id not in self._cancel_requested:
+                await self._interrupted_by_stop(run)
+                raise
+            outcome = (False, "cancelled")  # by an operator: its cleanup ran; recorded, not retried
         except Exception as exc:  # the action's own error: data, not a crash
             outcome = (False, str(exc) or type(exc).__name__)
         finally:
@@ -388,10 +391,33 @@ class Engine:
             m.put("schedaction", schedule.after_run(sa, now=int(now), tz=self.settings.tz, success=True))
         m.after_commit.append(lambda: self._completed.add(run.id))
 
+    def cancel_backup(self, vm_id: int) -> Run | None:
+        """Stop the VM's backup: a running one is cancelled (its cleanup runs: guest thawed or resumed,
+        overlays committed, partial upload removed), a queued one is dropped. Recorded as cancelled,
+        never retried; a scheduled action moves on to its next time with MESSAGE saying so."""
+        for run, task in self.running.values():
+            if run.vm_id == vm_id and self.is_backup_action(run.action):
+                self._cancel_requested.add(run.id)
+                task.cancel()
+                return run
+        for run in list(self.queues.queued.values()) + [r for runs in self._retrying.values() for r in runs.values()]:
+            if run.vm_id == vm_id and self.is_backup_action(run.action) and run.state is RunState.QUEUED:
+                self.queues.remove(run.id)
+                self._retrying.get(vm_id, {}).pop(run.id, None)
+                self._cancel_requested.add(run.id)
+                asyncio.get_running_loop().create_task(self._finish(run, False, "cancelled"))
+                return run
+        return None
+
     async def _finish(self, run: Run, success: bool, message: str) -> None:
         now = self.clock.now()
         async with self.state.lock:
-            if success:
+            if run.id in self._cancel_requested:
+                self._cancel_requested.discard(run.id)
+                log.warning("run %s: %s cancelled", run.id, run.action)
+                self._close(run, RunState.CANCELLED, "cancelled")
+                self._update_action(run, success=False, message="cancelled by an operator")
+            elif success:
                 log.info("run %s: %s succeeded in %.3fs", run.id, run.action, now - (run.started_at or now))
                 self._close(run, RunState.DONE, message)
                 self.stats.last_success[run.vm_id] = now

@@ -13,6 +13,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,3 +213,37 @@ def test_deleting_a_backup_image_removes_its_files(setup: Setup, tiny_domain: Ca
     assert not directory.exists()
     assert image_id not in s.image_ids() and backup_ids(s.api, vm_id) == []
     assert "Error getting" in s.api.failure("one.image.info", image_id)
+
+
+def test_backup_cancel_during_the_upload_leaves_nothing(setup: Setup, tiny_domain: Callable[..., TinyDomain],
+                                                         hypervisors: Callable[[str], Hypervisor]) -> None:
+    s, host1 = setup, hypervisors("host1")
+    backup = s.realenv.backup
+    slow = s.datastore(
+        f'NAME = "slowbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{s.rsync_base}"\n'
+        f'RSYNC_HOST = "{backup.address}"\nRSYNC_USER = "{backup.user}"\nRSYNC_PORT = "{backup.ssh_port}"\n'
+        'RSYNC_BWLIMIT = "64"')  # KiB/s: the upload of a few MiB takes long enough to be cancelled
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    host1.write_pattern(dom, "vda", pattern=0x33, offset="4M", length="3M")
+    assert "no backup in progress" in s.api.failure("one.vm.backupcancel", vm_id)
+    s.api.call("one.vm.backup", vm_id, slow, False)
+    vm_dir = s.rsync_base / str(vm_id)
+    deadline = time.monotonic() + 60
+    while not (vm_dir.is_dir() and any(p.name.startswith(".tmp-") for p in vm_dir.iterdir())):
+        assert time.monotonic() < deadline, "the upload never started"
+        time.sleep(0.05)
+    assert states(s.api, vm_id) == ("3", "69")  # ACTIVE/BACKUP while it uploads
+    cli = subprocess.run([sys.executable, "-m", "scheduler", "vm", "backup-cancel", str(vm_id)],
+                         env=s.api.daemon.env, cwd=REPO, capture_output=True, text=True, timeout=CLI_WAIT)
+    assert cli.returncode == 0, cli.stderr
+    deadline = time.monotonic() + 60
+    while s.api.call("vmsched.vm.backupstatus", vm_id)["STATE"] != "cancelled":  # type: ignore[index]
+        assert time.monotonic() < deadline, s.api.daemon.log()[-3000:]
+        time.sleep(0.05)
+    assert states(s.api, vm_id) == RUNNING
+    assert backup_ids(s.api, vm_id) == [] and not any(vm_dir.iterdir())  # no image, no partial upload
+    assert sorted(p.name for p in dom.directory.iterdir() if "overlay" in p.name) == []
+    xml = host1.lookup(dom).XMLDesc()
+    assert str(dom.vda) in xml and ".overlay" not in xml  # the guest runs on its own disk
+    assert "no backup in progress" in s.api.failure("one.vm.backupcancel", vm_id)

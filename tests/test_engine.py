@@ -340,6 +340,27 @@ def test_host_in_error_holds_its_other_actions_too(tmp_path: Path) -> None:
     simulate(tmp_path, body, settings(), Script(duration=0))
 
 
+def test_cancel_stops_a_running_backup_and_drops_a_queued_one(tmp_path: Path) -> None:
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0, 2: 0})
+        running = h.action(1, time=T0, repeat=Repeat.WEEKLY, days=EVERY_DAY)
+        queued = h.action(2, time=T0)
+        engine = await h.start()
+        await h.until(T0 + 10)
+        assert [e.vm_id for e in h.executions] == [1]  # MAX_BACKUPS_HOST=1: VM 2 waits
+        assert engine.cancel_backup(2) is not None and engine.cancel_backup(1) is not None
+        await h.settle()
+        assert engine.cancel_backup(1) is None  # nothing left to cancel
+        await h.until(T0 + 3600)
+        assert [e.vm_id for e in h.executions] == [1]  # the queued one never ran, nothing retried
+        assert {r[1]: r[4] for r in await h.runs()} == {running.id: "cancelled", queued.id: "cancelled"}
+        assert h.sched(running.id).message.endswith("cancelled by an operator")
+        assert h.sched(running.id).time == T0 + DAY  # the action moved on to its next occurrence
+        assert engine.counts.total == 0 and not engine.running
+
+    simulate(tmp_path, body, settings(max_backups_host=1, retry_max=3), Script(duration=100))
+
+
 # -- failures and retries ----------------------------------------------------------------------------
 
 

@@ -86,3 +86,13 @@ async def backup_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, A
     if not ours:
         raise NotFound(f"VM {vm_id} has no one-shot backup")
     return run_status(max(ours, key=lambda r: r.id))
+
+
+@registry.method("one.vm.backupcancel", Param("id", int))
+async def backupcancel(ctx: Context, caller: Caller, vm_id: int) -> int:
+    """Cancel the VM's running (or queued) backup; it is recorded as cancelled and not retried."""
+    vm = ctx.state.get("vm", vm_id)
+    require(caller, vm.ownership.uid, Right.ADMIN, "VM", vm_id, "backup-cancel")
+    if ctx.engine is None or ctx.engine.cancel_backup(vm_id) is None:
+        raise ActionError(f"VM {vm_id} has no backup in progress or waiting to cancel")
+    return vm_id

@@ -183,6 +183,14 @@ def backup(ctx: Context, args: argparse.Namespace) -> int:
     return wait_backup(ctx, vm_id, args.wait_timeout)
 
 
+def backup_cancel(ctx: Context, args: argparse.Namespace) -> int:
+    """``vm backup-cancel VM``: stop its running (or waiting) backup; its cleanup runs on the host."""
+    vm_id = ctx.resolve(VMS, args.vm)
+    ctx.call("one.vm.backupcancel", vm_id)
+    ctx.print(f"backup of VM {vm_id}: cancel requested")
+    return 0
+
+
 def wait_backup(ctx: Context, vm_id: int, timeout: float) -> int:
     """Poll the VM's last one-shot backup run: 0 when it is done; 1 when an attempt failed or time ran out."""
     deadline = time.monotonic() + timeout
@@ -288,6 +296,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--reset", action="store_true", help="start a new increment chain")
     p.add_argument("--wait", action="store_true", help="wait for the backup to end; exit 1 if it failed")
     p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait waits at most")
+
+    add_id_command(sub, common, "backup-cancel", "cancel the VM's backup in progress (onevm backup-cancel)", "vm",
+                   backup_cancel)
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
 
