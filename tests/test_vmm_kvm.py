@@ -367,11 +367,11 @@ async def test_commit_past_its_deadline_is_aborted_and_stays_on_the_overlay(kvm,
     host1 = kvm("host1")
     overlay = tmp_path / "vda.ov.qcow2"
     await host1.snapshot_disks(dom.name, {"vda": str(overlay)})
-    hypervisors("host1").write_pattern(dom, "vda", length="4M")
+    hypervisors("host1").write_pattern(dom, "vda", offset="8M", length="16M")
     with pytest.raises(CommitTimeout, match=rf"^host1: domain '{dom.name}': blockcommit vda: not ready to pivot "
                                             rf"within 0.2 s; job aborted, the guest still runs on overlay {overlay}$"
                        ) as caught:
-        await host1.blockcommit(dom.name, "vda", deadline=0.2, bandwidth_mib=1)  # 4 MiB at 1 MiB/s: ~4 s
+        await host1.blockcommit(dom.name, "vda", deadline=0.2, bandwidth_mib=1)  # 16 MiB at 1 MiB/s: ~16 s
     assert caught.value.retryable
     assert (await host1.disks(dom.name))[0].path == str(overlay)
     assert not hypervisors("host1").lookup(dom).blockJobInfo("vda", 0)  # no job left behind
