@@ -189,23 +189,26 @@ class Daemon:
                  new.max_backups, new.max_backups_host, new.max_backups_datastore)
 
     async def _serve(self, app: web.Application) -> web.AppRunner:
+        """Start every listener, then say where they are (the lines come once all of them accept)."""
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         listen = self.config.listen
+        lines = []
         if listen.address:
             tcp = web.TCPSite(runner, listen.address, listen.port, reuse_address=True)
             await tcp.start()
             port = tcp._server.sockets[0].getsockname()[1]  # the real port when PORT is 0
             host = f"[{listen.address}]" if ":" in listen.address else listen.address
-            print(f"listening on http://{host}:{port}/RPC2", flush=True)
-            log.info("listening on http://%s:%s/RPC2", host, port)
+            lines.append(f"listening on http://{host}:{port}/RPC2")
         if listen.unix_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen.unix_socket)
             await web.UnixSite(runner, str(listen.unix_socket)).start()
             os.chmod(listen.unix_socket, 0o660)
-            print(f"listening on unix:{listen.unix_socket}", flush=True)
-            log.info("listening on unix:%s", listen.unix_socket)
+            lines.append(f"listening on unix:{listen.unix_socket}")
+        for line in lines:
+            print(line, flush=True)
+            log.info("%s", line)
         return runner
 
     def _install_signals(self) -> None:
