@@ -167,10 +167,3 @@ class Journal:
             f"SELECT {COLUMNS} FROM runs WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit)
         )
         return [Run.from_row(tuple(row)) for row in rows]
-
-    async def occurrence_done(self, action_id: int, scheduled: int) -> bool:
-        """Whether a run for this occurrence already succeeded (a backup succeeds at most once)."""
-        rows = await self.state.store.query(
-            "SELECT 1 FROM runs WHERE action_id = ? AND scheduled = ? AND state = 'done'", (action_id, scheduled)
-        )
-        return bool(rows)

@@ -170,9 +170,3 @@ class Queues:
                 if blocking_reason(candidate(entry[1]), counts, limits) is None:
                     return index
         return None
-
-    def waiting_backups(self) -> Iterator[Run]:
-        for heap in self.by_host.values():
-            for entry in heap:
-                if self._live(entry):
-                    yield entry[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from lxml import etree
@@ -28,14 +27,6 @@ def check_name(name: str, what: str) -> str:
     if any(ch in name for ch in "\n\r\t") or any(ord(ch) < 32 for ch in name):
         raise ValidationError(f"{what} name contains control characters")
     return name
-
-
-def ensure_unique_name(objects: Iterable[Any], name: str, what: str, owner: int | None = None, skip: int = -1) -> None:
-    for obj in objects:
-        if obj.id == skip or obj.name != name:
-            continue
-        if owner is None or obj.ownership.uid == owner:
-            raise ValidationError(f"NAME is already taken by {what} {obj.id}.")
 
 
 def update_template(current: Template, text: str, merge: int, what: str) -> Template:
