@@ -44,7 +44,7 @@ _NAME_FULL = re.compile(r"[A-Za-z0-9_]+\Z")
 _KEY_FULL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BARE_WORD = re.compile(r'[^=#,\[\] \t\r\n"]+\Z')
 # Characters XML 1.0 cannot carry: a value holding one could never be stored or sent.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 class Vector:
@@ -141,7 +141,7 @@ def _value_problem(value: str) -> str | None:
     """Why no template may hold ``value`` (spec §1.1 guard, XML 1.0 characters), or None."""
     if CDATA_GUARD in value:
         return "contains the forbidden sequence ']]>'"
-    bad = _NOT_XML.search(value)
+    bad = NOT_XML.search(value)
     if bad:
         return f"contains the control character U+{ord(bad.group()):04X}"
     return None
@@ -291,7 +291,7 @@ def render_text(template: Template) -> str:
     if not lines:
         return ""
     text = "\n".join(lines) + "\n"
-    if CDATA_GUARD in text or _NOT_XML.search(text):
+    if CDATA_GUARD in text or NOT_XML.search(text):
         _raise_unwritable(template)
     return text
 
@@ -374,7 +374,7 @@ class _Parser:
         self.starts: list[int] = []  # offset of each top-level attribute, in order
         # Values need checking only when the text holds a suspect character at all; the careful
         # reader checks each one and points at the culprit.
-        self.careful = careful or CDATA_GUARD in text or _NOT_XML.search(text) is not None
+        self.careful = careful or CDATA_GUARD in text or NOT_XML.search(text) is not None
 
     def lines(self) -> list[int]:
         line, previous, out = 1, 0, []
@@ -428,7 +428,7 @@ class _Parser:
         guard = raw.find(CDATA_GUARD)
         if guard >= 0:
             raise self._fail(f"value of {name} contains the forbidden sequence ']]>'", start + guard)
-        bad = _NOT_XML.search(raw)
+        bad = NOT_XML.search(raw)
         if bad:
             raise self._fail(f"value of {name} contains the control character U+{ord(bad.group()):04X}", start + bad.start())
 

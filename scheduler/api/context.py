@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from scheduler.permissions import Caller
 from scheduler.schedule import SchedAction
 from scheduler.state import Codec, State
 from scheduler.store import Row
-from scheduler.template import Vector
+from scheduler.template import NOT_XML, Vector
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +71,6 @@ class _VmOwners:
         return self._owners.get(vm_id, (0, 0))
 
 
-# Characters XML 1.0 cannot carry (an error message from a host may hold them).
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
 
 def _sched_action_row(sa: SchedAction, owners: _VmOwners) -> Row:
     """The body is the SCHED_ACTION element in XML_ORDER, plus ANCHOR (not in OpenNebula's XML).
@@ -94,7 +90,7 @@ def _sched_action_row(sa: SchedAction, owners: _VmOwners) -> Row:
 
 
 def _xml_text(value: str) -> str:
-    return xml_escape(_NOT_XML.sub("?", value)) if value else ""
+    return xml_escape(NOT_XML.sub("?", value)) if value else ""
 
 
 def _sched_action_from_row(row: Row) -> SchedAction:
