@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +19,9 @@ from scheduler.errors import DriverError
 STDERR_TAIL_BYTES = 2048
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a cancelled command's process group
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Told the process group id of a command once it runs (before it is awaited): callers journal it, so
+# that after a crash of the daemon the group can be found and killed (``drivers.processes``).
+Started = Callable[[int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Runner(Protocol):
         ionice: int | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        started: Started | None = None,
     ) -> Result: ...
 
 

@@ -18,6 +18,7 @@ from drivers.commands import (
     KILL_GRACE,
     CommandTimeout,
     Result,
+    Started,
     check_argv,
     check_env,
     finish,
@@ -49,11 +50,12 @@ class LocalRunner:
         ionice: int | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        started: Started | None = None,
     ) -> Result:
         words = check_argv(argv)
         command = priority_prefix(nice, ionice) + words
         environ = {**os.environ, **check_env(env)} if env else None
-        started = time.monotonic()
+        began = time.monotonic()
         try:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=DEVNULL if input is None else PIPE, stdout=PIPE, stderr=PIPE,
@@ -61,23 +63,26 @@ class LocalRunner:
             )
         except OSError as exc:  # as a shell reports it: 127 not found, 126 not executable
             status = 127 if isinstance(exc, FileNotFoundError) else 126
-            result = Result(status, b"", f"{command[0]}: {exc.strerror}\n".encode(), time.monotonic() - started)
+            result = Result(status, b"", f"{command[0]}: {exc.strerror}\n".encode(), time.monotonic() - began)
             return finish(words, result, check=check, host=HOST)
-        stdout, stderr = await self._communicate(process, words, input, timeout)
+        stdout, stderr = await self._communicate(process, words, input, timeout, started)
         assert process.returncode is not None
-        result = Result(process.returncode, stdout, stderr, time.monotonic() - started)
+        result = Result(process.returncode, stdout, stderr, time.monotonic() - began)
         return finish(words, result, check=check, host=HOST)
 
     async def _communicate(
-        self, process: asyncio.subprocess.Process, words: list[str], input: bytes | None, limit: float
+        self, process: asyncio.subprocess.Process, words: list[str], input: bytes | None, limit: float,
+        started: Started | None,
     ) -> tuple[bytes, bytes]:
         try:
             async with asyncio.timeout(limit):
+                if started is not None:
+                    await started(process.pid)  # start_new_session: the pid is the group's id
                 return await process.communicate(input)
         except TimeoutError:
             await shielded(kill_group(process, self.kill_grace))
             raise CommandTimeout(words, limit, host=HOST) from None
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or ``started`` failed: the command must not outlive its caller
             await shielded(kill_group(process, self.kill_grace))
             raise
 

@@ -10,6 +10,7 @@ against the known_hosts file; an unknown or changed key is refused with its fing
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import shlex
 import time
@@ -29,6 +30,7 @@ from drivers.commands import (
     HostKeyUnknown,
     HostUnreachable,
     Result,
+    Started,
     check_argv,
     check_env,
     finish,
@@ -156,15 +158,16 @@ class SshPool:
         ionice: int | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        started: Started | None = None,
     ) -> Result:
         """Run ``argv`` on ``target``. ``timeout`` covers waiting for a free channel and the command itself;
         connecting is bounded by ``connect_timeout``."""
         words = check_argv(argv)
         line = remote_command(words, nice=nice, ionice=ionice, env=env)
-        started = time.monotonic()
+        began = time.monotonic()
         for attempt in range(2):
             link = await self._link(target)
-            deadline = asyncio.get_running_loop().time() + timeout - (time.monotonic() - started)
+            deadline = asyncio.get_running_loop().time() + timeout - (time.monotonic() - began)
             await self._acquire(link, deadline, words, timeout, target)
             try:
                 try:
@@ -174,10 +177,10 @@ class SshPool:
                         continue  # the connection died while idle and nothing ran: reconnect once
                     raise self._channel_error(target, link, exc) from exc
                 status, stdout, stderr = await self._communicate(target, link, process, words, input, deadline,
-                                                                 timeout)
+                                                                 timeout, started)
             finally:
                 link.sessions.release()
-            result = Result(status, stdout, stderr, time.monotonic() - started)
+            result = Result(status, stdout, stderr, time.monotonic() - began)
             return finish(words, result, check=check, host=target.host)
         raise AssertionError("unreachable")
 
@@ -197,12 +200,14 @@ class SshPool:
 
     async def _communicate(
         self, target: SshTarget, link: _Link, process: asyncssh.SSHClientProcess,
-        words: list[str], input: bytes | None, deadline: float, limit: float,
+        words: list[str], input: bytes | None, deadline: float, limit: float, started: Started | None,
     ) -> tuple[int, bytes, bytes]:
         pgid = asyncio.ensure_future(_read_pgid(process))
         try:
             async with asyncio.timeout_at(deadline):
-                await asyncio.shield(pgid)
+                group = await asyncio.shield(pgid)
+                if started is not None and group is not None:
+                    await started(group)
                 if not input:
                     process.stdin.write_eof()
                 stdout, stderr = await process.communicate(input or None)
@@ -215,6 +220,9 @@ class SshPool:
         except _CONNECTION_ERRORS as exc:
             raise HostUnreachable(f"{target}: connection lost while running a command: {exc}",
                                   host=target.host) from exc
+        except Exception:  # ``started`` failed: the command must not outlive its caller's knowledge
+            await shielded(self._stop(target, link, process, pgid))
+            raise
         if process.returncode is None:
             raise HostUnreachable(f"{target}: connection lost while running a command", host=target.host)
         return process.returncode, stdout, stderr
@@ -250,7 +258,9 @@ class SshPool:
             attempts = self.settings.reconnect_attempts if link is not None else 1
             if link is not None:
                 log.info("%s: connection dropped; reconnecting", target)
-            conn = await self._connect_with_backoff(target, attempts)
+            # A fresh context: the connection outlives the caller, and its tasks must not log under the
+            # caller's context (e.g. the run that happened to open it).
+            conn = await asyncio.create_task(self._connect_with_backoff(target, attempts), context=contextvars.Context())
             link = _Link(conn, asyncio.Semaphore(self.settings.max_sessions - 1))
             self._links[key] = link
             return link
@@ -343,6 +353,7 @@ class SshRunner:
         ionice: int | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        started: Started | None = None,
     ) -> Result:
         return await self.pool.run(self.target, argv, timeout=timeout, input=input, nice=nice, ionice=ionice,
-                                   check=check, env=env)
+                                   check=check, env=env, started=started)

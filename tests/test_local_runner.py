@@ -17,7 +17,9 @@ import pytest
 
 from drivers.commands import CommandFailed, CommandTimeout, Runner
 from drivers.local import LocalRunner
+from drivers.processes import kill_marked
 from drivers.ssh import SshPool, SshSettings, SshTarget
+from scheduler.errors import DriverError
 from tests.realenv.model import RealEnv
 
 KILL_GRACE = 1.0
@@ -229,3 +231,53 @@ async def test_many_concurrent_commands(runner: Runner) -> None:
 async def test_refuses_what_cannot_be_passed_safely(runner: Runner, argv: object, options: dict, error: type) -> None:
     with pytest.raises(error):
         await runner.run(argv, timeout=10, **options)  # type: ignore[arg-type]
+
+
+async def test_started_is_told_the_group_of_the_running_command(runner: Runner) -> None:
+    marker = new_marker()
+    groups: list[int] = []
+
+    async def started(pgid: int) -> None:
+        groups.append(pgid)
+
+    result = await runner.run(["sh", "-c", f"ps -o pgid= -p $$; : {marker}"], timeout=10, started=started)
+    assert groups == [int(result.stdout.split()[0])]
+
+
+async def test_a_failing_started_hook_kills_the_command(runner: Runner) -> None:
+    marker = new_marker()
+
+    async def started(pgid: int) -> None:
+        await wait_for_processes(marker, 3)
+        raise RuntimeError("journal unavailable")
+
+    with pytest.raises(RuntimeError, match="journal unavailable"):
+        await runner.run(group_of_sleepers(marker), timeout=60, started=started)
+    await wait_gone(marker)
+
+
+async def test_kill_marked_kills_the_groups_naming_the_marker_and_nothing_else(runner: Runner) -> None:
+    """What recovery does after a crash: every group running a command that names the run's marker."""
+    marker, other = new_marker(), new_marker()
+    group: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def started(pgid: int) -> None:
+        group.set_result(pgid)
+
+    command = asyncio.ensure_future(runner.run(group_of_sleepers(marker), timeout=60, started=started))
+    bystander = asyncio.ensure_future(runner.run(group_of_sleepers(other), timeout=60))
+    pgid = await asyncio.wait_for(group, 10)
+    await wait_for_processes(marker, 3)
+    await wait_for_processes(other, 3)
+    running = processes_with(other)
+    assert pgid in await kill_marked(runner, marker)  # (over ssh also the group of setsid -w, its parent)
+    await wait_gone(marker)
+    assert processes_with(other) == running  # another run's processes: untouched
+    [ended] = await asyncio.gather(command, return_exceptions=True)
+    assert isinstance(ended, DriverError) or ended.exit_status != 0  # killed, not finished
+    assert await kill_marked(runner, marker) == []  # gone: nothing to do
+    bystander.cancel()
+    await asyncio.gather(bystander, return_exceptions=True)
+    await wait_gone(other)
+    with pytest.raises(ValueError, match="too short"):
+        await kill_marked(runner, "/")

@@ -7,6 +7,7 @@ in ``test_local_runner.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 import socket
 import stat
@@ -25,6 +26,7 @@ from drivers.commands import (
     HostUnreachable,
 )
 from drivers.ssh import WRAPPER, SshTarget, remote_command
+from scheduler.logs import log_context
 from tests.realenv.model import RealEnv
 from tests.test_local_runner import host1, ssh_pool
 
@@ -239,3 +241,34 @@ async def test_known_hosts_of_other_servers_do_not_vouch_for_this_one(realenv: R
             await pool.run(host1(realenv), ["true"], timeout=10)
     finally:
         await pool.close()
+
+
+@realenv
+async def test_a_pooled_connection_does_not_log_under_the_context_that_opened_it(realenv: RealEnv) -> None:
+    """The connection outlives the run that opened it: its own log lines (exit statuses of later commands)
+    must not be tagged with that run."""
+    seen: list[object] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "exit status" in record.getMessage():
+                seen.append(log_context.get())
+
+    handler = Capture()
+    logging.getLogger("asyncssh").addHandler(handler)
+    level = logging.getLogger("asyncssh").level
+    logging.getLogger("asyncssh").setLevel(logging.INFO)
+    pool = ssh_pool(realenv)
+    try:
+        token = log_context.set({"run": 1})
+        await pool.run(host1(realenv), ["true"], timeout=30)  # opens the connection inside run 1
+        log_context.reset(token)
+        seen.clear()
+        token = log_context.set({"run": 2})
+        await pool.run(host1(realenv), ["true"], timeout=30)
+        log_context.reset(token)
+    finally:
+        await pool.close()
+        logging.getLogger("asyncssh").removeHandler(handler)
+        logging.getLogger("asyncssh").setLevel(level)
+    assert seen and {"run": 1} not in seen
