@@ -47,6 +47,12 @@ def known_keys(path: Path, host: str, port: int) -> list[asyncssh.SSHKey]:
     return list(dict.fromkeys(trusted))
 
 
+def trusted_entries(path: Path, host: str, port: int) -> str:
+    """known_hosts lines for every key ``path`` trusts for ``host`` on ``port``, written out plainly (also
+    those recorded hashed or by wildcard), to hand to another machine's ssh; empty when none."""
+    return "".join(entry_line(host, port, key) for key in known_keys(path, host, port))
+
+
 async def fetch_host_key(host: str, port: int = DEFAULT_PORT, *, timeout: float = 10) -> asyncssh.SSHKey:  # noqa: ASYNC109
     """The key ``host`` presents in a key exchange. The key is NOT verified: show it, do not trust it."""
     try:

@@ -14,6 +14,7 @@ back after a crash of the daemon and undoes what is left.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,18 +23,26 @@ from pathlib import PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from drivers import tm
+from drivers import hostkeys, tm
+from drivers.commands import shielded
 from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore
+from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
+from drivers.datastore.rsync import bwlimit_bytes, priority, server_target
+from drivers.processes import kill_marked
+from drivers.tm.qcow2 import CaptureOptions
 from drivers.vmm.domainxml import Disk
 from scheduler import backups
 from scheduler.errors import ActionError, NotFound, ValidationError
+from scheduler.faults import crash_point
+from scheduler.hostlinks import is_local
 from scheduler.objects.common import BACKUP_IMAGE_PERMISSIONS
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.image import Image
 from scheduler.objects.states import DatastoreType, ImageState, ImageType, LcmState, VmState
 from scheduler.objects.vm import Vm
 from scheduler.placement import Placement, locate_for_run, set_states
+from scheduler.progress import CAPTURE, RECORD, UPLOAD
 from scheduler.state import State
 from scheduler.template import Vector
 
@@ -150,25 +159,75 @@ def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, up
 DATA_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
 
 
-def ssh_command(key: Any, known_hosts: Any) -> list[str]:
-    """The ssh argv a copy runs with: strict host keys from ``known_hosts``, only ``key``, no prompts."""
+def ssh_command(key: Any, known_hosts: Any, *, only_key: bool = True) -> list[str]:
+    """The ssh argv a copy runs with: strict host keys from ``known_hosts``, no prompts, the key ``key``
+    (``only_key``: that key alone; otherwise ssh may fall back to the user's own keys)."""
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
             "-o", "GlobalKnownHostsFile=/dev/null", "-c", DATA_CIPHERS]
     if key:
-        argv += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
+        argv += (["-o", "IdentitiesOnly=yes"] if only_key else []) + ["-i", str(key)]
     return argv
 
 
-def upload_ssh(links: Any, host: Any, datastore: Datastore) -> list[str]:
-    """How the upload reaches the other side. ``rsync``: the hypervisor's ssh to the backup server, with the
-    key and known_hosts named by the host's ``BACKUP_SSH_KEY``/``BACKUP_KNOWN_HOSTS`` (paths on the host),
-    by default the paths of sched.conf's SSH section. ``fs``: the scheduler's own ssh to the hypervisor."""
+# The backup server's verified key, installed for the hypervisor's ssh (stdin: the known_hosts lines; $1 the
+# file name under ~/.ssh). Rewritten (atomically) only when it differs; prints the file's absolute path.
+_INSTALL_KNOWN_HOSTS = """\
+umask 077
+mkdir -p -- "$HOME/.ssh"
+f="$HOME/.ssh/$1"
+cat > "$f.new.$$"
+if cmp -s -- "$f.new.$$" "$f"; then rm -f -- "$f.new.$$"; else mv -f -- "$f.new.$$" "$f"; fi
+printf '%s\\n' "$f"
+"""
+
+
+def known_hosts_file(datastore: Datastore) -> str:
+    return f"vmsched_known_hosts.ds{datastore.id}"
+
+
+def server_known_hosts(links: Any, datastore: Datastore) -> str:
+    """The known_hosts lines vmsched trusts for the datastore's backup server; an error naming the fix when
+    it has none (the server's key must be verified once: ``vmsched datastore accept-hostkey``)."""
+    target = server_target(datastore)
+    lines = hostkeys.trusted_entries(links.settings.known_hosts, target.host, target.port)
+    if not lines:
+        raise ActionError(f"the host key of {target.host}:{target.port}, the backup server of datastore "
+                          f"{datastore.id}, is not known to vmsched: check its fingerprint and accept it with "
+                          f"`vmsched datastore accept-hostkey {datastore.id}` (or ACCEPT_HOSTKEY = \"YES\")")
+    return lines
+
+
+async def upload_ssh(links: Any, host: Any, runner: Any, datastore: Datastore) -> list[str]:
+    """How the upload reaches the other side.
+
+    ``rsync``: the hypervisor's ssh to the backup server. Its host key is the one vmsched verified (installed
+    into ``~/.ssh/vmsched_known_hosts.ds<id>`` on the hypervisor: a daemon under systemd has no agent to
+    forward), unless the host's ``BACKUP_KNOWN_HOSTS`` names a file there. Its key is the host's
+    ``BACKUP_SSH_KEY`` (a path on the hypervisor), else sched.conf's SSH/KEY path with the hypervisor user's
+    own keys as fallback. ``fs``: the scheduler's own ssh to the hypervisor."""
     settings = links.settings
     if datastore.ds_mad != "rsync":
         return ssh_command(settings.key, settings.known_hosts)
-    key = host.template.get("BACKUP_SSH_KEY") or settings.key
-    known = host.template.get("BACKUP_KNOWN_HOSTS") or settings.known_hosts
-    return ssh_command(key, known)
+    known = host.template.get("BACKUP_KNOWN_HOSTS")
+    if not known:
+        lines = server_known_hosts(links, datastore)
+        if is_local(host.template):
+            known = str(settings.known_hosts)
+        else:
+            result = await runner.run(["sh", "-c", _INSTALL_KNOWN_HOSTS, "sh", known_hosts_file(datastore)],
+                                      timeout=COMMAND_TIMEOUT, input=lines.encode())
+            known = result.stdout.decode().strip()
+    key = host.template.get("BACKUP_SSH_KEY")
+    return ssh_command(key or settings.key, known, only_key=bool(key))
+
+
+def io_limits(datastore: Datastore) -> tuple[int | None, int | None, int]:
+    """(nice, ionice, bytes/s) for the heavy commands of a backup into ``datastore``: its
+    ``<DS_MAD>_NICE``, ``<DS_MAD>_IONICE`` and ``<DS_MAD>_BWLIMIT`` (spec §11), applied to the convert
+    on the hypervisor as well as to the upload."""
+    prefix = datastore.ds_mad.upper()
+    nice, ionice = priority(datastore, prefix)
+    return nice, ionice, bwlimit_bytes(datastore, prefix)
 
 
 def step(name: str, **fields: Any) -> dict[str, Any]:
@@ -194,10 +253,28 @@ class _Backup:
     disks: list[Vector]
     restore_to: tuple[VmState, LcmState] | None = None
     staging: str = ""
+    upload_processes: int = 0
 
     async def journal(self, entry: dict[str, Any]) -> None:
         if self.ctx.journal_step is not None:
             await self.ctx.journal_step(entry)
+
+    async def convert_started(self, pgid: int) -> None:
+        """A convert runs on the hypervisor: journaled, so that a restarted daemon kills it."""
+        await self.journal(step("process", side="source", host=self.where.host.id, pgid=pgid, marker=self.staging))
+        crash_point("convert")
+
+    async def upload_started(self, side: str, pgid: int) -> None:
+        """An upload's copy or hash runs on the hypervisor ("source") or the datastore's server."""
+        await self.journal(step("process", side=side, host=self.where.host.id, datastore=self.datastore.id,
+                                pgid=pgid, marker=self.staging))
+        self.upload_processes += 1
+        if self.upload_processes == 2:  # the copy and the hash both run
+            crash_point("upload")
+
+    def phase(self, name: str) -> None:
+        if self.ctx.progress is not None:
+            self.ctx.progress.begin(name, [int(d["DISK_ID"]) for d in self.disks])
 
     @property
     def runner(self) -> Any:
@@ -262,44 +339,81 @@ async def restore_state(state: State, vm_id: int, to: tuple[VmState, LcmState]) 
 
 
 async def _backup(run: _Backup) -> Image:
+    """Capture, then upload while the overlays are committed back; then record. An upload that completed
+    but is not recorded (the commit or the record failed) is removed again."""
     ctx, where = run.ctx, run.where
     run.staging = tm.staging_dir(run.settings.base_path, run.vm_id, ctx.run_id)
     await run.journal(step("staging", host=where.host.id, domain=where.ref, path=run.staging))
-    try:
-        sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
-        captured = await tm.capture(where.kvm, run.runner, where.ref, sources,
-                                    fs_freeze=tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
-                                    run_id=ctx.run_id, staging_dir=run.staging, journal=run.journal)
-        await _write_descriptions(run)
+    nice, ionice, rate = io_limits(run.datastore)
+    progress = ctx.progress
+    complete: list[str] = []  # the backup id once its upload is complete
+
+    async def upload(captured: tm.CaptureResult) -> tuple[str, UploadResult]:
         files = [PurePosixPath(image.path).name for image in captured.images] + [VM_XML, DOMAIN_XML]
-        backup_id = await run.store.new_backup_id(run.vm_id)
+        backup_id, ssh, _ = await _together(run.store.new_backup_id(run.vm_id),
+                                            upload_ssh(ctx.links, where.host, run.runner, run.datastore),
+                                            _write_descriptions(run))
         await run.journal(step("upload", datastore=run.datastore.id, vm=run.vm_id, backup_id=backup_id))
+        run.phase(UPLOAD)
         uploaded = await run.store.upload(run.runner, run.staging, files, run.vm_id, backup_id,
-                                          timeout=run.settings.upload_timeout,
-                                          ssh_command=upload_ssh(ctx.links, where.host, run.datastore))
-    finally:
-        await _remove_staging(run.runner, run.staging)
+                                          timeout=run.settings.upload_timeout, ssh_command=ssh,
+                                          progress=progress.files if progress else None, started=run.upload_started)
+        complete.append(backup_id)
+        crash_point("uploaded")
+        return backup_id, uploaded
+
     try:
+        try:
+            sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
+            run.phase(CAPTURE)
+            captured = await tm.capture(where.kvm, run.runner, where.ref, sources,
+                                        fs_freeze=tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
+                                        run_id=ctx.run_id, staging_dir=run.staging, journal=run.journal,
+                                        nice=nice, ionice=ionice, options=CaptureOptions(rate_limit=rate),
+                                        started=run.convert_started, progress=progress.disk if progress else None,
+                                        then=upload)
+        finally:
+            await _remove_staging(run.runner, run.staging)
+        backup_id, uploaded = captured.followed
+        run.phase(RECORD)
         return await _record(run, backup_id, uploaded)
     except BaseException:
-        await _forget_upload(run.store, run.vm_id, backup_id)
+        for backup_id in complete:
+            await shielded(_forget_upload(run.store, run.vm_id, backup_id))
         raise
+
+
+async def _together(*steps: Awaitable[Any]) -> list[Any]:
+    """Run ``steps`` at the same time; their results, or the first failure (the others are cancelled)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_awaited(step)) for step in steps]
+    except BaseExceptionGroup as failed:
+        raise first_error(failed) from None
+    return [task.result() for task in tasks]
+
+
+async def _awaited(step: Awaitable[Any]) -> Any:
+    return await step
 
 
 async def _write_descriptions(run: _Backup) -> None:
     """``vm.xml`` (the VM as it is now) and ``domain.xml`` (libvirt's definition) beside the disks."""
     vm = run.ctx.state.get("vm", run.vm_id)
     domain = await run.where.kvm.xml(run.where.ref, inactive=True)
-    for name, text in ((VM_XML, vm.to_xml()), (DOMAIN_XML, domain)):
-        await run.runner.run(["sh", "-c", 'cat > "$1"', "sh", f"{run.staging}/{name}"], timeout=COMMAND_TIMEOUT,
-                             input=text.encode())
+    await _together(*(run.runner.run(["sh", "-c", 'cat > "$1"', "sh", f"{run.staging}/{name}"],
+                                     timeout=COMMAND_TIMEOUT, input=text.encode())
+                      for name, text in ((VM_XML, vm.to_xml()), (DOMAIN_XML, domain))))
+
+
+_REMOVE_STAGING = 'rm -rf -- "$1" && { rmdir -- "$2" 2>/dev/null; true; }'
 
 
 async def _remove_staging(runner: Any, staging: str) -> None:
     """``rm -rf`` the run's staging dir, then its VM dir when that is empty; logged, never raised."""
     try:
-        await runner.run(["rm", "-rf", "--", staging], timeout=COMMAND_TIMEOUT)
-        await runner.run(["rmdir", "--", str(PurePosixPath(staging).parent)], timeout=COMMAND_TIMEOUT, check=False)
+        await runner.run(["sh", "-c", _REMOVE_STAGING, "sh", staging, str(PurePosixPath(staging).parent)],
+                         timeout=COMMAND_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - the backup itself is not worse for a leftover dir
         log.warning("cannot remove the staging dir %s: %s", staging, exc)
 
@@ -393,7 +507,8 @@ def make_recoverer(state: State, links: Any) -> Callable[[Any], Awaitable[None]]
         steps = list(run.steps)
         if not steps:
             return
-        problems = [p for p in (await _recover_host(state, links, run, steps),
+        problems = [p for p in (await _recover_processes(state, links, run, steps),
+                                await _recover_host(state, links, run, steps),
                                 await _recover_upload(state, links, steps),
                                 await _recover_state(state, steps)) if p]
         if problems:
@@ -402,6 +517,39 @@ def make_recoverer(state: State, links: Any) -> Callable[[Any], Awaitable[None]]
             run.steps = []
 
     return recover
+
+
+async def _recover_processes(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> str:
+    """Kill the converts, copies and hashes the run left running: on every machine it journaled a process
+    on, and on its hypervisor, every process group naming its staging directory (see drivers.processes)."""
+    staged = steps_named(steps, "staging")
+    if not staged or links is None:
+        return ""
+    marker = str(staged[-1]["path"])
+    machines = {("source", int(staged[-1]["host"])): None}
+    for entry in steps_named(steps, "process"):
+        side = str(entry.get("side"))
+        machines[(side, int(entry["datastore"] if side == "server" else entry["host"]))] = None
+    problems = []
+    for side, object_id in machines:
+        try:
+            runner = _process_runner(state, links, side, object_id)
+            killed = await kill_marked(runner, marker) if runner is not None else []
+            if killed:
+                log.warning("run %s: killed process group(s) %s it left running (%s side)", run.id,
+                            ", ".join(map(str, killed)), side)
+        except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried
+            problems.append(f"processes of {marker} ({side} side): {exc}")
+    return "; ".join(problems)
+
+
+def _process_runner(state: State, links: Any, side: str, object_id: int) -> Any:
+    """The runner of the machine a run's process ran on: the hypervisor, or the datastore's server."""
+    if side == "server":
+        datastore = state.find("datastore", object_id)
+        return open_datastore(datastore, links.pool).server if datastore is not None else None
+    host = state.find("host", object_id)
+    return links.runner(host) if host is not None else None
 
 
 async def _recover_host(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from scheduler.actions.base import RunContext
 from scheduler.clock import Clock
 from scheduler.errors import ActionError, ValidationError
 from scheduler.journal import Journal, Run
+from scheduler.progress import ProgressBoard
 from scheduler.state import State
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
 def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: Any = None,
                   journal: Journal | None = None,
                   config: Callable[[], Any] | None = None,
-                  complete: Callable[[Run, Any], None] | None = None) -> Callable[[Run], Awaitable[str | None]]:
+                  complete: Callable[[Run, Any], None] | None = None,
+                  progress: ProgressBoard | None = None) -> Callable[[Run], Awaitable[str | None]]:
     """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf;
-    ``complete``: the engine's ``stage_success`` (a run's success committed with the action's result)."""
+    ``complete``: the engine's ``stage_success`` (a run's success committed with the action's result);
+    ``progress``: where running backups report how far they are."""
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
@@ -56,14 +59,20 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
         spec = spec_of(run.action)
         check_action(state, vm, run.action, run.args)
         action = state.find("schedaction", run.action_id) if run.action_id is not None else None
+        tracked = progress is not None and spec.is_backup
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
             cancelled=asyncio.Event(), links=links, journal_step=_step_journal(journal, run),
             config=config() if config is not None else None,
             complete=(lambda m: complete(run, m)) if complete is not None else None,
+            progress=progress.open(run.id, run.vm_id, clock.now()) if tracked and progress is not None else None,
         )  # fmt: skip
-        return await spec.run(context)
+        try:
+            return await spec.run(context)
+        finally:
+            if progress is not None:
+                progress.close(run.id)
 
     return execute
 

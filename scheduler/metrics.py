@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from scheduler.admission import blocking_limit
+from scheduler.progress import BackupProgress
 
 LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
 
@@ -52,8 +53,23 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, f
     return lines
 
 
-def render(engine: object) -> str:
-    """The text page for an Engine (duck-typed to keep this module free of the engine's imports)."""
+def progress_lines(board: Iterable[BackupProgress]) -> list[str]:
+    """Bytes done and to do of each running backup's current phase, per disk and overall (disk="all")."""
+    done: list[tuple[str, float]] = []
+    total: list[tuple[str, float]] = []
+    for p in sorted(board, key=lambda p: p.run_id):
+        base = f'vm="{p.vm_id}",run="{p.run_id}",phase="{_escape(p.phase)}"'
+        for disk, b in [("all", None), *sorted(p.disks.items())]:
+            labels = f'{{{base},disk="{disk}"}}'
+            done.append((labels, p.done if b is None else b.done))
+            total.append((labels, p.total if b is None else b.total))
+    return (_family("vmsched_backup_done_bytes", "gauge", "bytes done in the running backup's phase", done)
+            + _family("vmsched_backup_total_bytes", "gauge", "bytes to do in the running backup's phase", total))
+
+
+def render(engine: object, board: Iterable[BackupProgress] = ()) -> str:
+    """The text page for an Engine (duck-typed to keep this module free of the engine's imports) and the
+    progress of the backups running now."""
     stats = engine.stats  # type: ignore[attr-defined]
     state = engine.state  # type: ignore[attr-defined]
     waiting: Counter[str] = Counter()
@@ -81,4 +97,5 @@ def render(engine: object) -> str:
     lines += ["# HELP vmsched_dispatch_lateness_seconds start of a first attempt minus its due time",
               "# TYPE vmsched_dispatch_lateness_seconds histogram"]
     lines += stats.lateness_histogram.lines("vmsched_dispatch_lateness_seconds")
+    lines += progress_lines(board)
     return "\n".join(lines) + "\n"

@@ -39,8 +39,10 @@ class Daemon:
         return self.log_file.read_text() if self.log_file and self.log_file.exists() else ""
 
 
-def start_daemon(state_dir: Path, config_text: str = "", home: Path | None = None, timeout: float = 30) -> Daemon:
-    """Start `vmsched serve` on a free port and wait for its "listening on" line."""
+def start_daemon(state_dir: Path, config_text: str = "", home: Path | None = None, timeout: float = 30,
+                 extra_env: dict[str, str] | None = None) -> Daemon:
+    """Start `vmsched serve` on a free port and wait for its "listening on" line (after start-up recovery).
+    ``extra_env``: variables for the daemon only (test switches such as VMSCHED_CRASH_AT)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "sched.conf"
     if not conf.exists():
@@ -53,7 +55,7 @@ def start_daemon(state_dir: Path, config_text: str = "", home: Path | None = Non
         stdout=subprocess.PIPE,
         stderr=log_file.open("a"),
         text=True,
-        env=env,
+        env={**env, **(extra_env or {})},
         cwd=REPO,
     )
     endpoint = _wait_for_listening(process, log_file, timeout)

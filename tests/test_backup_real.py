@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import time
+import urllib.request
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,6 +163,10 @@ def test_keep_last_removes_the_oldest_backup(setup: Setup, tiny_domain: Callable
     assert first_dir.is_dir()
     ok, message = s.api.run_action(vm_id, "backup", f"{s.fs_ds},0")
     assert ok, message
+    deadline = time.monotonic() + 30  # KEEP_LAST is its own step, after the backup is recorded (DONE)
+    while len(backup_ids(s.api, vm_id)) > 1:
+        assert time.monotonic() < deadline, s.api.daemon.log()[-3000:]
+        time.sleep(0.05)
     [second] = backup_ids(s.api, vm_id)
     assert second != first and not first_dir.exists()
     assert first not in s.image_ids() and second in s.image_ids()
@@ -222,7 +227,7 @@ def test_backup_cancel_during_the_upload_leaves_nothing(setup: Setup, tiny_domai
     slow = s.datastore(
         f'NAME = "slowbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{s.rsync_base}"\n'
         f'RSYNC_HOST = "{backup.address}"\nRSYNC_USER = "{backup.user}"\nRSYNC_PORT = "{backup.ssh_port}"\n'
-        'RSYNC_BWLIMIT = "64"')  # KiB/s: the upload of a few MiB takes long enough to be cancelled
+        'RSYNC_ARGS = "-aS --bwlimit=64"')  # KiB/s, the upload only: a few MiB take long enough to be cancelled
     dom = tiny_domain("host1")
     vm_id = s.api.import_one("host1", dom.name)
     host1.write_pattern(dom, "vda", pattern=0x33, offset="4M", length="3M")
@@ -247,3 +252,50 @@ def test_backup_cancel_during_the_upload_leaves_nothing(setup: Setup, tiny_domai
     xml = host1.lookup(dom).XMLDesc()
     assert str(dom.vda) in xml and ".overlay" not in xml  # the guest runs on its own disk
     assert "no backup in progress" in s.api.failure("one.vm.backupcancel", vm_id)
+
+
+def test_progress_of_a_running_backup_in_the_api_metrics_and_vm_show(
+        setup: Setup, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor]) -> None:
+    s, host1 = setup, hypervisors("host1")
+    backup = s.realenv.backup
+    slow = s.datastore(
+        f'NAME = "progressbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{s.rsync_base}"\n'
+        f'RSYNC_HOST = "{backup.address}"\nRSYNC_USER = "{backup.user}"\nRSYNC_PORT = "{backup.ssh_port}"\n'
+        'RSYNC_BWLIMIT = "1024"')  # KiB/s, the convert's rate too: several seconds for each phase
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    host1.write_pattern(dom, "vda", pattern=0x44, offset="4M", length="5M")
+    assert s.api.call("vmsched.vm.backupprogress", vm_id) == {}  # nothing runs
+    s.api.call("one.vm.backup", vm_id, slow, False)
+    seen: list[dict] = []
+    shown = metrics = ""
+    deadline = time.monotonic() + 120
+    while s.api.call("vmsched.vm.backupstatus", vm_id)["STATE"] in ("queued", "running"):  # type: ignore[index]
+        assert time.monotonic() < deadline, s.api.daemon.log()[-3000:]
+        progress = dict(s.api.call("vmsched.vm.backupprogress", vm_id))  # type: ignore[call-overload]
+        if progress:
+            seen.append(progress)
+            if progress["PHASE"] == "upload" and 0 < progress["DONE"] < progress["TOTAL"] and not shown:
+                shown = subprocess.run([sys.executable, "-m", "scheduler", "vm", "show", str(vm_id)],
+                                       env=s.api.daemon.env, cwd=REPO, capture_output=True, text=True,
+                                       timeout=CLI_WAIT).stdout
+                with urllib.request.urlopen(s.api.daemon.endpoint.replace("/RPC2", "/metrics"), timeout=10) as page:
+                    metrics = page.read().decode()
+        time.sleep(0.2)
+    assert s.api.call("vmsched.vm.backupstatus", vm_id)["STATE"] == "done"  # type: ignore[index]
+    assert s.api.call("vmsched.vm.backupprogress", vm_id) == {}  # gone with the run
+    phases = [p["PHASE"] for p in seen]
+    assert "capture" in phases and "upload" in phases
+    assert phases.index("capture") < phases.index("upload")
+    for p in seen:
+        assert 0 <= p["DONE"] <= p["TOTAL"]
+        if p["PHASE"] in ("capture", "upload"):
+            assert [d["DISK_ID"] for d in p["DISKS"]] == [0, 1]
+            assert sum(d["DONE"] for d in p["DISKS"]) <= p["DONE"]  # the upload's total adds vm.xml, domain.xml
+    uploads = [p for p in seen if p["PHASE"] == "upload"]
+    assert any(0 < p["DONE"] < p["TOTAL"] for p in uploads)  # reported while it moved
+    assert uploads[-1]["TOTAL"] > 5 * 1024 * 1024  # the 64 MiB disk's staged qcow2 holds the 5 MiB written
+    captures = [p for p in seen if p["PHASE"] == "capture"]
+    assert max(p["TOTAL"] for p in captures) > 5 * 1024 * 1024
+    assert "BACKUP PROGRESS" in shown and "upload" in shown, shown
+    assert f'vmsched_backup_done_bytes{{vm="{vm_id}"' in metrics and 'phase="upload",disk="all"' in metrics

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import asyncssh
 import pytest
 
+from drivers import hostkeys
 from drivers.datastore import Capacity, UploadResult
+from drivers.local import LocalRunner
 from drivers.ssh import SshSettings, SshTarget
 from drivers.tm import DiskSource
 from drivers.vmm.domainxml import Disk
@@ -140,17 +143,60 @@ def test_backup_image_record() -> None:
     assert br.image_name(0, when, ZoneInfo("Europe/Madrid")) == "0 01-Dec 14.36.56"
 
 
-def test_upload_ssh_uses_the_host_overrides_only_for_rsync() -> None:
-    class Links:
-        settings = SshSettings(known_hosts=Path("/etc/vmsched/known_hosts"), key=Path("/etc/vmsched/id"))
+class Links:
+    def __init__(self, known_hosts: Path) -> None:
+        self.settings = SshSettings(known_hosts=known_hosts, key=Path("/etc/vmsched/id"))
 
+
+def rsync_ds(ds_id: int = 1) -> Datastore:
+    ds = Datastore(id=ds_id, name="r", ds_mad="rsync")
+    ds.template.set("RSYNC_HOST", "backup.example")
+    ds.template.set("RSYNC_PORT", "2222")
+    return ds
+
+
+async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    known = tmp_path / "known_hosts"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    hostkeys.accept_host_key(known, "backup.example", 2222, key)
+    hostkeys.accept_host_key(known, "other.example", 22, asyncssh.generate_private_key("ssh-ed25519"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the "hypervisor" here is this machine's runner
+    remote = Host(id=0, name="h")
+    remote.template.set("SSH_HOST", "kvm1")
+
+    argv = await br.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
+    installed = tmp_path / "home/.ssh/vmsched_known_hosts.ds1"
+    assert f"UserKnownHostsFile={installed}" in argv
+    assert installed.read_text() == hostkeys.entry_line("backup.example", 2222, key)  # that server's key only
+    assert installed.stat().st_mode & 0o777 == 0o600
+    assert argv[-2:] == ["-i", "/etc/vmsched/id"] and "IdentitiesOnly=yes" not in argv  # own keys as fallback
+    assert hostkeys.known_keys(installed, "backup.example", 2222)[0].public_data == key.public_data
+    before = installed.stat().st_mtime_ns
+    await br.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
+    assert installed.stat().st_mtime_ns == before  # unchanged: not rewritten
+
+    local = Host(id=1, name="me")  # no SSH_HOST: the scheduler's machine uses vmsched's own file
+    assert f"UserKnownHostsFile={known}" in await br.upload_ssh(Links(known), local, LocalRunner(), rsync_ds())
+
+
+async def test_upload_ssh_host_overrides_and_the_fs_datastore(tmp_path: Path) -> None:
     host = Host(id=0, name="h")
     host.template.set("BACKUP_SSH_KEY", "/root/.ssh/backup")
-    rsync = br.upload_ssh(Links(), host, Datastore(id=1, name="r", ds_mad="rsync"))
-    fs = br.upload_ssh(Links(), host, Datastore(id=2, name="f", ds_mad="fs"))
-    assert rsync[-2:] == ["-i", "/root/.ssh/backup"] and fs[-2:] == ["-i", "/etc/vmsched/id"]
+    host.template.set("BACKUP_KNOWN_HOSTS", "/root/.ssh/backup_known_hosts")
+    links = Links(tmp_path / "none")
+    rsync = await br.upload_ssh(links, host, LocalRunner(), rsync_ds())
+    assert rsync[-4:] == ["-o", "IdentitiesOnly=yes", "-i", "/root/.ssh/backup"]
+    assert "UserKnownHostsFile=/root/.ssh/backup_known_hosts" in rsync
+    fs = await br.upload_ssh(links, host, LocalRunner(), Datastore(id=2, name="f", ds_mad="fs"))
+    assert fs[-2:] == ["-i", "/etc/vmsched/id"] and f"UserKnownHostsFile={tmp_path / 'none'}" in fs
     for argv in (rsync, fs):
-        assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/etc/vmsched/known_hosts" in argv
+        assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
+
+
+async def test_upload_to_a_server_whose_key_was_never_verified_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ActionError, match=r"backup\.example:2222.*not known.*vmsched datastore accept-hostkey 7"):
+        await br.upload_ssh(Links(tmp_path / "known_hosts"), Host(id=0, name="h"), LocalRunner(), rsync_ds(7))
 
 
 # ---- recovery against the real environment ----------------------------------------------------------

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ async def test_rsync_upload_from_host1_to_the_backup_server(setup: Setup) -> Non
     backup_id = await store.new_backup_id(VM_ID)
     seen: list[tuple[int, int]] = []
     result = await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
-                                ssh_command=client_ssh(setup.env), progress=lambda d, t: seen.append((d, t)))
+                                ssh_command=client_ssh(setup.env), progress=lambda d, t: seen.append((sum(d.values()), sum(t.values()))))
     await assert_arrived(store, setup.server, setup.host1, setup.staging, backup_id, result.sha256)
     assert 1 <= result.size_mb <= 4
     assert seen and seen[-1][0] == seen[-1][1] > 64 * 1024 * 1024
@@ -174,8 +174,8 @@ async def test_rsync_upload_cancelled_leaves_no_rsync_and_no_temp_dir(setup: Set
     backup_id = await store.new_backup_id(VM_ID)
     started = asyncio.Event()
 
-    def progress(done: int, total: int) -> None:
-        if done > 0:
+    def progress(done: Mapping[str, int], total: Mapping[str, int]) -> None:
+        if sum(done.values()) > 0:
             started.set()
 
     upload = asyncio.create_task(store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,

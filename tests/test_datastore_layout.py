@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.datastore import layout
-from drivers.datastore.base import apply_limit, parse_df, parse_digests, parse_stat
+from drivers.datastore.base import apply_limit, file_progress, parse_df, parse_digests, parse_stat
 from drivers.datastore.layout import BackupUrl, Layout, parse_backup_url
 from drivers.datastore.rsync import rsync_options, server_target
 from scheduler.errors import DriverError, ValidationError
@@ -226,6 +226,19 @@ def test_parse_stat_sums_apparent_and_allocated_bytes() -> None:
     assert parse_stat(b"67436544 2048 512\n1000 8 512\n", ["/a", "/b"]) == (67437544, 2048 * 512 + 8 * 512)
     with pytest.raises(DriverError):
         parse_stat(b"1 2 512\n", ["/a", "/b"])
+
+
+TOTALS = {"disk.0.0": 1000, "disk.1.0": 500, "vm.xml": 10}
+
+
+@pytest.mark.parametrize(("listing", "done"), [
+    (b"", {"disk.0.0": 0, "disk.1.0": 0, "vm.xml": 0}),
+    (b"400 .disk.0.0.Xa91bc\n", {"disk.0.0": 400, "disk.1.0": 0, "vm.xml": 0}),  # rsync's temporary name
+    (b"1000 disk.0.0\n500 disk.1.0\n10 vm.xml\n", TOTALS),
+    (b"9999 disk.0.0\n7 other\nbad line\n12 .vm.xml.Q1w2e3\n", {"disk.0.0": 1000, "disk.1.0": 0, "vm.xml": 10}),
+])
+def test_file_progress_maps_arrived_bytes_to_the_files(listing: bytes, done: dict[str, int]) -> None:
+    assert file_progress(listing, TOTALS) == done
 
 
 def test_parse_digests() -> None:

@@ -107,16 +107,17 @@ def test_check_sources(current: list[Disk], error: str | None) -> None:
 @pytest.mark.parametrize(("disk", "shared", "rate", "argv"), [
     (VDA, True, 0, ["qemu-img", "convert", "-q", "-m", "4", "-f", "qcow2", "-O", "qcow2", "-U", VDA.path, "/s/d"]),
     (VDB, False, 0, ["qemu-img", "convert", "-q", "-m", "4", "-f", "raw", "-O", "qcow2", VDB.path, "/s/d"]),
-    (VDB, False, 50, ["qemu-img", "convert", "-q", "-m", "4", "-f", "raw", "-O", "qcow2", "-r", "50M", VDB.path,
-                      "/s/d"]),
+    (VDB, False, 52428800, ["qemu-img", "convert", "-q", "-m", "4", "-f", "raw", "-O", "qcow2", "-r", "52428800",
+                            VDB.path, "/s/d"]),
 ])
 def test_convert_argv(disk: DiskSource, shared: bool, rate: int, argv: list[str]) -> None:
-    assert plan.convert_argv(disk, "/s/d", shared=shared, rate_limit_mib=rate) == argv
+    assert plan.convert_argv(disk, "/s/d", shared=shared, rate_limit=rate) == argv
 
 
 def test_qemu_img_output() -> None:
     info = {"virtual-size": 67108864, "filename": "/s/d", "format": "qcow2", "actual-size": 2297856}
     assert plan.image_sizes(json.dumps(info).encode()) == (67108864, 2297856)
+    assert plan.chain_allocated(json.dumps([info, {**info, "actual-size": 1000}, {"filename": "/x"}])) == 2298856
     chain = [{"filename": "/d/disk.0.vmsched-1.overlay"}, {"filename": "/d/disk.0"}, {"filename": "/t/template"}]
     assert plan.chain_files(json.dumps(chain)) == ["/d/disk.0.vmsched-1.overlay", "/d/disk.0", "/t/template"]
     assert plan.chain_files(json.dumps({"filename": "/d/raw"})) == ["/d/raw"]

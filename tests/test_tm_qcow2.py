@@ -202,6 +202,53 @@ async def test_live_capture_is_the_disk_at_the_snapshot(host1, tiny_domain, hype
 
 
 @real
+async def test_then_runs_on_the_staged_files_while_the_overlays_are_committed(host1, tiny_domain, hypervisors,
+                                                                              tmp_path) -> None:
+    dom, hv = tiny_domain(), hypervisors("host1")
+    hv.write_pattern(dom, "vda", pattern=0x5A)
+    stage = tmp_path / "base" / "42" / "18"
+    journal, groups, reports = Journal(), [], []
+    seen: dict[str, object] = {}
+
+    async def started(pgid: int) -> None:
+        groups.append(pgid)
+
+    async def then(result) -> str:  # noqa: ANN001
+        seen["staged"] = staged(stage)
+        seen["committed_before"] = journal.names().count("committed")
+        return "uploaded"
+
+    result = await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.NONE, run_id=18,
+                           staging_dir=str(stage), journal=journal, started=started, then=then,
+                           progress=lambda disk, done, total: reports.append((disk, done, total)))
+    assert result.followed == "uploaded"
+    assert seen == {"staged": ["disk.0.0", "disk.1.0"], "committed_before": 0}  # not waiting for the commits
+    assert journal.names().count("committed") == 2
+    assert_back_on_own_disks(hv, dom.name, tiny_disks(dom))
+    assert len(groups) == 2 and all(g > 1 for g in groups)  # each convert's process group
+    finals = {disk: (done, total) for disk, done, total in reports}
+    assert finals[0][0] == finals[0][1] >= 2 * MiB  # vda's chain holds the 2 MiB written
+    assert {disk for disk, _, _ in reports} == {0, 1} and reports[0][1] == 0
+
+
+@real
+async def test_a_failing_then_fails_the_capture_and_leaves_nothing(host1, tiny_domain, hypervisors,
+                                                                  tmp_path) -> None:
+    dom, hv = tiny_domain(), hypervisors("host1")
+    stage = tmp_path / "base" / "42" / "19"
+
+    async def then(result) -> None:  # noqa: ANN001
+        raise RuntimeError("the backup server went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND, run_id=19,
+                      staging_dir=str(stage), journal=Journal(), then=then)
+    assert staged(stage) == []
+    assert_back_on_own_disks(hv, dom.name, tiny_disks(dom))
+    assert hv.state(dom) == "running"
+
+
+@real
 async def test_commit_lands_in_vda_and_the_template_is_untouched(host1, template_domain, hypervisors,
                                                                  tmp_path) -> None:
     template = tmp_path / "template.qcow2"
@@ -311,7 +358,7 @@ async def test_cancelled_during_convert_leaves_nothing(host1, tiny_domain, hyper
     disks = tiny_disks(dom)[:1]
     task = asyncio.create_task(capture(host1.kvm, watcher, dom.name, disks, fs_freeze=FsFreeze.SUSPEND, run_id=31,
                                        staging_dir=str(stage), journal=Journal(),
-                                       options=CaptureOptions(rate_limit_mib=1)))  # 4 MiB at 1 MiB/s
+                                       options=CaptureOptions(rate_limit=1024 * 1024)))  # 4 MiB at 1 MiB/s
     async with asyncio.timeout(WAIT):
         await watcher.started.wait()
         while not (stage / "disk.0.0").exists():  # noqa: ASYNC110 - no event says qemu-img opened its output

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import shlex
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,15 +33,20 @@ MIB = 1024 * 1024
 NEW_ID_ATTEMPTS = 10
 DISCARD_ATTEMPTS = 5  # rm -rf of a partial upload, repeated while a dying receiver still creates files
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+# (bytes done per file name, bytes in total per file name); file names as given to upload
+Progress = Callable[[Mapping[str, int], Mapping[str, int]], None]
+# Told each heavy command's process group as it starts: (which side runs it: "source" or "server", the pgid)
+ProcessStarted = Callable[[str, int], Awaitable[None]]
 
 _MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
 _RM = 'n=0; for d; do if [ -d "$d" ]; then rm -rf -- "$d" || exit 1; n=$((n + 1)); fi; done; [ "$n" -gt 0 ] || exit 3'
 _CLEANUP = '[ -d "$1" ] || exit 0; find "$1" -mindepth 1 -maxdepth 1 -type d -name ".tmp-*" -print -exec rm -rf -- {} +'
-# $1 VM dir, $2 final dir, $3 temporary dir: exit 3 when the backup exists, mkdir fails when the temp dir does
-_NEW_DIR = '[ -e "$2" ] && exit 3; mkdir -p -- "$1" && mkdir -- "$3"'
+# $1 VM dir, $2 final dir, $3 temporary dir: exit 3 when the backup exists; otherwise the partial uploads an
+# earlier attempt could not remove (one backup of a VM runs at a time) go first, printed.
+_NEW_DIR = ('[ -e "$2" ] && exit 3; mkdir -p -- "$1" && '
+            'find "$1" -mindepth 1 -maxdepth 1 -type d -name ".tmp-*" -print -exec rm -rf -- {} + && mkdir -- "$3"')
 _ANY_EXISTS = 'for p; do [ -e "$p" ] && exit 0; done; exit 1'
-_TREE_SIZE = r"""find "$1" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'"""  # file bytes
+_TREE_SIZES = r"""find "$1" -type f -printf '%s %f\n' 2>/dev/null"""  # bytes and name of every file
 # openssl is OpenSSL-speed; python3's hashlib too (OpenSSL inside). Never coreutils sha256sum (4x slower).
 _HASH_PY = (
     "import hashlib,sys\n"
@@ -82,7 +87,7 @@ class BackupDatastore(Protocol):
 
     async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
                      *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None) -> UploadResult: ...
+                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult: ...
 
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None: ...
 
@@ -133,20 +138,40 @@ def apply_limit(total: int, used: int, free: int, limit_mb: int | None) -> Capac
 
 # --- hypervisor side: sizes and checksums of the staged files ---------------------------------------------------
 
-def parse_stat(output: bytes, paths: Sequence[str]) -> tuple[int, int]:
-    """(apparent bytes, allocated bytes) summed over ``stat -c '%s %b %B'`` lines, one per path."""
-    lines = output.decode().split()
-    if len(lines) != 3 * len(paths):
+def parse_stat_files(output: bytes, paths: Sequence[str]) -> list[tuple[int, int]]:
+    """(apparent bytes, allocated bytes) of each path, from ``stat -c '%s %b %B'`` lines, one per path."""
+    words = output.decode().split()
+    if len(words) != 3 * len(paths):
         raise DriverError(f"unexpected stat output for {len(paths)} files: {output[-200:]!r}")
-    numbers = [int(word) for word in lines]
-    apparent = sum(numbers[0::3])
-    allocated = sum(blocks * unit for blocks, unit in zip(numbers[1::3], numbers[2::3], strict=True))
-    return apparent, allocated
+    numbers = [int(word) for word in words]
+    return [(numbers[i], numbers[i + 1] * numbers[i + 2]) for i in range(0, len(numbers), 3)]
 
 
-async def staged_sizes(source: Runner, paths: Sequence[str], timeout: float) -> tuple[int, int]:  # noqa: ASYNC109
+def parse_stat(output: bytes, paths: Sequence[str]) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) summed over the paths."""
+    sizes = parse_stat_files(output, paths)
+    return sum(a for a, _ in sizes), sum(b for _, b in sizes)
+
+
+async def staged_sizes(source: Runner, paths: Sequence[str], timeout: float) -> list[tuple[int, int]]:  # noqa: ASYNC109
+    """(apparent, allocated) bytes of each staged file."""
     result = await source.run(["stat", "-L", "-c", "%s %b %B", "--", *paths], timeout=timeout)
-    return parse_stat(result.stdout, paths)
+    return parse_stat_files(result.stdout, paths)
+
+
+def file_progress(listing: bytes, totals: Mapping[str, int]) -> dict[str, int]:
+    """Bytes arrived per expected file name, from ``<size> <name>`` lines of the temporary directory. A
+    file rsync is still receiving is named ``.<name>.<random>``; it counts for ``<name>``."""
+    done = dict.fromkeys(totals, 0)
+    for line in listing.decode("utf-8", "replace").splitlines():
+        size, _, name = line.partition(" ")
+        if not size.isdigit():
+            continue
+        if name not in done and name.startswith("."):
+            name = name[1:].rsplit(".", 1)[0]
+        if name in done:
+            done[name] = min(totals[name], max(done[name], int(size)))
+    return done
 
 
 def parse_digests(output: bytes, paths: Sequence[str]) -> dict[str, str]:
@@ -162,13 +187,14 @@ def parse_digests(output: bytes, paths: Sequence[str]) -> dict[str, str]:
 
 
 async def hash_files(source: Runner, paths: Sequence[str], timeout: float,  # noqa: ASYNC109
-                     nice: int | None = None, ionice: int | None = None) -> dict[str, str]:
+                     nice: int | None = None, ionice: int | None = None,
+                     started: Callable[[int], Awaitable[None]] | None = None) -> dict[str, str]:
     """sha256 of each path on ``source`` with ``openssl dgst``, or a ``python3`` one-liner without openssl."""
     argv = ["openssl", "dgst", "-sha256", "-r", "--", *paths]
-    result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False)
+    result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False, started=started)
     if result.exit_status == NOT_FOUND_STATUS:
         argv = ["python3", "-c", _HASH_PY, *paths]
-        result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False)
+        result = await source.run(argv, timeout=timeout, nice=nice, ionice=ionice, check=False, started=started)
     if result.exit_status != 0:
         raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(source, "host", None))
     return parse_digests(result.stdout, paths)
@@ -275,8 +301,11 @@ class TreeDatastore:
         result = await self.server.run(argv, timeout=self.command_timeout, check=False)
         if result.exit_status == 3:
             raise DriverError(f"datastore {self.datastore.id}: backup {backup_id} of VM {vm_id} exists already")
-        if result.exit_status != 0:  # e.g. the temporary directory exists: another upload of that id runs
+        if result.exit_status != 0:
             raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(self.server, "host", None))
+        if result.stdout.strip():
+            log.info("datastore %s: removed partial uploads of VM %s left by earlier attempts: %s", self.datastore.id,
+                     vm_id, result.stdout.decode("utf-8", "replace").split())
         return tmp
 
     async def _commit(self, vm_id: int, backup_id: str) -> None:
@@ -296,33 +325,38 @@ class TreeDatastore:
         log.warning("datastore %s: partial upload %s still there; cleanup_partial will retry",
                     self.datastore.id, tmp)
 
-    async def _report_progress(self, tmp: str, total: asyncio.Future[tuple[int, int]], progress: Progress) -> None:
-        """Feed ``progress`` with the apparent size of the temporary directory until cancelled; best effort:
-        a failed probe ends the reports, not the upload."""
-        apparent, _ = await total
+    async def _report_progress(self, tmp: str, totals: asyncio.Future[dict[str, int]], progress: Progress) -> None:
+        """Feed ``progress`` with the apparent sizes of the files in the temporary directory until
+        cancelled; best effort: a failed probe ends the reports, not the upload."""
+        expected = await totals
         while True:
             try:
-                out = await self._run(["sh", "-c", _TREE_SIZE, "sh", tmp], check=False)
+                out = await self._run(["sh", "-c", _TREE_SIZES, "sh", tmp], check=False)
             except DriverError as exc:
                 log.info("datastore %s: no more progress reports for %s: %s", self.datastore.id, tmp, exc)
                 return
-            words = out.split()
-            done = int(words[0]) if words and words[0].isdigit() else 0
-            progress(min(done, apparent), apparent)
+            progress(file_progress(out, expected), expected)
             await asyncio.sleep(self.progress_interval)
 
     async def _upload(self, source: Runner, paths: list[str], vm_id: int, backup_id: str, timeout: float,  # noqa: ASYNC109
                       transfer: Callable[[str], Coroutine[Any, Any, None]],
-                      progress: Progress | None, nice: int | None, ionice: int | None) -> UploadResult:
+                      progress: Progress | None, nice: int | None, ionice: int | None,
+                      started: ProcessStarted | None = None) -> UploadResult:
         """Stat, hash and ``transfer(tmp)`` at the same time; rename the directory when all succeeded."""
         tmp = await self._begin(vm_id, backup_id)
+        names = [path.rsplit("/", 1)[-1] for path in paths]
+
+        async def totals() -> dict[str, int]:
+            return {name: apparent for name, (apparent, _) in zip(names, await sizes, strict=True)}
+
         try:
             async with asyncio.TaskGroup() as group:
                 sizes = group.create_task(staged_sizes(source, paths, timeout))
-                digests = group.create_task(hash_files(source, paths, timeout, nice, ionice))
+                digests = group.create_task(hash_files(source, paths, timeout, nice, ionice,
+                                                       on_side(started, "source")))
                 copy = group.create_task(transfer(tmp))
                 if progress is not None:
-                    probe = group.create_task(self._report_progress(tmp, sizes, progress))
+                    probe = group.create_task(self._report_progress(tmp, asyncio.ensure_future(totals()), progress))
                     copy.add_done_callback(lambda _: probe.cancel())
             await self._commit(vm_id, backup_id)
         except BaseException as exc:
@@ -330,11 +364,23 @@ class TreeDatastore:
             if isinstance(exc, BaseExceptionGroup):
                 raise first_error(exc) from None
             raise
-        apparent, allocated = sizes.result()
         if progress is not None:
-            progress(apparent, apparent)
+            final = await totals()
+            progress(final, final)
+        allocated = sum(b for _, b in sizes.result())
         hashes = {path.rsplit("/", 1)[-1]: digest for path, digest in digests.result().items()}
         return UploadResult(size_mb=math.ceil(allocated / MIB), sha256=hashes)
+
+
+def on_side(started: ProcessStarted | None, side: str) -> Callable[[int], Awaitable[None]] | None:
+    """A runner's ``started`` hook that tells ``started`` which side ran the command."""
+    if started is None:
+        return None
+
+    async def hook(pgid: int) -> None:
+        await started(side, pgid)
+
+    return hook
 
 
 def staged_paths(staging_dir: str, files: Sequence[str]) -> list[str]:

@@ -21,9 +21,11 @@ from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     PROGRESS_INTERVAL,
+    ProcessStarted,
     Progress,
     TreeDatastore,
     UploadResult,
+    on_side,
     rsync_ssh,
     staged_paths,
 )
@@ -49,7 +51,7 @@ class FsDatastore(TreeDatastore):
 
     async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
                      *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None) -> UploadResult:
+                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult:
         """Copy (local hypervisor) or pull (remote one) ``files`` of ``staging_dir`` into ``backup_id``."""
         paths = staged_paths(staging_dir, files)
         hypervisor: SshTarget | None = getattr(source, "target", None)
@@ -61,7 +63,8 @@ class FsDatastore(TreeDatastore):
                 shell = rsync_ssh(ssh_command or DEFAULT_SSH, hypervisor.port)
                 argv = ["rsync", *self.options, "-e", shell, "--",
                         *(f"{remote(hypervisor)}:{path}" for path in paths), f"{tmp}/"]
-            await self.server.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice)
+            await self.server.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
+                                  started=on_side(started, "server"))
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
-                                  self.nice, self.ionice)
+                                  self.nice, self.ionice, started)

@@ -45,6 +45,7 @@ from drivers.datastore.base import (
     MAX_SMALL_FILE,
     MIB,
     Capacity,
+    ProcessStarted,
     Progress,
     UploadResult,
     apply_limit,
@@ -380,7 +381,7 @@ class ResticDatastore:
 
     async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
                      *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None) -> ResticUpload:
+                     progress: Progress | None = None, started: ProcessStarted | None = None) -> ResticUpload:
         """``restic backup`` of ``files`` run on the hypervisor ``source``, hashing them meanwhile."""
         paths = staged_paths(staging_dir, files)
         layout.check_backup_id(backup_id)
@@ -402,7 +403,7 @@ class ResticDatastore:
         summary = parse_summary(backup.result().stdout)
         processed = int(summary.get("total_bytes_processed") or 0)
         if progress is not None:
-            progress(processed, processed)
+            progress({"*": processed}, {"*": processed})  # restic reports the whole backup, not per file
         snapshot_id = str(summary["snapshot_id"])
         log.info("datastore %s: VM %s backup %s is snapshot %s (%s bytes processed, %s added)", self.datastore.id,
                  vm_id, backup_id, snapshot_id[:SHORT_ID], processed, summary.get("data_added"))

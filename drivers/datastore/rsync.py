@@ -21,10 +21,12 @@ from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     PROGRESS_INTERVAL,
+    ProcessStarted,
     Progress,
     TreeDatastore,
     UploadResult,
     int_attribute,
+    on_side,
     rsync_ssh,
     staged_paths,
 )
@@ -84,6 +86,22 @@ def rsync_options(datastore: Datastore, prefix: str = "RSYNC") -> list[str]:
     return words
 
 
+_UNITS = {"": 1024, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def bwlimit_bytes(datastore: Datastore, prefix: str) -> int:
+    """``<prefix>_BWLIMIT`` in bytes per second (rsync's units: a bare number is KiB/s), 0 when unset; the
+    rate the hypervisor's other heavy commands (qemu-img convert) are held to as well."""
+    value = (datastore.template.get(f"{prefix}_BWLIMIT") or "").strip()
+    if not value:
+        return 0
+    if not _BWLIMIT.match(value):
+        raise ValidationError(f"datastore {datastore.id}: {prefix}_BWLIMIT must be a rate like 500 or 10M, "
+                              f"got {value!r}")
+    number, unit = (value[:-1], value[-1].upper()) if value[-1].isalpha() else (value, "")
+    return max(1, int(float(number) * _UNITS[unit]))
+
+
 def priority(datastore: Datastore, prefix: str) -> tuple[int | None, int | None]:
     """``<prefix>_NICE`` and ``<prefix>_IONICE`` (spec §11)."""
     return (int_attribute(datastore, f"{prefix}_NICE", -20, 19), int_attribute(datastore, f"{prefix}_IONICE", 0, 7))
@@ -111,14 +129,15 @@ class RsyncDatastore(TreeDatastore):
 
     async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
                      *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None) -> UploadResult:
+                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult:
         """Send ``files`` of ``staging_dir`` (on the hypervisor ``source`` runs on) into backup ``backup_id``."""
         paths = staged_paths(staging_dir, files)
         remote_shell = rsync_ssh(ssh_command or DEFAULT_SSH, self.target.port)
 
         async def transfer(tmp: str) -> None:
             argv = ["rsync", *self.options, "-e", remote_shell, "--", *paths, f"{remote(self.target)}:{tmp}/"]
-            await source.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice)
+            await source.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
+                             started=on_side(started, "source"))
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
-                                  self.nice, self.ionice)
+                                  self.nice, self.ionice, started)

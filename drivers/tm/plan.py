@@ -148,16 +148,17 @@ def check_sources(disks: Iterable[DiskSource], current: Sequence[Disk]) -> None:
 # ------------------------------------------------------------------------------------------------ qemu-img
 
 
-def convert_argv(disk: DiskSource, target: str, *, shared: bool, rate_limit_mib: int = 0) -> list[str]:
+def convert_argv(disk: DiskSource, target: str, *, shared: bool, rate_limit: int = 0) -> list[str]:
     """``qemu-img convert`` of a disk (with its backing chain, flattened) into a sparse qcow2.
 
     ``shared`` (-U) reads an image QEMU holds open: the frozen base of a live snapshot, which nothing
-    writes any more. A powered-off disk is read with the lock taken, so the VM cannot start meanwhile."""
+    writes any more. A powered-off disk is read with the lock taken, so the VM cannot start meanwhile.
+    ``rate_limit``: bytes per second (qemu-img -r), 0 for none."""
     argv = ["qemu-img", "convert", "-q", "-m", str(CONVERT_COROUTINES), "-f", disk.format, "-O", "qcow2"]
     if shared:
         argv.append("-U")
-    if rate_limit_mib:
-        argv += ["-r", f"{rate_limit_mib}M"]
+    if rate_limit:
+        argv += ["-r", str(rate_limit)]
     return [*argv, disk.path, target]
 
 
@@ -165,6 +166,26 @@ def image_sizes(info_json: str | bytes) -> tuple[int, int]:
     """(virtual size, bytes allocated on the host) from ``qemu-img info --output=json``."""
     info = json.loads(info_json)
     return int(info["virtual-size"]), int(info.get("actual-size", 0))
+
+
+def chain_allocated(info_json: str | bytes) -> int:
+    """Bytes allocated on the host by every file of a backing chain (what a convert reads, roughly)."""
+    infos = json.loads(info_json)
+    return sum(int(info.get("actual-size", 0)) for info in (infos if isinstance(infos, list) else [infos]))
+
+
+def allocated_sizes(stat_output: bytes, count: int) -> list[int | None]:
+    """Bytes allocated per file from ``stat -c '%b %B'`` lines; None for a file stat could not read
+    (its line is missing: stat reports it on stderr), when the lines do not add up."""
+    lines = stat_output.decode("ascii", "replace").splitlines()
+    if len(lines) != count:
+        return [None] * count
+    sizes: list[int | None] = []
+    for line in lines:
+        words = line.split()
+        sizes.append(int(words[0]) * int(words[1]) if len(words) == 2 and all(w.isdigit() for w in words)
+                     else None)
+    return sizes
 
 
 def chain_files(info_json: str | bytes) -> list[str]:

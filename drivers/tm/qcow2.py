@@ -17,21 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from drivers.commands import Runner, shielded
+from drivers.commands import Runner, Started, shielded
 from drivers.tm import plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
 from drivers.vmm.errors import GuestAgentError, VmmError
 from drivers.vmm.kvm import KvmHost
 from drivers.vmm.states import DomainState
 from scheduler.errors import DriverError, ValidationError
+from scheduler.faults import crash_point
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Journal = Callable[[dict[str, Any]], Awaitable[None]]
+DiskProgress = Callable[[int, int, int], None]  # (disk_id, bytes staged, bytes to stage)
+# What runs on the staged files while the overlays are committed back (the upload); its result is kept.
+Then = Callable[["CaptureResult"], Awaitable[Any]]
 
 
 class CaptureError(DriverError):
@@ -41,7 +45,8 @@ class CaptureError(DriverError):
 @dataclass(frozen=True)
 class CaptureOptions:
     parallel: int = 2  # disks converted at the same time
-    rate_limit_mib: int = 0  # qemu-img convert -r, MiB/s per disk; 0 = unlimited
+    rate_limit: int = 0  # qemu-img convert -r, bytes/s per disk; 0 = unlimited
+    progress_interval: float = 2.0  # seconds between two looks at the staged files' sizes
     convert_timeout: float = 6 * 3600.0
     commit_deadline: float = 600.0  # per overlay; past it the commit is aborted and the overlay kept
     command_timeout: float = 120.0  # mkdir, rm, qemu-img info
@@ -65,6 +70,7 @@ class CaptureResult:
     frozen_filesystems: int | None = None  # AGENT: how many the agent froze; 0 means nothing was quiesced
     thawed_first: int = 0  # filesystems found frozen (left by an earlier crash) and thawed before freezing
     snapshot_seconds: float | None = None  # freeze/suspend + snapshot + thaw/resume: the guest's pause
+    followed: Any = None  # what ``then`` returned
 
 
 @dataclass
@@ -80,25 +86,35 @@ async def _no_journal(entry: dict[str, Any]) -> None:
     return None
 
 
+async def _finish(task: asyncio.Future[None]) -> None:
+    await task
+
+
 async def capture(kvm: KvmHost, runner: Runner, domain: str, disks: Sequence[DiskSource], *, fs_freeze: FsFreeze,
                   run_id: int | str, staging_dir: str, journal: Journal, nice: int | None = None,
-                  ionice: int | None = None, options: CaptureOptions = CaptureOptions()) -> CaptureResult:
+                  ionice: int | None = None, options: CaptureOptions = CaptureOptions(),
+                  started: Started | None = None, progress: DiskProgress | None = None,
+                  then: Then | None = None) -> CaptureResult:
     """Stage ``disk.<disk_id>.0`` (qcow2, sparse, backing chain flattened) of each disk in ``staging_dir``
-    (``<BACKUP_BASE_PATH>/<vm_id>/<run_id>``, created if missing; the caller removes it after upload)."""
+    (``<BACKUP_BASE_PATH>/<vm_id>/<run_id>``, created if missing; the caller removes it after upload).
+    ``started`` is told each convert's process group as it starts; ``progress`` the bytes staged so far
+    per disk (the allocated size of the staged file against that of the disk's chain: an estimate).
+    ``then`` (the upload) runs on the staged files at the same time as the commit of the overlays; the
+    capture returns once both ended, with its result in ``followed``; if either fails, the capture fails."""
     run = plan.check_request(disks, run_id, staging_dir)
     session = _Session(kvm, runner, domain, Artifacts(run), journal, options, staging=staging_dir, nice=nice,
-                       ionice=ionice)
+                       ionice=ionice, started=started, progress=progress)
     state = await kvm.state(domain)
     try:
         plan.check_sources(disks, await kvm.disks(domain))
     except ValidationError as exc:
         raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
     if state is DomainState.SHUTOFF:
-        return await session.guarded(session.cold(disks))
+        return await session.guarded(session.cold(disks), then)
     if state not in (DomainState.RUNNING, DomainState.PAUSED):
         raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
                            "are backed up", host=kvm.name)
-    return await session.guarded(session.live(disks, fs_freeze, paused=state is DomainState.PAUSED))
+    return await session.guarded(session.live(disks, fs_freeze, paused=state is DomainState.PAUSED), then)
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
@@ -123,9 +139,12 @@ class _Session:
 
     def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, journal: Journal,
                  options: CaptureOptions, *, staging: str = "", nice: int | None = None,
-                 ionice: int | None = None) -> None:
+                 ionice: int | None = None, started: Started | None = None,
+                 progress: DiskProgress | None = None) -> None:
         self.kvm, self.runner, self.domain, self.artifacts = kvm, runner, domain, artifacts
         self.journal, self.options, self.staging, self.nice, self.ionice = journal, options, staging, nice, ionice
+        self.started, self.progress = started, progress
+        self.converting: dict[int, tuple[str, int]] = {}  # disk_id -> (staged file, bytes to stage)
         self.where = f"{kvm.name}: domain {domain!r}: run {artifacts.run}"
         self.problems: list[Exception] = []
         self.report = RecoveryReport()
@@ -140,18 +159,31 @@ class _Session:
 
     # ------------------------------------------------------------------ the two captures
 
-    async def guarded(self, body: Awaitable[T]) -> T:
-        """``body``, then the cleanup; on any failure the cleanup also discards the staged files."""
+    async def guarded(self, body: Awaitable[CaptureResult], then: Then | None = None) -> CaptureResult:
+        """``body``, then the cleanup (with ``then`` running meanwhile); on any failure the cleanup also
+        discards the staged files."""
         try:
             value = await body
+            crash_point("converted")
         except BaseException as exc:
             await shielded(self.release(discard=True))
-            for problem in self.problems:
-                exc.add_note(f"cleanup: {problem}")
+            self.note_problems(exc)
             raise
-        await shielded(self.release(discard=False))
+        release = asyncio.ensure_future(self.release(discard=False))  # never raises: failures go to problems
+        try:
+            followed = await then(value) if then is not None else None
+        except BaseException as exc:
+            await shielded(_finish(release))
+            await shielded(self.discard_staged())
+            self.note_problems(exc)
+            raise
+        await shielded(_finish(release))
         self.raise_problems("backup captured, but the cleanup failed (staged files removed)")
-        return value
+        return replace(value, followed=followed)
+
+    def note_problems(self, exc: BaseException) -> None:
+        for problem in self.problems:
+            exc.add_note(f"cleanup: {problem}")
 
     async def cold(self, disks: Sequence[DiskSource]) -> CaptureResult:
         await self.command(["mkdir", "-p", "--", self.staging])
@@ -168,11 +200,13 @@ class _Session:
         started = loop.time()
         try:
             frozen, thawed_first = await self.quiesce(mode)
+            crash_point("quiesced")
         except BaseException:
             self.artifacts.overlays.clear()  # no snapshot was attempted: no overlay can exist
             raise
         try:
             await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
+            crash_point("snapshot")
         finally:
             await shielded(self.unquiesce())
         window = loop.time() - started
@@ -234,6 +268,10 @@ class _Session:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(one(disk)) for disk in disks]
+                if self.progress is not None:
+                    watcher = group.create_task(self.watch_progress())
+                    done = asyncio.gather(*tasks, return_exceptions=True)
+                    done.add_done_callback(lambda _: watcher.cancel())
         except BaseExceptionGroup as failed:
             for other in failed.exceptions[1:]:
                 log.error("%s: %s", self.where, other)
@@ -243,12 +281,43 @@ class _Session:
     async def convert(self, disk: DiskSource, *, shared: bool) -> DiskImage:
         target = plan.staging_file(self.staging, disk.disk_id)
         await self.note(Step.STAGING, path=target)
-        argv = plan.convert_argv(disk, target, shared=shared, rate_limit_mib=self.options.rate_limit_mib)
-        done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice)
+        argv = plan.convert_argv(disk, target, shared=shared, rate_limit=self.options.rate_limit)
+        total = 0
+        if self.progress is not None:
+            total = plan.chain_allocated(await self.command(["qemu-img", "info", "-U", "--backing-chain",
+                                                             "--output=json", disk.path]))
+            self.converting[disk.disk_id] = (target, total)
+            self.progress(disk.disk_id, 0, total)
+        done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
+                                     started=self.started)
+        self.converting.pop(disk.disk_id, None)
+        if self.progress is not None:
+            self.progress(disk.disk_id, total, total)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: disk %d (%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  disk.disk_id, disk.target, target, done.duration, virtual, actual)
         return DiskImage(disk.disk_id, disk.target, target, virtual, actual)
+
+    async def watch_progress(self) -> None:
+        """Report the staged files' allocated sizes every ``progress_interval`` until cancelled; a failed
+        look ends the reports, never the capture."""
+        assert self.progress is not None
+        while True:
+            await asyncio.sleep(self.options.progress_interval)
+            converting = dict(self.converting)
+            if not converting:
+                continue
+            paths = [path for path, _ in converting.values()]
+            try:
+                out = await self.runner.run(["stat", "-c", "%b %B", "--", *paths],
+                                            timeout=self.options.command_timeout, check=False)
+            except DriverError as exc:
+                log.info("%s: no more progress reports: %s", self.where, exc)
+                return
+            sizes = plan.allocated_sizes(out.stdout, len(paths))
+            for (disk_id, (_, total)), size in zip(converting.items(), sizes, strict=True):
+                if size is not None and disk_id in self.converting:
+                    self.progress(disk_id, min(size, total), total)
 
     # ------------------------------------------------------------------ cleanup (capture and recovery)
 
@@ -261,8 +330,11 @@ class _Session:
         for target, overlay in list(self.artifacts.overlays.items()):
             await self.attempt(f"commit {target} back from {overlay}", self.drop_overlay(target, overlay))
         if discard or self.problems:
-            for path in list(self.artifacts.staging):
-                await self.attempt(f"remove {path}", self.remove_staged(path))
+            await self.discard_staged()
+
+    async def discard_staged(self) -> None:
+        for path in list(self.artifacts.staging):
+            await self.attempt(f"remove {path}", self.remove_staged(path))
 
     async def attempt(self, what: str, work: Awaitable[None]) -> None:
         try:

@@ -44,6 +44,7 @@ class RunContext:
     # Stages the run's success into the action's own transaction (a scheduler.state.Mutation), so the
     # result and the run's completion commit together.
     complete: Callable[[Any], None] | None = None
+    progress: Any = None  # scheduler.progress.BackupProgress of a backup run: what the API and /metrics show
 
 
 ArgsCheck = Callable[[str], None]

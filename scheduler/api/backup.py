@@ -66,14 +66,19 @@ async def backup(ctx: Context, caller: Caller, vm_id: int, ds_id: int, reset: bo
     return vm_id
 
 
-def run_status(run: Any) -> dict[str, Any]:
-    return {"ID": run.id, "STATE": run.state.value, "ATTEMPT": run.attempt, "MESSAGE": run.message,
-            "DATASTORE_ID": run.datastore_id}
+def run_status(ctx: Context, run: Any) -> dict[str, Any]:
+    status = {"ID": run.id, "STATE": run.state.value, "ATTEMPT": run.attempt, "MESSAGE": run.message,
+              "DATASTORE_ID": run.datastore_id}
+    progress = ctx.progress.get(run.id) if ctx.progress is not None else None
+    if progress is not None:
+        status["PROGRESS"] = progress.as_struct(ctx.clock.now())
+    return status
 
 
 @registry.method("vmsched.vm.backupstatus", Param("id", int))
 async def backup_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, Any]:
-    """The VM's newest one-shot backup run: ID, STATE (queued, running, done, given_up...), ATTEMPT, MESSAGE."""
+    """The VM's newest one-shot backup run: ID, STATE (queued, running, done, given_up...), ATTEMPT, MESSAGE,
+    and while it runs PROGRESS (see ``vmsched.vm.backupprogress``)."""
     vm = ctx.state.get("vm", vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "backupstatus")
     if ctx.engine is None:
@@ -85,7 +90,18 @@ async def backup_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, A
         ours = [r for r in await journal.history(vm_id, 50) if r.action == ACTION and r.action_id is None]
     if not ours:
         raise NotFound(f"VM {vm_id} has no one-shot backup")
-    return run_status(max(ours, key=lambda r: r.id))
+    return run_status(ctx, max(ours, key=lambda r: r.id))
+
+
+@registry.method("vmsched.vm.backupprogress", Param("id", int))
+async def backup_progress(ctx: Context, caller: Caller, vm_id: int) -> dict[str, Any]:
+    """How far the VM's running backup (scheduled or one-shot) is: PHASE (capture, upload, record), DONE and
+    TOTAL bytes of that phase, ELAPSED seconds, RUN_ID, and DISKS (DISK_ID, DONE, TOTAL); {} when none runs.
+    Bytes are doubles (XML-RPC integers are 32-bit)."""
+    vm = ctx.state.get("vm", vm_id)
+    require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "backupprogress")
+    progress = ctx.progress.for_vm(vm_id) if ctx.progress is not None else None
+    return progress.as_struct(ctx.clock.now()) if progress is not None else {}
 
 
 @registry.method("one.vm.backupcancel", Param("id", int))

@@ -36,6 +36,7 @@ class Context:
     state_dir: Path
     engine: Any = None  # scheduler.engine.Engine once the daemon runs one
     links: Any = None  # scheduler.hostlinks.HostLinks: runners and libvirt connections per host
+    progress: Any = None  # scheduler.progress.ProgressBoard: how far the running backups are
     xml: XmlCache = field(default_factory=XmlCache)
 
     def __post_init__(self) -> None:

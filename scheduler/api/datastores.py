@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from drivers.datastore.restic import sftp_target
+from drivers.datastore.rsync import server_target
+from drivers.ssh import SshTarget
 from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
+from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
 from scheduler.api.registry import registry
 from scheduler.errors import ActionError, ValidationError
 from scheduler.objects import pool_element
@@ -44,6 +48,27 @@ def check_datastore_template(template: Template, ds_type: DatastoreType) -> None
             raise ValidationError(f"LIMIT_MB must be a whole number of MB, got {value!r}")
 
 
+def server_of(datastore: Datastore) -> SshTarget | None:
+    """The SSH server a backup datastore keeps its backups on; None for ``fs`` (this machine)."""
+    if datastore.ds_mad == "rsync":
+        return server_target(datastore)
+    if datastore.ds_mad == "restic":
+        return sftp_target(datastore)
+    return None
+
+
+async def first_contact(ctx: Context, datastore: Datastore) -> None:
+    """``ACCEPT_HOSTKEY = "YES"``: record the key the backup server presents now (scheduler.api.firstcontact).
+    The hypervisors get it from vmsched before each upload (scheduler.backup_run)."""
+    if not take_acceptance(datastore.template):
+        return
+    target = server_of(datastore)
+    if target is None:
+        raise ValidationError(f"ACCEPT_HOSTKEY applies to rsync and restic datastores, whose backup server is "
+                              f"reached over SSH; DS_MAD {datastore.ds_mad!r} has none")
+    datastore.template.set(FINGERPRINT_KEY, await accept_server_key(ctx, f"datastore {datastore.name}", target))
+
+
 @registry.method("one.datastore.allocate", Param("template", str), Param("cluster_id", int, -1))
 async def allocate(ctx: Context, caller: Caller, text: str, cluster_id: int) -> int:
     require_admin(caller, "create datastores")
@@ -53,19 +78,21 @@ async def allocate(ctx: Context, caller: Caller, text: str, cluster_id: int) -> 
     ds_type = parse_code(DatastoreType, template.get("TYPE") or "IMAGE_DS")
     template.set("TYPE", ds_type.name)
     check_datastore_template(template, ds_type)
+    datastore = Datastore(
+        id=-1,
+        name=name,
+        type=ds_type,
+        ds_mad=template.get("DS_MAD") or "",
+        tm_mad=template.get("TM_MAD") or "-",
+        ownership=Ownership(caller.user_id, caller.gid, caller.name, _group_name(caller.gid)),
+        template=template,
+    )
+    await first_contact(ctx, datastore)  # the key exchange happens before anything is stored
     async with ctx.state.mutation() as m:
         taken = next((d for d in ctx.state.all(KIND) if d.name == name), None)
         if taken is not None:
             raise ValidationError(f"NAME is already taken by DATASTORE {taken.id}.")
-        datastore = Datastore(
-            id=await m.new_id(KIND),
-            name=name,
-            type=ds_type,
-            ds_mad=template.get("DS_MAD") or "",
-            tm_mad=template.get("TM_MAD") or "-",
-            ownership=Ownership(caller.user_id, caller.gid, caller.name, _group_name(caller.gid)),
-            template=template,
-        )
+        datastore.id = await m.new_id(KIND)
         m.put(KIND, datastore)
     return datastore.id
 
@@ -92,18 +119,30 @@ async def delete(ctx: Context, caller: Caller, ds_id: int) -> int:
 
 @registry.method("one.datastore.update", Param("id", int), Param("template", str), Param("type", int, 0))
 async def update(ctx: Context, caller: Caller, ds_id: int, text: str, merge: int) -> int:
+    """``ACCEPT_HOSTKEY = "YES"`` in ``text`` records the backup server's key (first contact) before the
+    change commits, outside the state lock."""
     require_admin(caller, "update datastores")
+    wanted = ctx.state.editable(KIND, ds_id)
+    wanted.template = _updated(wanted, text, merge)
+    await first_contact(ctx, wanted)
     async with ctx.state.mutation() as m:
         datastore = ctx.state.editable(KIND, ds_id)
-        template = update_template(datastore.template, text, merge, f"datastore {ds_id} template")
-        template.remove("NAME")
-        for fixed in ("TYPE", "DS_MAD"):  # the kind of a datastore does not change under its images
-            template.set(fixed, datastore.template.get(fixed) or (datastore.type.name if fixed == "TYPE" else datastore.ds_mad))
-        check_datastore_template(template, datastore.type)
-        datastore.template = template
-        datastore.tm_mad = template.get("TM_MAD") or datastore.tm_mad
+        datastore.template = _updated(datastore, text, merge)
+        take_acceptance(datastore.template)
+        if FINGERPRINT_KEY in wanted.template:
+            datastore.template.set(FINGERPRINT_KEY, wanted.template.get(FINGERPRINT_KEY) or "")
+        datastore.tm_mad = datastore.template.get("TM_MAD") or datastore.tm_mad
         m.put(KIND, datastore)
     return ds_id
+
+
+def _updated(datastore: Datastore, text: str, merge: int) -> Template:
+    template = update_template(datastore.template, text, merge, f"datastore {datastore.id} template")
+    template.remove("NAME")
+    for fixed in ("TYPE", "DS_MAD"):  # the kind of a datastore does not change under its images
+        template.set(fixed, datastore.template.get(fixed) or (datastore.type.name if fixed == "TYPE" else datastore.ds_mad))
+    check_datastore_template(template, datastore.type)
+    return template
 
 
 @registry.method("one.datastorepool.info")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from drivers import hostkeys
-from drivers.commands import HostKeyMismatch
 from scheduler.api.common import check_name, update_template, xml_string
 from scheduler.api.context import Context
+from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
 from scheduler.api.registry import registry
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hostlinks import is_local, ssh_target
-from scheduler.monitoring import REPLACE_HINT
 from scheduler.objects import pool_element
 from scheduler.objects.host import Host
 from scheduler.objects.states import HostState
@@ -22,8 +20,6 @@ from scheduler.template import Template
 log = logging.getLogger(__name__)
 
 KIND = "host"
-ACCEPT_KEY = "ACCEPT_HOSTKEY"
-FINGERPRINT_KEY = "SSH_HOSTKEY_FINGERPRINT"
 _STATUS = {0: None, 1: HostState.DISABLED, 2: HostState.OFFLINE}
 
 
@@ -97,34 +93,12 @@ def _updated(template: Template, text: str, merge: int, host_id: int) -> Templat
     return updated
 
 
-def take_acceptance(template: Template) -> bool:
-    """Remove ``ACCEPT_HOSTKEY`` from ``template``; True when it asked to accept the host key."""
-    values = template.remove(ACCEPT_KEY)
-    value = values[-1] if values else "NO"
-    if not isinstance(value, str) or value.upper() not in ("YES", "NO", ""):
-        raise ValidationError(f"{ACCEPT_KEY} must be YES or NO, got {value!r}; a changed host key is never "
-                              "replaced by accepting: remove the old key from vmsched's known_hosts first")
-    return value.upper() == "YES"
-
-
 async def first_contact(ctx: Context, name: str, template: Template) -> str:
-    """Record the key the host presents in vmsched's known_hosts; its description (type and SHA256
-    fingerprint). A host with another key recorded is refused; the scheduler's own machine needs no key."""
+    """The key the host presents, recorded (see scheduler.api.firstcontact); the scheduler's own machine
+    needs none."""
     if is_local(template):
         return ""
-    target = ssh_target(name, template)
-    known_hosts = ctx.links.settings.known_hosts if ctx.links is not None else \
-        ctx.config.ssh.known_hosts_path(ctx.state_dir)
-    key = await hostkeys.fetch_host_key(target.host, target.port, timeout=ctx.config.ssh.connect_timeout)
-    try:
-        added = hostkeys.accept_host_key(known_hosts, target.host, target.port, key)
-    except HostKeyMismatch as exc:
-        pattern = hostkeys.host_pattern(target.host, target.port)
-        raise HostKeyMismatch(f"{exc}; {REPLACE_HINT.format(pattern=repr(pattern), known_hosts=known_hosts)}",
-                              host=target.host, fingerprint=exc.fingerprint) from None
-    described = hostkeys.describe(key)
-    log.info("host %s: %s host key %s of %s", name, "accepted" if added else "already trusted", described, target)
-    return described
+    return await accept_server_key(ctx, f"host {name}", ssh_target(name, template))
 
 
 @registry.method("one.host.status", Param("id", int), Param("status", int))

@@ -103,6 +103,14 @@ class Context:
         else:
             self.print(render(element))
 
+    def tell_fingerprint(self, kind: str, info_method: str, object_id: object) -> None:
+        """The host key now trusted for a host or a backup datastore's server, on standard error (standard
+        output stays what scripts parse)."""
+        element = etree.fromstring(str(self.call(info_method, object_id, False)).encode())
+        fingerprint = element.findtext("TEMPLATE/SSH_HOSTKEY_FINGERPRINT")
+        if fingerprint:
+            self.err.write(f"{kind} {element.findtext('NAME')}: trusting host key {fingerprint}\n")
+
     def print_id(self, object_id: object) -> None:
         """What a create command prints: ``ID: 5`` (or ``{"ID": 5}``)."""
         if self.output == "json":

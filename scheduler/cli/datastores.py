@@ -6,7 +6,7 @@ import argparse
 
 from lxml import etree
 
-from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
+from scheduler.cli.context import UPDATE_MERGE, Context, Kind, add_id_command, add_update_command, update_type
 from scheduler.cli.states import (
     DATASTORE_STATE_SHORT,
     DATASTORE_STATES,
@@ -65,7 +65,19 @@ def render_datastore(ds: etree._Element) -> str:
 
 def create(ctx: Context, args: argparse.Namespace) -> int:
     template = ctx.read_template(args.file)
-    ctx.print_id(ctx.call("one.datastore.allocate", template.render(), -1))
+    if args.accept_hostkey:
+        template.set("ACCEPT_HOSTKEY", "YES")
+    ds_id = ctx.call("one.datastore.allocate", template.render(), -1)
+    if args.accept_hostkey:
+        ctx.tell_fingerprint("datastore", "one.datastore.info", ds_id)
+    ctx.print_id(ds_id)
+    return 0
+
+
+def accept_hostkey(ctx: Context, args: argparse.Namespace) -> int:
+    ds_id = ctx.resolve(DATASTORES, args.datastore)
+    ctx.call("one.datastore.update", ds_id, 'ACCEPT_HOSTKEY = "YES"', UPDATE_MERGE)
+    ctx.tell_fingerprint("datastore", "one.datastore.info", ds_id)
     return 0
 
 
@@ -98,9 +110,13 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
     p = sub.add_parser("create", help="register a datastore from a template file", parents=[common])
     p.add_argument("file", metavar="FILE", help="template file, - for standard input")
+    p.add_argument("--accept-hostkey", action="store_true",
+                   help="trust the key the backup server (rsync, restic) presents on first contact")
     p.set_defaults(handler=create)
 
     sub.add_parser("list", help="list datastores", parents=[common]).set_defaults(handler=list_datastores)
     add_id_command(sub, common, "show", "show a datastore", "datastore", show)
     add_update_command(sub, common, "update", "replace (or --append to) the datastore template", "datastore", update)
     add_id_command(sub, common, "delete", "unregister a datastore", "datastore", delete)
+    add_id_command(sub, common, "accept-hostkey", "trust the key the backup server presents now (never replaces "
+                   "another recorded key)", "datastore", accept_hostkey)

@@ -103,16 +103,8 @@ def create(ctx: Context, args: argparse.Namespace) -> int:
         raise
     ctx.print_id(host_id)
     if args.accept_hostkey:
-        _tell_fingerprint(ctx, host_id)
+        ctx.tell_fingerprint("host", "one.host.info", host_id)
     return 0
-
-
-def _tell_fingerprint(ctx: Context, host_id: object) -> None:
-    """On standard error, so that standard output stays what scripts parse."""
-    host = etree.fromstring(str(ctx.call("one.host.info", host_id, False)).encode())
-    fingerprint = field(host, "TEMPLATE/SSH_HOSTKEY_FINGERPRINT")
-    if fingerprint:
-        ctx.err.write(f"host {field(host, 'NAME')}: trusting host key {fingerprint}\n")
 
 
 def _forget(ctx: Context, host_id: object) -> None:
@@ -141,7 +133,7 @@ def update(ctx: Context, args: argparse.Namespace) -> int:
 def accept_hostkey(ctx: Context, args: argparse.Namespace) -> int:
     host_id = ctx.resolve(HOSTS, args.host)
     ctx.call("one.host.update", host_id, 'ACCEPT_HOSTKEY = "YES"', UPDATE_MERGE)
-    _tell_fingerprint(ctx, host_id)
+    ctx.tell_fingerprint("host", "one.host.info", host_id)
     return 0
 
 
