@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
 from lxml import etree
 
 from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
-from scheduler.cli.datastores import DATASTORES
 from scheduler.cli.hosts import HOSTS
+from scheduler.cli.progress import Progress, show_fields
 from scheduler.cli.states import LCM_STATES, VM_STATES, name_of, vm_stat
 from scheduler.cli.tables import (
     Column,
@@ -21,6 +20,7 @@ from scheduler.cli.tables import (
     ids,
     join_sections,
     last_host,
+    parse_xml,
     pretty_xml,
     render_fields,
     render_table,
@@ -28,6 +28,7 @@ from scheduler.cli.tables import (
     time_until,
 )
 from scheduler.clock import SystemClock
+from scheduler.errors import VmschedError
 
 FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 ANY_BUT_DONE = -1
@@ -57,7 +58,7 @@ def _end(action: etree._Element) -> str:
     return format_time(value) if end_type == "2" else "none"
 
 
-def _number(action: etree._Element, name: str) -> int | None:
+def number_of(action: etree._Element, name: str) -> int | None:
     text = field(action, name).strip()
     return int(text) if text.lstrip("-").isdigit() else None
 
@@ -66,7 +67,7 @@ def _status(action: etree._Element, now: int) -> str:
     """onevm show's STATUS: the last error, else done (finished), else when it runs next."""
     if field(action, "MESSAGE"):
         return f"Error! {field(action, 'MESSAGE')}"
-    time, done = _number(action, "TIME"), _number(action, "DONE") or -1
+    time, done = number_of(action, "TIME"), number_of(action, "DONE") or -1
     if done > 0 and (time is None or time <= done):
         return f"Done on {format_time(str(done))}"
     if time is None:
@@ -76,7 +77,7 @@ def _status(action: etree._Element, now: int) -> str:
 
 def _id(action: etree._Element, now: int) -> str:
     """The id, marked ``*`` once the WARNING time has passed on a pending action."""
-    warning, time, done = _number(action, "WARNING"), _number(action, "TIME"), _number(action, "DONE")
+    warning, time, done = number_of(action, "WARNING"), number_of(action, "TIME"), number_of(action, "DONE")
     warned = warning is not None and 0 < warning <= now and time is not None and time > (done or -1)
     return f"*{field(action, 'ID')}" if warned else field(action, "ID")
 
@@ -97,8 +98,9 @@ def sched_columns(now: int) -> tuple[Column, ...]:
     )
 
 
-def render_vm(vm: etree._Element, now: int) -> str:
-    """``vm show``; ``now`` (epoch) is when the scheduled actions' STATUS is told."""
+def render_vm(vm: etree._Element, now: int, progress: Progress | None = None) -> str:
+    """``vm show``; ``now`` (epoch) is when the scheduled actions' STATUS is told; ``progress`` that of
+    the backup running now."""
     actions = vm.findall("TEMPLATE/SCHED_ACTION")
     backups = ids(vm, "BACKUPS/BACKUP_IDS")
     return join_sections([
@@ -113,6 +115,7 @@ def render_vm(vm: etree._Element, now: int) -> str:
             ("START TIME", format_time(field(vm, "STIME", "0"))),
             ("DEPLOY ID", field(vm, "DEPLOY_ID", "-")),
         ]),
+        render_fields("BACKUP PROGRESS", show_fields(progress)) if progress is not None else "",
         "SCHEDULED ACTIONS\n" + render_table(sched_columns(now), actions) if actions else "",
         render_template("BACKUP CONFIGURATION", vm.find("BACKUPS/BACKUP_CONFIG")),
         f"VM BACKUPS\nIMAGE IDS: {','.join(backups) if backups else '-'}\n",
@@ -122,6 +125,18 @@ def render_vm(vm: etree._Element, now: int) -> str:
 
 
 # -- handlers --------------------------------------------------------------------------------------
+
+
+BACKUP_LCM_STATES = frozenset({"BACKUP", "BACKUP_POWEROFF"})
+
+
+def backup_progress(ctx: Context, vm_id: int) -> Progress | None:
+    """The PROGRESS of the VM's running backup; None when none runs or the daemon cannot tell."""
+    try:
+        return Progress.from_struct(ctx.call("vmsched.vm.backupprogress", vm_id))
+    except VmschedError:  # a daemon without the method, or the run ended meanwhile
+        return None
+
 
 
 def create(ctx: Context, args: argparse.Namespace) -> int:
@@ -137,8 +152,14 @@ def list_vms(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def show(ctx: Context, args: argparse.Namespace) -> int:
+    """``vm show VM``; a VM being backed up also shows the progress of its backup (table output)."""
     now = int(SystemClock().now())
-    ctx.print_object(ctx.call("one.vm.info", ctx.resolve(VMS, args.vm), False), lambda vm: render_vm(vm, now))
+    vm_id = ctx.resolve(VMS, args.vm)
+    text = ctx.call("one.vm.info", vm_id, False)
+    progress = None
+    if ctx.output == "table" and name_of(LCM_STATES, field(parse_xml(str(text)), "LCM_STATE")) in BACKUP_LCM_STATES:
+        progress = backup_progress(ctx, vm_id)
+    ctx.print_object(text, lambda vm: render_vm(vm, now, progress))
     return 0
 
 
@@ -169,46 +190,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-WAIT_POLL = 1.0  # seconds between two looks at a waited-for backup
-FINISHED = {"done": True, "given_up": False, "failed": False, "cancelled": False, "interrupted": False}
-
-
-def backup(ctx: Context, args: argparse.Namespace) -> int:
-    """``vm backup VM -d DS [--reset] [--wait]``: queue a backup; --wait follows it to its end."""
-    vm_id = ctx.resolve(VMS, args.vm)
-    ds_id = ctx.resolve(DATASTORES, args.datastore) if args.datastore is not None else -1
-    ctx.call("one.vm.backup", vm_id, ds_id, args.reset)
-    if not args.wait:
-        return 0
-    return wait_backup(ctx, vm_id, args.wait_timeout)
-
-
-def backup_cancel(ctx: Context, args: argparse.Namespace) -> int:
-    """``vm backup-cancel VM``: stop its running (or waiting) backup; its cleanup runs on the host."""
-    vm_id = ctx.resolve(VMS, args.vm)
-    ctx.call("one.vm.backupcancel", vm_id)
-    ctx.print(f"backup of VM {vm_id}: cancel requested")
-    return 0
-
-
-def wait_backup(ctx: Context, vm_id: int, timeout: float) -> int:
-    """Poll the VM's last one-shot backup run: 0 when it is done; 1 when an attempt failed or time ran out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = ctx.call("vmsched.vm.backupstatus", vm_id)
-        assert isinstance(status, dict)
-        state, message = str(status["STATE"]), str(status.get("MESSAGE") or "")
-        if state in FINISHED:
-            ctx.print(f"backup of VM {vm_id}: {state}: {message}".rstrip(": "))
-            return 0 if FINISHED[state] else 1
-        if state == "queued" and int(status["ATTEMPT"]) > 0 and message:
-            ctx.print(f"backup of VM {vm_id}: attempt {status['ATTEMPT']} failed: {message} (it will be retried)")
-            return 1
-        if time.monotonic() > deadline:
-            ctx.print(f"backup of VM {vm_id}: still {state} after {timeout:g} s")
-            return 1
-        time.sleep(WAIT_POLL)
-
+# -- vm backup: now, or as a scheduled action (--schedule) -----------------------------------------
 
 IMPORT_FIELDS = ("ID", "DOMAIN", "UUID", "STATUS", "MESSAGE")
 IMPORT_COLUMNS = (
@@ -284,21 +266,17 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = add_id_command(sub, common, "deploy", "bind a VM to the host where its libvirt domain runs", "vm", deploy)
     p.add_argument("host", metavar="HOST", help="host id or name")
 
-    p = sub.add_parser("import", help="register a host's libvirt domains as VMs (again: refresh them)",
-                       parents=[common])
+    p = sub.add_parser(
+        "import", help="register a host's libvirt domains as VMs (again: refresh them)", parents=[common]
+    )
     p.add_argument("host", metavar="HOST", help="host id or name")
     p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domain name or UUID")
     p.add_argument("--all", action="store_true", help="every domain of the host")
     p.set_defaults(handler=import_domains)
 
-    p = add_id_command(sub, common, "backup", "back up a VM now (through the engine's limits)", "vm", backup)
-    p.add_argument("-d", "--datastore", metavar="DS", help="backup datastore id or name (default: the last one used)")
-    p.add_argument("--reset", action="store_true", help="start a new increment chain")
-    p.add_argument("--wait", action="store_true", help="wait for the backup to end; exit 1 if it failed")
-    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait waits at most")
+    from scheduler.cli import backup  # it builds on this module (VMS, backup_progress): imported late
 
-    add_id_command(sub, common, "backup-cancel", "cancel the VM's backup in progress (onevm backup-cancel)", "vm",
-                   backup_cancel)
+    backup.add_commands(sub, common)
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
 
