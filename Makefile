@@ -1,7 +1,9 @@
-# The README's commands. `make run`: install and run the service on its embedded defaults.
+# The README's commands. `make run`: install and run the service on its embedded defaults (with the
+# demo: this machine's libvirt, a tiny VM backed up hourly; `make run DEMO=0` skips it).
 # `make test`: install everything the tests need and run them.
 VENV ?= .venv
 STATE_DIR ?= $(CURDIR)/state
+DEMO ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-test run test lint bench realenv-up realenv-down
@@ -13,7 +15,10 @@ setup-test:
 	scripts/setup.sh --test
 
 run: setup
-	$(VENV)/bin/vmsched serve --state-dir $(STATE_DIR)
+ifneq ($(DEMO),0)
+	-scripts/local-libvirt up
+endif
+	$(VENV)/bin/vmsched serve --state-dir $(STATE_DIR)$(if $(filter 0,$(DEMO)), --no-demo)
 
 test: setup-test
 	$(VENV)/bin/ruff check scheduler drivers tests benchmarks

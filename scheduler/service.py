@@ -9,12 +9,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from drivers.ssh import SshSettings
-from scheduler import bootstrap
+from scheduler import bootstrap, faults
 from scheduler.actions import is_backup
 from scheduler.admission import Limits
 from scheduler.api import Context, build_codecs, make_authenticator, registry
@@ -22,6 +24,8 @@ from scheduler.auth import SessionCache
 from scheduler.backup_run import make_recoverer
 from scheduler.clock import Clock, SystemClock
 from scheduler.config import Config, load_config
+from scheduler.demo import provision as provision_demo
+from scheduler.dsmonitor import DatastoreMonitor
 from scheduler.engine import Engine, EngineSettings
 from scheduler.errors import ConfigError, StoreError
 from scheduler.executor import make_executor, simulated_durations
@@ -30,6 +34,7 @@ from scheduler.journal import Journal
 from scheduler.logs import setup_logging
 from scheduler.metrics import render as render_metrics
 from scheduler.monitoring import HostMonitor
+from scheduler.progress import ProgressBoard
 from scheduler.server import Dispatcher, make_app
 from scheduler.state import State
 from scheduler.store import Store
@@ -48,7 +53,8 @@ def resolve_config(state_dir: Path, config_path: Path | None) -> tuple[Config, P
     return load_config(config_path), config_path
 
 
-def run_daemon(state_dir: Path, config_path: Path | None) -> int:
+def run_daemon(state_dir: Path, config_path: Path | None, demo: bool | None = None) -> int:
+    """``demo``: set up the demo (scheduler.demo); None = only when running on built-in defaults."""
     try:
         config, used = resolve_config(state_dir, config_path)
     except ConfigError as exc:
@@ -58,7 +64,8 @@ def run_daemon(state_dir: Path, config_path: Path | None) -> int:
     setup_logging(config.log)
     log.info("configuration: %s", used or "built-in defaults")
     try:
-        return asyncio.run(Daemon(state_dir, config, config_path=used).run())
+        demo = used is None if demo is None else demo
+        return asyncio.run(Daemon(state_dir, config, config_path=used, demo=demo).run())
     except StoreError as exc:
         log.error("%s", exc)
         print(f"vmsched: {exc}", file=sys.stderr)
@@ -78,8 +85,9 @@ def engine_settings(config: Config) -> EngineSettings:
 
 class Daemon:
     def __init__(self, state_dir: Path, config: Config, clock: Clock | None = None,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, demo: bool = False) -> None:
         self.state_dir = state_dir
+        self.demo = demo
         self.config = config
         self.config_path = config_path
         self.clock = clock or SystemClock()
@@ -88,6 +96,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.context: Context | None = None
         self.monitor: HostMonitor | None = None
+        self.ds_monitor: DatastoreMonitor | None = None
 
     def db_path(self) -> Path:
         return self.config.db.path or self.state_dir / DB_FILE
@@ -102,12 +111,16 @@ class Daemon:
             links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
             journal = Journal(state)
             simulate = simulated_durations()
+            if faults.armed():
+                log.warning("%s is set: the daemon kills itself at %s (test use only)", faults.CRASH_ENV,
+                            ", ".join(sorted(faults.armed())))
+            board = ProgressBoard()
             executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config,
-                                     complete=lambda run, m: self._engine().stage_success(run, m))
+                                     complete=lambda run, m: self._engine().stage_success(run, m), progress=board)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
                                           is_backup=is_backup, recoverer=make_recoverer(state, links))
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
-                                             state_dir=self.state_dir, engine=engine, links=links)
+                                             state_dir=self.state_dir, engine=engine, links=links, progress=board)
             sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)
             dispatcher = Dispatcher(registry, make_authenticator(context, sessions), context)
             self._install_signals()
@@ -118,13 +131,17 @@ class Daemon:
                 monitor_task: asyncio.Task[None] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")
             else:
                 self.monitor = HostMonitor(context)
-                monitor_task = asyncio.create_task(self.monitor.run(), name="host monitor")
+                self.ds_monitor = DatastoreMonitor(context)
+                monitor_task = asyncio.create_task(_both(self.monitor.run(), self.ds_monitor.run()), name="monitors")
             gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
-            app = make_app(dispatcher, self.config.message_size, metrics=lambda: render_metrics(engine))
+            app = make_app(dispatcher, self.config.message_size, metrics=lambda: render_metrics(engine, board))
             runner = await self._serve(app)
             self.notifier.ready(self._status())
             watchdog = asyncio.create_task(self._watchdog(engine_task))
+            demo_task = asyncio.create_task(provision_demo(context), name="demo") if self.demo else None
             await self.stopping.wait()
+            if demo_task is not None:
+                demo_task.cancel()
             log.info("stopping: no new work; running actions get %ss to finish", self.config.drain_time)
             self.notifier.stopping()
             watchdog.cancel()
@@ -185,6 +202,8 @@ class Daemon:
             self.engine.reconfigure(engine_settings(new))
         if self.monitor is not None:
             self.monitor.reconfigure()
+        if self.ds_monitor is not None:
+            self.ds_monitor.reconfigure()
         log.info("reloaded %s: MAX_BACKUPS=%s MAX_BACKUPS_HOST=%s MAX_BACKUPS_DATASTORE=%s", self.config_path,
                  new.max_backups, new.max_backups_host, new.max_backups_datastore)
 
@@ -216,3 +235,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+
+async def _both(first: Coroutine[Any, Any, None], second: Coroutine[Any, Any, None]) -> None:
+    """Run two loops that only end when cancelled; cancelling this cancels both."""
+    await asyncio.gather(first, second)

@@ -14,6 +14,7 @@ packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
+    packages+=(iproute2)   # tests/test_demo_real.py brings up loopback in a network namespace of its own
 fi
 
 missing=()

@@ -44,13 +44,16 @@ def serve(ctx: Context, args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir or os.environ.get("VMSCHED_STATE_DIR") or DEFAULT_STATE_DIR)
     config = Path(args.config) if args.config else None
-    return run_daemon(state_dir, config) or 0
+    return run_daemon(state_dir, config, demo=args.demo) or 0
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("serve", help="run the vmsched daemon", parents=[common])
     p.add_argument("--state-dir", metavar="DIR", help=f"$VMSCHED_STATE_DIR, else {DEFAULT_STATE_DIR}")
     p.add_argument("-c", "--config", metavar="FILE", help="sched.conf")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="set up the demo on a fresh state: this machine as a host, an fs backup datastore in the "
+                   "state dir and a tiny VM backed up hourly (default: only without a configuration file)")
     p.set_defaults(handler=serve)
 
     parser = commands.add_parser("template", help="work on template files", parents=[common])
