@@ -78,7 +78,10 @@ def prepare_dirs(layout: HostLayout) -> bool:
         (layout.root / sub).mkdir(parents=True, exist_ok=True)
     etc = layout.sub("etc")
     if not any(etc.iterdir()) and LIBVIRT_DIRS["etc"].is_dir():
-        shutil.copytree(LIBVIRT_DIRS["etc"], etc, dirs_exist_ok=True, symlinks=True)
+        # the machine's own domain definitions (e.g. the `make run` demo) stay out of the hosts
+        shutil.copytree(LIBVIRT_DIRS["etc"], etc, dirs_exist_ok=True, symlinks=True,
+                        ignore=lambda directory, names: [n for n in names if Path(directory).name in ("qemu", "lxc")
+                                                         and n.endswith(".xml")])
     conf = etc / "qemu.conf"
     if conf.exists() and conf.read_text() == QEMU_CONF:
         return False
