@@ -1,6 +1,6 @@
 """A live full backup through vmsched against the same steps run by hand with the real tools.
 
-Run: .venv/bin/python -m benchmarks.bench_backup [--data-gib 1] [--disk-gib 4] [--order vmsched,naive,tuned]
+Run: .venv/bin/python -m benchmarks.bench_backup [--data-gib 1] [--disk-gib 4] [--order vmsched,naive,tuned] [--rounds 3]
      [--json]
 
 The real environment is brought up (idempotent). On host1 a TCG domain with no OS gets a ``vda`` qcow2 of
@@ -84,6 +84,7 @@ class Figures:
     tuned: Timed
     ratio_vmsched_tuned: float
     command: str
+    rounds: list[dict[str, float]] = field(default_factory=list)  # each round's totals
 
 
 # ---- the disk ------------------------------------------------------------------------------------------
@@ -280,7 +281,17 @@ def vmsched_run(env: RealEnv, state: Path, staging: str, remote: Path, dom: Tiny
     return timed
 
 
-def measure(data_gib: float, disk_gib: float, order: Sequence[str], log: bool) -> Figures:
+def rotated(order: Sequence[str], by: int) -> list[str]:
+    """``order`` started ``by`` places later: each sequence runs first in some round (pure)."""
+    return [order[(i + by) % len(order)] for i in range(len(order))]
+
+
+def median_run(runs: list[Timed]) -> Timed:
+    """The run whose total is the median (the lower middle one for an even count) (pure)."""
+    return sorted(runs, key=lambda t: t.total)[(len(runs) - 1) // 2]
+
+
+def measure(data_gib: float, disk_gib: float, order: Sequence[str], log: bool, rounds: int = 1) -> Figures:
     def say(text: str) -> None:
         if log:
             print(text, file=sys.stderr, flush=True)
@@ -299,15 +310,20 @@ def measure(data_gib: float, disk_gib: float, order: Sequence[str], log: bool) -
         make_vda(dom.vda, data_gib, disk_gib)
         host1.start(dom)
         hand = Hand(env, dom, staging, remote, int(data_gib * (1 << 30)))
-        timed: dict[str, Timed] = {}
-        for name in order:
-            say(f"{name} ...")
-            if name == "vmsched":
-                timed[name] = vmsched_run(env, work / "state", staging, remote, dom, data_gib)
-            else:
-                timed[name] = hand.run(name)
-        daemon_run = daemon_run_time(work / "state" / "vmsched.db")
-        commands = daemon_commands((work / "state" / "daemon.log").read_text())
+        runs: dict[str, list[Timed]] = {name: [] for name in order}
+        for round_no in range(rounds):
+            for name in rotated(order, round_no):
+                say(f"round {round_no + 1}: {name} ...")
+                if name == "vmsched":
+                    state = work / f"state{round_no}"
+                    runs[name].append(vmsched_run(env, state, staging, remote, dom, data_gib))
+                    daemon_run = daemon_run_time(state / "vmsched.db")
+                    commands = daemon_commands((state / "daemon.log").read_text())
+                else:
+                    runs[name].append(hand.run(name))
+            # what this round stored goes, so that the next round's rsync finds nothing to skip
+            subprocess.run(env.ssh_argv("backup", ["rm", "-rf", "--", str(remote)]), timeout=60, check=True)
+        timed = {name: median_run(done) for name, done in runs.items()}
     finally:
         if dom is not None:
             host1.remove(dom)
@@ -316,9 +332,11 @@ def measure(data_gib: float, disk_gib: float, order: Sequence[str], log: bool) -
             subprocess.run(env.ssh_argv(target, ["rm", "-rf", "--", path]), timeout=60, check=False)
         shutil.rmtree(work, ignore_errors=True)
     ours, tuned = timed["vmsched"], timed["tuned"]
+    totals = [{name: round(runs[name][r].total, 2) for name in order} for r in range(rounds)]
     return Figures(data_gib, disk_gib, list(order), ours, daemon_run, commands, timed["naive"], tuned,
                    round(ours.total / tuned.total, 2),
-                   f"{COMMAND} --data-gib {data_gib:g} --disk-gib {disk_gib:g} --order {','.join(order)}")
+                   f"{COMMAND} --data-gib {data_gib:g} --disk-gib {disk_gib:g} --order {','.join(order)} "
+                   f"--rounds {rounds}", totals)
 
 
 def report(f: Figures) -> str:
@@ -331,11 +349,13 @@ def report(f: Figures) -> str:
     quick = [seconds for _, seconds, _ in f.daemon_commands if seconds < SLOW_COMMAND]
     return "\n".join([
         f"live full backup of a {f.disk_gib:g} GiB qcow2 holding {f.data_gib:g} GiB (+ a 32 MiB raw vdb), "
-        f"host1 -> backup server; ran {', '.join(f.order)}",
+        f"host1 -> backup server; {len(f.rounds)} round(s), the order rotated each round; medians:",
         f"  vmsched (request -> image recorded)   {f.vmsched.total:6.2f} s   (daemon run: {daemon_run})",
         f"  by hand, naive                        {f.naive.total:6.2f} s   ({steps(f.naive)})",
         f"  by hand, tuned                        {f.tuned.total:6.2f} s   ({steps(f.tuned)})",
         f"  vmsched / tuned                       {f.ratio_vmsched_tuned:6.2f}",
+        *(f"  round {i + 1}: " + ", ".join(f"{name} {total:.2f} s" for name, total in r.items())
+          for i, r in enumerate(f.rounds)),
         f"  the daemon's commands over ssh taking {SLOW_COMMAND:g} s or more:",
         *slow,
         f"    and {len(quick)} quicker ones, {sum(quick):.2f} s in all (some concurrent)",
@@ -356,9 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-gib", type=float, default=4.0, help="virtual size of the disk (GiB)")
     parser.add_argument("--order", type=run_order, default=RUNS,
                         help=f"the order of the three sequences (default: {','.join(RUNS)})")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, each starting with another sequence (medians reported; default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    figures = measure(args.data_gib, args.disk_gib, args.order, log=not args.json)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    figures = measure(args.data_gib, args.disk_gib, args.order, log=not args.json, rounds=args.rounds)
     print(json.dumps(asdict(figures)) if args.json else report(figures))
     return 0
 

@@ -1,10 +1,10 @@
-"""Backup datastore monitoring: TOTAL_MB, FREE_MB and USED_MB of every BACKUP_DS datastore (spec §5.1,
-``monitor``), every ``MONITORING_INTERVAL_DATASTORE`` seconds and as soon as a datastore is created or its
-template changes.
+"""Datastore monitoring: TOTAL_MB, FREE_MB and USED_MB of every backup datastore (spec §5.1, ``monitor``)
+and image datastore (scheduler/imageds.py), every ``MONITORING_INTERVAL_DATASTORE`` seconds and as soon as
+a datastore is created or its template changes.
 
-The figures come from the datastore's driver (``df`` where BASE_PATH lives, on the backup server or this
-machine, LIMIT_MB applied) and are stored as plain numbers; ``one.vm.backup`` checks the space a backup
-needs against them. A datastore that cannot be probed keeps its last figures; the reason is logged once
+The figures come from ``df`` where BASE_PATH lives (on the backup server, the image datastore's host or
+this machine; LIMIT_MB applied) and are stored as plain numbers; ``one.vm.backup`` and restores check the
+space they need against them. A datastore that cannot be probed keeps its last figures; the reason is logged once
 per change (not every round) and shown in its template as ``MONITOR_ERROR``, removed once a probe works.
 """
 
@@ -15,7 +15,9 @@ import logging
 from typing import Any
 
 from drivers.datastore import Capacity, open_datastore
+from scheduler import imageds
 from scheduler.errors import VmschedError
+from scheduler.imageds import is_image_datastore
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.states import DatastoreType
 
@@ -27,13 +29,13 @@ PROBE_DEADLINE = 60.0  # seconds for one datastore's probe
 
 
 def watched(datastore: Datastore) -> bool:
-    return datastore.type == DatastoreType.BACKUP_DS
+    return datastore.type == DatastoreType.BACKUP_DS or is_image_datastore(datastore)
 
 
 def reach_of(datastore: Datastore) -> tuple[Any, ...]:
     """What a probe's outcome depends on: a change of these since the probe makes it say nothing."""
     template = datastore.template
-    keys = ("BASE_PATH", "LIMIT_MB", "RSYNC_HOST", "RSYNC_PORT", "RSYNC_USER", "RESTIC_SFTP_SERVER",
+    keys = ("BASE_PATH", "LIMIT_MB", "BRIDGE_LIST", "RSYNC_HOST", "RSYNC_PORT", "RSYNC_USER", "RESTIC_SFTP_SERVER",
             "RESTIC_SFTP_PORT", "RESTIC_SFTP_USER")
     return (datastore.ds_mad, *(template.get(key) for key in keys))
 
@@ -115,7 +117,7 @@ class DatastoreMonitor:
         outcome: Capacity | str
         try:
             async with asyncio.timeout(self.deadline):
-                outcome = await open_datastore(datastore, self.ctx.links.pool).monitor()
+                outcome = await self._capacity(datastore)
         except TimeoutError:
             outcome = f"no answer to monitoring within {self.deadline:g} s"
         except VmschedError as exc:
@@ -124,6 +126,11 @@ class DatastoreMonitor:
             log.exception("datastore %s: monitoring failed", datastore.name)
             outcome = f"monitoring failed: {exc!r}"
         await self._record(datastore, outcome)
+
+    async def _capacity(self, datastore: Datastore) -> Capacity:
+        if is_image_datastore(datastore):
+            return await imageds.monitor(self.ctx.state, self.ctx.links, datastore)
+        return await open_datastore(datastore, self.ctx.links.pool).monitor()
 
     async def _record(self, probed: Datastore, outcome: Capacity | str) -> None:
         state = self.ctx.state
