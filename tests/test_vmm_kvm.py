@@ -156,6 +156,15 @@ async def test_unreachable_host_is_a_retryable_error_naming_it() -> None:
         await host.close()
 
 
+async def test_a_closed_host_refuses_calls_with_a_retryable_error() -> None:
+    """A connection retired because the host's settings changed may still be held by a probe."""
+    host = KvmHost("old", "qemu+tcp://127.0.0.1:1/system", call_timeout=10)
+    await host.close()
+    with pytest.raises(VmmError, match=r"^old: .*connection was closed") as caught:
+        await host.versions()
+    assert caught.value.retryable
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 

@@ -89,6 +89,7 @@ class KvmHost:
         self.command_timeout = command_timeout
         self._runner = runner
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vmm-{name}")
+        self._closed = False
         self._conn: libvirt.virConnect | None = None
         self._subscriber: tuple[asyncio.AbstractEventLoop, events.StateCallback] | None = None
         self._callback_id: int | None = None
@@ -153,6 +154,9 @@ class KvmHost:
         """``fn(domain object)`` (or ``fn(connection)`` without a domain) on the host thread, under a deadline."""
         timeout = self.call_timeout
         loop = asyncio.get_running_loop()
+        if self._closed:  # replaced (the host's settings changed) or shut down: the caller tries again later
+            raise VmmError(f"{context(self.name, domain, operation)}: this libvirt connection was closed (the host's "
+                           "connection settings changed?)", host=self.name, retryable=True)
         future = loop.run_in_executor(self._executor, self._in_thread, operation, domain, fn)
         try:
             async with asyncio.timeout(timeout):
@@ -172,6 +176,7 @@ class KvmHost:
             self._drop_connection()
 
         self._subscriber = None
+        self._closed = True
         try:
             async with asyncio.timeout(self.call_timeout):
                 await asyncio.get_running_loop().run_in_executor(self._executor, close)
