@@ -25,10 +25,10 @@ from zoneinfo import ZoneInfo
 
 from drivers import hostkeys, tm
 from drivers.commands import shielded
-from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore
+from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore, server_of
 from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
-from drivers.datastore.rsync import bwlimit_bytes, priority, server_target
+from drivers.datastore.rsync import bwlimit_bytes, priority
 from drivers.processes import kill_marked
 from drivers.tm.qcow2 import CaptureOptions
 from drivers.vmm.domainxml import Disk
@@ -188,7 +188,8 @@ def known_hosts_file(datastore: Datastore) -> str:
 def server_known_hosts(links: Any, datastore: Datastore) -> str:
     """The known_hosts lines vmsched trusts for the datastore's backup server; an error naming the fix when
     it has none (the server's key must be verified once: ``vmsched datastore accept-hostkey``)."""
-    target = server_target(datastore)
+    target = server_of(datastore)
+    assert target is not None, "only datastores on an SSH server have a server key"
     lines = hostkeys.trusted_entries(links.settings.known_hosts, target.host, target.port)
     if not lines:
         raise ActionError(f"the host key of {target.host}:{target.port}, the backup server of datastore "
@@ -200,13 +201,13 @@ def server_known_hosts(links: Any, datastore: Datastore) -> str:
 async def upload_ssh(links: Any, host: Any, runner: Any, datastore: Datastore) -> list[str]:
     """How the upload reaches the other side.
 
-    ``rsync``: the hypervisor's ssh to the backup server. Its host key is the one vmsched verified (installed
+    ``rsync`` and ``restic``: the hypervisor's ssh to the backup (SFTP) server. Its host key is the one vmsched verified (installed
     into ``~/.ssh/vmsched_known_hosts.ds<id>`` on the hypervisor: a daemon under systemd has no agent to
     forward), unless the host's ``BACKUP_KNOWN_HOSTS`` names a file there. Its key is the host's
     ``BACKUP_SSH_KEY`` (a path on the hypervisor), else sched.conf's SSH/KEY path with the hypervisor user's
     own keys as fallback. ``fs``: the scheduler's own ssh to the hypervisor."""
     settings = links.settings
-    if datastore.ds_mad != "rsync":
+    if server_of(datastore) is None:
         return ssh_command(settings.key, settings.known_hosts)
     known = host.template.get("BACKUP_KNOWN_HOSTS")
     if not known:

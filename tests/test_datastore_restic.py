@@ -102,10 +102,17 @@ def test_password_quotes_stripped_and_defaults() -> None:
 @pytest.mark.parametrize(
     ("ssh", "expected"),
     [(["ssh", "-i", "/k k"], "ssh -p 2222 -i '/k k' root@b -s sftp"),
-     (["ssh", "-p", "9"], "ssh -p 9 root@b -s sftp")],
+     (["ssh", "-p", "9"], "ssh -p 9 root@b -s sftp"),
+     (["ssh", "-c", "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"],  # restic splits options at commas
+      "ssh -p 2222 -c aes128-gcm@openssh.com root@b -s sftp")],
 )
 def test_sftp_command(ssh: list[str], expected: str) -> None:
     assert sftp_command(ssh, SshTarget("b", 2222, "root")) == expected
+
+
+def test_sftp_command_refuses_a_comma_restic_would_split() -> None:
+    with pytest.raises(ValidationError, match="comma"):
+        sftp_command(["ssh", "-o", "Ciphers=a,b"], SshTarget("b", 22, "root"))
 
 
 def test_outputs_parsed() -> None:

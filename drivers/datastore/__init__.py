@@ -10,12 +10,13 @@ from typing import Protocol
 
 from drivers.datastore.base import BackupDatastore, Capacity, UploadResult
 from drivers.datastore.fs import FsDatastore
-from drivers.datastore.restic import ResticDatastore
-from drivers.datastore.rsync import RsyncDatastore, RunnerFactory
+from drivers.datastore.restic import ResticDatastore, sftp_target
+from drivers.datastore.rsync import RsyncDatastore, RunnerFactory, server_target
+from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.objects.datastore import Datastore
 
-__all__ = ["BackupDatastore", "Capacity", "UploadResult", "DRIVERS", "open_datastore"]
+__all__ = ["BackupDatastore", "Capacity", "UploadResult", "DRIVERS", "open_datastore", "server_of"]
 
 
 class DriverClass(Protocol):
@@ -32,3 +33,13 @@ def open_datastore(datastore: Datastore, pool: RunnerFactory, **settings: float)
         raise ValidationError(f"datastore {datastore.id}: no backup driver for DS_MAD {datastore.ds_mad!r} "
                               f"(known: {', '.join(sorted(DRIVERS))})")
     return driver.connect(datastore, pool, **settings)
+
+
+def server_of(datastore: Datastore) -> SshTarget | None:
+    """The SSH server a backup datastore keeps its backups on (the hypervisor connects to it for uploads);
+    None for ``fs`` (this machine)."""
+    if datastore.ds_mad == "rsync":
+        return server_target(datastore)
+    if datastore.ds_mad == "restic":
+        return sftp_target(datastore)
+    return None

@@ -160,8 +160,14 @@ def sftp_repository(target: SshTarget, path: str) -> str:
 
 
 def sftp_command(ssh_command: Sequence[str], target: SshTarget) -> str:
-    """restic's ``sftp.command``: the caller's ssh argv, ``-p port`` unless it names one, ``-s sftp``."""
-    words = list(ssh_command)
+    """restic's ``sftp.command``: the caller's ssh argv, ``-p port`` unless it names one, ``-s sftp``. restic
+    splits its ``-o`` options at commas, so a cipher list (``-c a,b``) keeps its first cipher only."""
+    words = [word.split(",", 1)[0] if previous == "-c" else word
+             for previous, word in zip(["", *ssh_command], ssh_command, strict=False)]
+    comma = next((word for word in words if "," in word), None)
+    if comma is not None:
+        raise ValidationError(f"restic's sftp.command cannot carry a comma (restic splits its options there): "
+                              f"{comma!r}")
     if "-p" not in words:
         words[1:1] = ["-p", str(target.port)]
     return shlex.join([*words, f"{target.user}@{target.host}", "-s", "sftp"])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from drivers.datastore.restic import sftp_target
-from drivers.datastore.rsync import server_target
-from drivers.ssh import SshTarget
+from drivers.datastore import server_of
 from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
@@ -46,15 +44,6 @@ def check_datastore_template(template: Template, ds_type: DatastoreType) -> None
             raise ValidationError(f"BASE_PATH must be an absolute path, got {value!r}")
         if key == "LIMIT_MB" and value and not value.isdigit():
             raise ValidationError(f"LIMIT_MB must be a whole number of MB, got {value!r}")
-
-
-def server_of(datastore: Datastore) -> SshTarget | None:
-    """The SSH server a backup datastore keeps its backups on; None for ``fs`` (this machine)."""
-    if datastore.ds_mad == "rsync":
-        return server_target(datastore)
-    if datastore.ds_mad == "restic":
-        return sftp_target(datastore)
-    return None
 
 
 async def first_contact(ctx: Context, datastore: Datastore) -> None:

@@ -1,0 +1,100 @@
+"""restic datastores through the daemon: a scheduled live backup lands in the VM's repository on the backup
+server (over SFTP from the hypervisor, the server's verified key installed there), KEEP_LAST forgets the
+oldest snapshot, and the password appears in no reply, log or process list.
+
+Contents are checked with the test's own restic run on the backup server against a copy of the disk taken
+with ``qemu-img convert`` before the backup.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.realenv.domains import Hypervisor, TinyDomain
+from tests.realenv.model import RealEnv
+from tests.test_backup_real import same_image, snapshot_copy
+from tests.test_import_real import Api, real_daemon
+
+pytestmark = pytest.mark.realenv
+PASSWORD = f"pw-{secrets.token_hex(8)}"
+
+
+@pytest.fixture(scope="module")
+def restic_env(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int, Path]]:
+    marker = f"vmsched-restictest-{secrets.token_hex(5)}"
+    base = realenv.backup.data_dir / marker
+    state = tmp_path_factory.mktemp("daemon") / "state"
+    state.mkdir(parents=True)
+    (state / "sched.conf").write_text(
+        f'LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0" ]\nBACKUP_BASE_PATH = "/var/tmp/{marker}"\n'
+        f'SSH = [ KNOWN_HOSTS = "{realenv.ssh.known_hosts}", KEY = "{realenv.ssh.client_key}" ]\n')
+    backup = realenv.backup
+    for api in real_daemon(realenv, state):
+        ds_id = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                             f'NAME = "resticbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\nBASE_PATH = "{base}"\n'
+                             f'RESTIC_SFTP_SERVER = "{backup.address}"\nRESTIC_SFTP_USER = "{backup.user}"\n'
+                             f'RESTIC_SFTP_PORT = "{backup.ssh_port}"\nRESTIC_PASSWORD = "{PASSWORD}"', -1))
+        yield api, ds_id, base
+        assert PASSWORD not in api.daemon.log()
+    subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(base)]), timeout=30, check=False)
+
+
+def restic_on_server(realenv: RealEnv, repo: Path, *args: str) -> bytes:
+    script = 'f=$(mktemp) && cat > "$f" && r=$1 && shift && restic -q -r "$r" --password-file "$f" "$@"; s=$?; ' \
+             'rm -f "$f"; exit $s'
+    return subprocess.run(realenv.ssh_argv("backup", ["sh", "-c", script, "sh", str(repo), *args]),
+                          input=PASSWORD.encode(), capture_output=True, timeout=60, check=True).stdout
+
+
+def test_scheduled_backups_into_restic_with_keep_last(restic_env: tuple[Api, int, Path], realenv: RealEnv,
+                                                      tiny_domain: Callable[..., TinyDomain],
+                                                      hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    api, ds_id, base = restic_env
+    host1 = hypervisors("host1")
+    dom = tiny_domain("host1")
+    vm_id = api.import_one("host1", dom.name)
+    api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ KEEP_LAST = "1" ]', 1)
+    host1.write_pattern(dom, "vda", pattern=0x61, offset="4M", length="1M")
+    before = snapshot_copy(dom.vda, tmp_path / "before.qcow2", "qcow2")
+
+    ok, message = api.run_action(vm_id, "backup", f"{ds_id},0")
+    assert ok, message
+    [first] = [int(i.text or "") for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    image = etree.fromstring(str(api.call("one.image.info", first)).encode())
+    source = image.findtext("SOURCE") or ""
+    repo = base / str(vm_id)
+    import json
+    snapshots = json.loads(restic_on_server(realenv, repo, "snapshots", "--json"))
+    [snapshot] = snapshots
+    assert f"vmsched-backup-{source}" in snapshot["tags"] and f"vmsched-{vm_id}" in snapshot["tags"]
+    disk = next(p for p in snapshot["paths"] if p.endswith("/disk.0.0"))
+    (tmp_path / "restored.qcow2").write_bytes(restic_on_server(realenv, repo, "dump", snapshot["id"], disk))
+    assert same_image(tmp_path / "restored.qcow2", before)
+    sums = {c.findtext("FILE"): c.findtext("SHA256") for c in image.iterfind("TEMPLATE/CHECKSUMS")}
+    assert set(sums) == {"disk.0.0", "disk.1.0", "vm.xml", "domain.xml"}
+
+    ok, message = api.run_action(vm_id, "backup", f"{ds_id},0")  # KEEP_LAST = 1: the first one goes
+    assert ok, message
+    deadline = time.monotonic() + 30
+    while len(list(api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID"))) > 1:
+        assert time.monotonic() < deadline, api.daemon.log()[-3000:]
+        time.sleep(0.05)
+    [second] = [int(i.text or "") for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    assert second != first
+    tags = [tag for snap in json.loads(restic_on_server(realenv, repo, "snapshots", "--json")) for tag in snap["tags"]]
+    assert f"vmsched-backup-{source}" not in tags  # forgotten (and pruned)
+    datastore = str(api.call("one.datastore.info", ds_id))
+    assert PASSWORD not in datastore  # masked, even for the admin unless asked with decrypt
+    assert states_running(api, vm_id) and host1.state(dom) == "running"
+
+
+def states_running(api: Api, vm_id: int) -> bool:
+    vm = api.vm(vm_id)
+    return (vm.findtext("STATE"), vm.findtext("LCM_STATE")) == ("3", "3")
