@@ -8,7 +8,9 @@ with ``qemu-img convert`` before the backup.
 
 from __future__ import annotations
 
+import json
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +19,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests.conftest import start_daemon
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
+from tests.test_backup_crash_real import Env, images_of, processes, register, stop, wait_done
 from tests.test_backup_real import same_image, snapshot_copy
 from tests.test_import_real import Api, real_daemon
 
@@ -70,7 +74,6 @@ def test_scheduled_backups_into_restic_with_keep_last(restic_env: tuple[Api, int
     image = etree.fromstring(str(api.call("one.image.info", first)).encode())
     source = image.findtext("SOURCE") or ""
     repo = base / str(vm_id)
-    import json
     snapshots = json.loads(restic_on_server(realenv, repo, "snapshots", "--json"))
     [snapshot] = snapshots
     assert f"vmsched-backup-{source}" in snapshot["tags"] and f"vmsched-{vm_id}" in snapshot["tags"]
@@ -98,3 +101,53 @@ def test_scheduled_backups_into_restic_with_keep_last(restic_env: tuple[Api, int
 def states_running(api: Api, vm_id: int) -> bool:
     vm = api.vm(vm_id)
     return (vm.findtext("STATE"), vm.findtext("LCM_STATE")) == ("3", "3")
+
+
+def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domain: Callable[..., TinyDomain],
+                                                   hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    """The daemon dies while restic runs on the hypervisor: the restart kills it, removes its password file,
+    the repository passes ``restic check`` and the retried backup is its only snapshot."""
+    marker = f"vmsched-resticcrash-{secrets.token_hex(5)}"
+    env = Env(realenv, realenv.backup.data_dir / marker, f"/var/tmp/{marker}")
+    dom = tiny_domain("host1")
+    hypervisors("host1").write_pattern(dom, "vda", pattern=0x62, offset="4M", length="4M")
+    state = tmp_path / "state"
+    first = start_daemon(state, env.config(), extra_env={"VMSCHED_CRASH_AT": "upload"})
+    api = Api(first, {})
+    backup = realenv.backup
+    try:
+        register(api, env, env.base / "unused")
+        ds_id = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                             f'NAME = "resticslow"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\nBASE_PATH = "{env.base}"\n'
+                             f'RESTIC_SFTP_SERVER = "{backup.address}"\nRESTIC_SFTP_USER = "{backup.user}"\n'
+                             f'RESTIC_SFTP_PORT = "{backup.ssh_port}"\nRESTIC_PASSWORD = "{PASSWORD}"\n'
+                             'RESTIC_BWLIMIT = "512"', -1))  # KiB/s: restic still runs when the daemon dies
+        vm_id = api.import_one("host1", dom.name)
+        api.call("one.vm.backup", vm_id, ds_id, False)
+        assert first.process.wait(timeout=60) == -signal.SIGKILL, first.log()[-3000:]
+    finally:
+        if first.process.poll() is None:
+            first.process.kill()
+    staging = f"{env.staging}/{vm_id}"
+    left = processes(env, staging)
+    assert left, "restic was not running when the daemon died"
+    password_files = 'ls /tmp/vmsched-restic-vm"$1"-run* 2>/dev/null || true'
+    assert env.on_host1(password_files, str(vm_id)).strip(), "no password file while restic ran"
+    second = start_daemon(state, env.config())
+    api.daemon = second
+    try:
+        assert not left & processes(env, staging)  # killed during recovery, before the daemon listens
+        assert env.on_host1(password_files, str(vm_id)).strip() == ""  # its password file is gone too
+        status = wait_done(api, vm_id)
+        assert status["STATE"] == "done", (status, second.log()[-4000:])
+        repo = env.base / str(vm_id)
+        restic_on_server(realenv, repo, "check")  # raises unless the repository is sound
+        [snapshot] = json.loads(restic_on_server(realenv, repo, "snapshots", "--json"))
+        [image_id] = images_of(api, vm_id)
+        source = etree.fromstring(str(api.call("one.image.info", image_id)).encode()).findtext("SOURCE")
+        assert f"vmsched-backup-{source}" in snapshot["tags"]
+        assert PASSWORD not in first.log() + second.log()
+    finally:
+        stop(second)
+        subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(env.base)]), timeout=30, check=False)
+        env.on_host1('rm -rf -- "$1"', env.staging)

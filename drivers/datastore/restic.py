@@ -38,7 +38,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.commands import Result, Runner, shielded, stderr_tail
+from drivers.commands import Result, Runner, Started, shielded, stderr_tail
 from drivers.datastore import layout
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
@@ -52,6 +52,7 @@ from drivers.datastore.base import (
     first_error,
     hash_files,
     int_attribute,
+    on_side,
     parse_df,
     staged_paths,
 )
@@ -70,6 +71,7 @@ TAG_PREFIX = "vmsched-"
 BACKUP_TAG_PREFIX = "vmsched-backup-"
 LOCK_WAIT = 300.0  # seconds a command waits for a repository locked elsewhere (spec: 60 x 5 s)
 LOCK_BACKOFF = (0.5, 5.0)  # first and longest pause between two attempts on a locked repository
+PASSWORD_FILE_PREFIX = "vmsched-restic-"
 PASSWORD_FILE_DIR = "/tmp"
 MASK = "******"
 WRITE_PASSWORD_FAILED = 125
@@ -153,6 +155,17 @@ def prune_options(datastore: Datastore) -> tuple[str, ...]:
 
 
 # --- command lines and outputs (pure) ---------------------------------------------------------------------
+
+def run_label(staging_dir: str, vm_id: int) -> str:
+    """What names the password files of a backup's restic commands: the VM and the run (the staging
+    directory's name), e.g. ``vm7-run42``."""
+    return f"vm{vm_id}-run{staging_dir.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def password_file_prefix(staging_dir: str, vm_id: int) -> str:
+    """How the names of the password files a backup's restic commands write on the hypervisor begin."""
+    return f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{run_label(staging_dir, vm_id)}-"
+
 
 def sftp_repository(target: SshTarget, path: str) -> str:
     host = f"[{target.host}]" if ":" in target.host else target.host
@@ -264,9 +277,11 @@ class ResticDatastore:
     # --- running restic ---
 
     async def _restic(self, runner: Runner, repo: str, args: Sequence[str], *, timeout: float | None = None,  # noqa: ASYNC109
-                      options: Sequence[str] = (), priority: bool = False) -> Result:
-        """``restic --repo REPO --password-file F OPTIONS ARGS`` on ``runner``, F written and removed around it."""
-        password_file = f"{PASSWORD_FILE_DIR}/vmsched-restic-{secrets.token_hex(8)}"
+                      options: Sequence[str] = (), priority: bool = False, label: str = "",
+                      started: Started | None = None) -> Result:
+        """``restic --repo REPO --password-file F OPTIONS ARGS`` on ``runner``, F written and removed around it
+        (``label`` goes into F's name, so that a run's recovery finds the file a killed restic left)."""
+        password_file = f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{label + '-' if label else ''}{secrets.token_hex(8)}"
         argv = ["sh", "-c", _WITH_PASSWORD, "sh", password_file,
                 "restic", "--repo", repo, "--password-file", password_file, *options, *args]
         s = self.settings
@@ -274,7 +289,7 @@ class ResticDatastore:
         finished = False
         try:
             result = await runner.run(argv, timeout=timeout or self.command_timeout, check=False,
-                                      input=s.password.encode() + b"\n", env=env,
+                                      input=s.password.encode() + b"\n", env=env, started=started,
                                       nice=s.nice if priority else None, ionice=s.ionice if priority else None)
             finished = True
         finally:
@@ -401,9 +416,11 @@ class ResticDatastore:
             try:
                 async with asyncio.TaskGroup() as group:
                     digests = group.create_task(hash_files(source, paths, timeout, self.settings.nice,
-                                                           self.settings.ionice))
+                                                           self.settings.ionice, on_side(started, "source")))
                     backup = group.create_task(self._changing(source, repo, args, timeout=timeout,
-                                                              options=options, priority=True))
+                                                              options=options, priority=True,
+                                                              label=run_label(staging_dir, vm_id),
+                                                              started=on_side(started, "source")))
             except BaseExceptionGroup as exc:
                 raise first_error(exc) from None
         summary = parse_summary(backup.result().stdout)
