@@ -37,6 +37,7 @@ from scheduler import backups
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
 from scheduler.hostlinks import is_local
+from scheduler.monitoring import tool_key
 from scheduler.objects.common import BACKUP_IMAGE_PERMISSIONS
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.image import Image
@@ -232,6 +233,22 @@ def io_limits(datastore: Datastore) -> tuple[int | None, int | None, int]:
     return nice, ionice, bwlimit_bytes(datastore, prefix)
 
 
+# The tools a backup into each kind of datastore runs on the hypervisor (fs: the scheduler pulls with rsync
+# from a remote host, or copies locally).
+NEEDED_TOOLS = {"rsync": ("qemu-img", "rsync"), "restic": ("qemu-img", "restic"), "fs": ("qemu-img",)}
+
+
+def check_tools(host: Any, datastore: Datastore) -> None:
+    """A host whose monitoring found a needed tool missing (``TOOL_<NAME> = NO``) cannot run the backup:
+    say which and where, before anything starts. A host not monitored yet is not judged."""
+    missing = [tool for tool in NEEDED_TOOLS.get(datastore.ds_mad, ("qemu-img",))
+               if (host.template.get(tool_key(tool)) or "").upper() == "NO"]
+    if missing:
+        raise ActionError(f"host {host.name} has no {' and no '.join(missing)} (found by its monitoring): install "
+                          f"{'them' if len(missing) > 1 else 'it'} there to back up into {datastore.ds_mad} "
+                          f"datastore {datastore.id}")
+
+
 def step(name: str, **fields: Any) -> dict[str, Any]:
     return {STEP: name, **fields}
 
@@ -297,6 +314,7 @@ async def perform(ctx: Any, ds_id: int) -> str:
     if ctx.links is None:
         raise ActionError("this daemon has no host connections; backups cannot run")
     where = await locate_for_run(ctx)
+    check_tools(where.host, datastore)
     live = backup_state(where.vm) is LcmState.BACKUP
     store = open_datastore(datastore, ctx.links.pool)
     if capacity_check_on(datastore, settings.capacity_check):

@@ -255,3 +255,23 @@ async def test_recoverer_undoes_an_interrupted_run(recovery: tuple[State, HostLi
     assert gone.exit_status == 1
     after = state.get("vm", 7)
     assert (after.state, after.lcm_state) == (VmState.ACTIVE, LcmState.RUNNING) and run.steps == []
+
+
+@pytest.mark.parametrize(("tools", "ds_mad", "missing"), [
+    ({"TOOL_QEMU_IMG": "YES", "TOOL_RESTIC": "NO", "TOOL_RSYNC": "YES"}, "restic", "no restic"),
+    ({"TOOL_QEMU_IMG": "NO", "TOOL_RSYNC": "NO"}, "rsync", "no qemu-img and no rsync"),
+    ({"TOOL_QEMU_IMG": "NO"}, "fs", "no qemu-img"),
+    ({"TOOL_QEMU_IMG": "YES", "TOOL_RESTIC": "NO"}, "rsync", None),  # restic is not needed for rsync
+    ({}, "restic", None),  # not monitored yet: not judged
+])
+def test_a_host_without_a_needed_tool_is_refused_before_anything_starts(tools: dict[str, str], ds_mad: str,
+                                                                        missing: str | None) -> None:
+    host = Host(id=1, name="kvm1")
+    for key, value in tools.items():
+        host.template.set(key, value)
+    datastore = Datastore(id=4, name="b", ds_mad=ds_mad)
+    if missing is None:
+        br.check_tools(host, datastore)
+        return
+    with pytest.raises(ActionError, match=f"host kvm1 has {missing} .*install .* {ds_mad} datastore 4"):
+        br.check_tools(host, datastore)

@@ -151,3 +151,19 @@ def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domai
         stop(second)
         subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(env.base)]), timeout=30, check=False)
         env.on_host1('rm -rf -- "$1"', env.staging)
+
+
+def test_two_vms_back_up_to_the_same_server_at_once(restic_env: tuple[Api, int, Path], realenv: RealEnv,
+                                                    tiny_domain: Callable[..., TinyDomain]) -> None:
+    api, ds_id, base = restic_env
+    vm_ids = [api.import_one("host1", tiny_domain("host1").name), api.import_one("host2", tiny_domain("host2").name)]
+    for vm_id in vm_ids:
+        api.call("one.vm.backup", vm_id, ds_id, False)
+    for vm_id in vm_ids:
+        status = wait_done(api, vm_id)
+        assert status["STATE"] == "done", (status, api.daemon.log()[-3000:])
+        restic_on_server(realenv, base / str(vm_id), "check")
+        [snapshot] = json.loads(restic_on_server(realenv, base / str(vm_id), "snapshots", "--json"))
+        assert f"vmsched-{vm_id}" in snapshot["tags"]
+    runs = [api.call("vmsched.vm.backupstatus", vm_id) for vm_id in vm_ids]
+    assert all(r["ATTEMPT"] == 1 for r in runs)  # type: ignore[index]  # no lock made one wait and retry
