@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from drivers.ssh import SshSettings
-from scheduler import bootstrap, faults
+from scheduler import bootstrap, faults, restore_run
 from scheduler.actions import is_backup
 from scheduler.admission import Limits
 from scheduler.api import Context, build_codecs, make_authenticator, registry
@@ -118,7 +118,10 @@ class Daemon:
             executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config,
                                      complete=lambda run, m: self._engine().stage_success(run, m), progress=board)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
-                                          is_backup=is_backup, recoverer=make_recoverer(state, links))
+                                          is_backup=is_backup,
+                                          recoverer=restore_run.dispatch_recoverer(
+                                              make_recoverer(state, links),
+                                              {"restore": restore_run.make_recoverer(state, links)}))
             self.context = context = Context(state=state, config=self.config, clock=self.clock,
                                              state_dir=self.state_dir, engine=engine, links=links, progress=board)
             sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import libvirt
+from lxml import etree
 
 from drivers.vmm import domainxml, events
 from drivers.vmm.domainxml import Disk
@@ -219,6 +220,31 @@ class KvmHost:
         """UUID -> state of every domain on the host (the monitoring fallback when events are not flowing)."""
         return {info.uuid: info.state for info in await self.list_domains()}
 
+    # ------------------------------------------------------------------ definition
+
+    async def define(self, xml: str) -> DomainInfo:
+        """Define a new persistent domain from ``xml``, checked by libvirt against its schema; not started.
+
+        OperationRefused when the host already has a domain of that name or UUID: libvirt would replace
+        that domain's definition instead."""
+        try:
+            name, wanted_uuid = _identity(xml)
+        except ValidationError as exc:
+            raise OperationRefused(f"{context(self.name, None, 'define')}: {exc}", host=self.name) from exc
+
+        def define(conn: libvirt.virConnect) -> DomainInfo:
+            clash = _existing(conn, name, wanted_uuid)
+            if clash is not None:
+                raise OperationRefused(f"{context(self.name, name, 'define')}: refused: the host already has "
+                                       f"domain {clash.name!r} ({clash.uuid})", host=self.name)
+            return _info(conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE))
+
+        return await self._call(f"define {name!r}", None, define)
+
+    async def undefine(self, domain: str) -> None:
+        """Remove a shut-off domain's definition (its disks stay)."""
+        await self._call("undefine", domain, lambda dom: dom.undefineFlags(0))
+
     # ------------------------------------------------------------------ power
 
     async def start(self, domain: str) -> None:
@@ -333,6 +359,17 @@ class KvmHost:
     async def system_snapshots(self, domain: str) -> list[str]:
         return sorted(await self._call("list system snapshots", domain, lambda dom: dom.snapshotListNames(0)))
 
+    # ------------------------------------------------------------------ metadata of replaced disks
+
+    async def drop_snapshot_metadata(self, domain: str) -> list[str]:
+        """Forget every libvirt snapshot of the domain, metadata only (the disk files are not touched: after
+        an in-place restore they hold none of it); the names forgotten."""
+        return await self._call("drop snapshot metadata", domain, _drop_snapshots)
+
+    async def drop_checkpoint_metadata(self, domain: str) -> list[str]:
+        """Forget every libvirt checkpoint of the domain, metadata only; the names forgotten."""
+        return await self._call("drop checkpoint metadata", domain, _drop_checkpoints)
+
     # ------------------------------------------------------------------ disk snapshots (qemu-img, VM off)
 
     async def disk_snapshots(self, domain: str, disk: str) -> list[str]:
@@ -413,6 +450,32 @@ def _info(dom: libvirt.virDomain) -> DomainInfo:
     return DomainInfo(name=dom.name(), uuid=dom.UUIDString(), state=state_from_libvirt(dom.state()[0]))
 
 
+def _identity(xml: str) -> tuple[str, str | None]:
+    """The name and the UUID (None when libvirt is to choose one) of a domain XML."""
+    try:
+        root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise ValidationError(f"domain XML does not parse: {exc}") from None
+    name, wanted_uuid = (root.findtext("name") or "").strip(), (root.findtext("uuid") or "").strip()
+    if root.tag != "domain" or not name:
+        raise ValidationError("not a libvirt domain XML with a <name>")
+    return name, wanted_uuid or None
+
+
+def _existing(conn: libvirt.virConnect, name: str, wanted_uuid: str | None) -> DomainInfo | None:
+    """The domain called ``name`` or with UUID ``wanted_uuid``, if the host has one."""
+    lookups: list[Callable[[], libvirt.virDomain]] = [lambda: conn.lookupByName(name)]
+    if wanted_uuid:
+        lookups.append(lambda: conn.lookupByUUIDString(wanted_uuid))
+    for lookup in lookups:
+        try:
+            return _info(lookup())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return None
+
+
 def _try_pivot(dom: libvirt.virDomain, disk: str) -> bool | None:
     """Pivot ``disk`` to its committed base if the job is ready; False while it is still copying, None when
     there is no job any more."""
@@ -428,3 +491,26 @@ def _try_pivot(dom: libvirt.virDomain, disk: str) -> bool | None:
             return False
         raise
     return True
+
+
+def _drop_snapshots(dom: libvirt.virDomain) -> list[str]:
+    return _forget_all(dom.listAllSnapshots(0), libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY,
+                       libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT)
+
+
+def _drop_checkpoints(dom: libvirt.virDomain) -> list[str]:
+    return _forget_all(dom.listAllCheckpoints(0), libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY,
+                       libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT)
+
+
+def _forget_all(objects: list[Any], flags: int, gone: int) -> list[str]:
+    """``delete(flags)`` each snapshot or checkpoint; one already gone (with its parent) is not an error."""
+    names = []
+    for obj in objects:
+        try:
+            obj.delete(flags)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != gone:
+                raise
+        names.append(obj.getName())
+    return sorted(names)

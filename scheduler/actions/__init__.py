@@ -7,14 +7,14 @@ refused with a message saying so; other names get OpenNebula's "<action> is not 
 
 from __future__ import annotations
 
-from scheduler.actions import backup, power, snapshot
+from scheduler.actions import backup, power, restore, snapshot
 from scheduler.actions.base import ActionSpec, RunContext
 from scheduler.errors import ValidationError
 from scheduler.objects.vm import Vm
 from scheduler.schedule import VM_ACTIONS
 from scheduler.state import State
 
-ACTIONS: dict[str, ActionSpec] = {spec.name: spec for spec in (*backup.SPECS, *power.SPECS, *snapshot.SPECS)}
+ACTIONS: dict[str, ActionSpec] = {spec.name: spec for spec in (*backup.SPECS, *power.SPECS, *snapshot.SPECS, *restore.SPECS)}
 # OpenNebula's actions that vmsched gives no meaning.
 WITHOUT_MEANING = frozenset(VM_ACTIONS - ACTIONS.keys())
 
@@ -26,13 +26,16 @@ def spec_of(action: str) -> ActionSpec:
         return spec
     if action in WITHOUT_MEANING:
         raise ValidationError(
-            f"{action} has no meaning for a libvirt domain managed by vmsched; supported actions: {', '.join(ACTIONS)}"
+            f"{action} has no meaning for a libvirt domain managed by vmsched; supported actions: {', '.join(a for a in ACTIONS if a in VM_ACTIONS)}"
         )
     raise ValidationError(f"{action} is not supported.")
 
 
 def validate_action(action: str, args: str) -> None:
-    """ACTION and its ARGS, alone (the ``validate_action`` hook of ``parse_sched_action``)."""
+    """ACTION and its ARGS, alone (the ``validate_action`` hook of ``parse_sched_action``). Runs only the
+    engine starts (``restore``: one.vm.restore) are no SCHED_ACTION, as in OpenNebula's VM_ACTIONS."""
+    if action in ACTIONS and action not in VM_ACTIONS:
+        raise ValidationError(f"{action} cannot be a scheduled action; it runs only through its own API call")
     spec_of(action).validate(args)
 
 

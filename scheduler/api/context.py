@@ -106,6 +106,8 @@ def _sched_action_from_row(row: Row) -> SchedAction:
 def build_codecs() -> dict[str, Codec]:
     from lxml import etree
 
+    from scheduler.objects.vmtemplate import VmTemplate
+
     def decoder(cls: Any) -> Callable[[Row], Any]:
         return lambda row: cls.from_element(etree.fromstring(row.body.encode()))
 
@@ -121,6 +123,7 @@ def build_codecs() -> dict[str, Codec]:
         "host": Codec("host", lambda h: _owned_row(h, h.to_xml()), decoder(Host)),
         "datastore": Codec("datastore", lambda d: _owned_row(d, d.to_xml(show_secrets=True)), decoder(Datastore)),
         "image": Codec("image", lambda i: _owned_row(i, i.to_xml()), decoder(Image)),
+        "template": Codec("VM template", lambda t: _owned_row(t, t.to_xml()), decoder(VmTemplate)),
         "vm": Codec(
             "virtual machine",
             lambda v: owners.seen(_owned_row(v, v.to_xml(storage=True))),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 
 from drivers.datastore import open_datastore
+from scheduler import image_restore
 from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.backup_run import forget_image
 from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
+from scheduler.image_restore import this_machine
+from scheduler.imageds import bridge_host, is_image_datastore
 from scheduler.objects import pool_element
 from scheduler.objects.image import Image
 from scheduler.objects.states import ImageType, LcmState
@@ -34,6 +37,8 @@ async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> in
     image = ctx.state.get(KIND, image_id)
     require(caller, image.ownership.uid, Right.MANAGE, "IMAGE", image_id, "delete")
     vm_id = image.vms[0] if image.vms else -1
+    if image.type in (ImageType.OS, ImageType.DATABLOCK):
+        await _remove_image_file(ctx, image)
     if image.type == ImageType.BACKUP:
         vm = ctx.state.find("vm", vm_id)
         if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
@@ -41,6 +46,20 @@ async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> in
         await _remove_backup_files(ctx, image, vm_id, force)
     await forget_image(ctx.state, vm_id, image_id)
     return image_id
+
+
+async def _remove_image_file(ctx: Context, image: Image) -> None:
+    """The file of an image in an image datastore, unless a VM's disk still is that file."""
+    datastore = ctx.state.find("datastore", image.datastore_id)
+    if datastore is None or not is_image_datastore(datastore) or not image.source or ctx.links is None:
+        return
+    users = [vm.id for vm in ctx.state.all("vm") if any(disk.get("SOURCE") == image.source
+                                                        for disk in vm.template.vectors("DISK"))]
+    if users:
+        raise ActionError(f"Cannot delete image {image.id}: VM(s) {', '.join(map(str, users))} use its file "
+                          f"{image.source}")
+    host = bridge_host(ctx.state, datastore) or this_machine()
+    await ctx.links.runner(host).run(["rm", "-f", "--", image.source], timeout=60)
 
 
 async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bool) -> None:
@@ -57,6 +76,17 @@ async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bo
             raise ActionError(f"cannot remove the files of backup image {image.id}: {exc}; "
                               "delete with force to drop the record anyway") from exc
         log.warning("backup image %s: record removed by force, files left: %s", image.id, exc)
+
+
+@registry.method("one.image.restore", Param("id", int), Param("ds_id", int), Param("options", str, ""))
+async def restore(ctx: Context, caller: Caller, image_id: int, ds_id: int, options: str) -> str:
+    """New images (and a VM template, unless DISK_ID) from a backup (spec §8.1-8.3):
+    ``"<template_id> <image_id> ..."``. See scheduler.image_restore."""
+    image = ctx.state.get(KIND, image_id)
+    require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "restore")
+    datastore = ctx.state.get("datastore", ds_id)
+    require(caller, datastore.ownership.uid, Right.USE, "DATASTORE", ds_id, "restore into")
+    return await image_restore.restore(ctx, caller, image_id, ds_id, options)
 
 
 @registry.method("one.imagepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))

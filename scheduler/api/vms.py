@@ -30,7 +30,7 @@ KIND = "vm"
 UPDATECONF_VECTORS = ("OS", "FEATURES", "INPUT", "GRAPHICS", "RAW", "CONTEXT", "CPU_MODEL", "VIDEO", "BACKUP_CONFIG")
 RECOVER_DELETE = 3
 RECOVER_DELETE_DB = 5
-_BACKING_UP = (LcmState.BACKUP, LcmState.BACKUP_POWEROFF)
+_BACKING_UP = (LcmState.BACKUP, LcmState.BACKUP_POWEROFF, LcmState.RESTORE)  # its disks are being read or written
 
 
 def number_disks(template: Template) -> None:
@@ -131,7 +131,7 @@ async def updateconf(ctx: Context, caller: Caller, vm_id: int, text: str, merge:
         user_config = _backup_config_input(incoming)
         if user_config is not None:
             if vm.lcm_state in _BACKING_UP:
-                raise ActionError(f"VM {vm_id} is being backed up; change BACKUP_CONFIG when the backup has ended")
+                raise ActionError(f"VM {vm_id} is being backed up or restored; change BACKUP_CONFIG when that has ended")
             _apply_backup_config(vm, user_config, append=bool(merge))
         for name in incoming.names():
             vm.template.remove(name)
@@ -176,7 +176,7 @@ async def recover(ctx: Context, caller: Caller, vm_id: int, operation: int) -> i
     async with ctx.state.mutation() as m:
         vm = ctx.state.get(KIND, vm_id)
         if vm.lcm_state in _BACKING_UP:
-            raise ActionError(f"VM {vm_id} is being backed up; cancel the backup before deleting the VM")
+            raise ActionError(f"VM {vm_id} is being backed up or restored; cancel or wait for it before deleting the VM")
         bound = vm.host
         if bound is not None:
             host = ctx.state.find("host", bound[0])

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from scheduler.cli import bench, datastores, hosts, images, offline, users, vms
+from scheduler.cli import bench, datastores, hosts, images, offline, templates, users, vms
 from scheduler.cli.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _global_options(at_top=False)
-    for module in (offline, hosts, datastores, vms, images, users, bench):
+    for module in (offline, hosts, datastores, vms, images, templates, users, bench):
         module.register(commands, common)
     return parser
 

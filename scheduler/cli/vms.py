@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from lxml import etree
@@ -11,6 +12,7 @@ from lxml import etree
 from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
 from scheduler.cli.hosts import HOSTS
+from scheduler.cli.images import IMAGES
 from scheduler.cli.progress import Progress, show_fields
 from scheduler.cli.states import LCM_STATES, VM_STATES, name_of, vm_stat
 from scheduler.cli.tables import (
@@ -243,6 +245,33 @@ def sched_delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+RESTORE_POLL = 0.5  # seconds between two looks at a waited-for restore
+RESTORE_ENDED = {"done": 0, "failed": 1, "interrupted": 1, "cancelled": 1, "given_up": 1}
+
+
+def restore(ctx: Context, args: argparse.Namespace) -> int:
+    """``vm restore VM IMAGE [--increment N] [--disk-id N] [--wait]``: queue an in-place restore (the VM must
+    be powered off); --wait follows it to its end."""
+    vm_id = ctx.resolve(VMS, args.vm)
+    image_id = ctx.resolve(IMAGES, args.image)
+    ctx.call("one.vm.restore", vm_id, image_id, args.increment, args.disk_id)
+    if not args.wait:
+        ctx.print(f"restore of VM {vm_id} from image {image_id}: queued")
+        return 0
+    deadline = time.monotonic() + args.wait_timeout
+    while True:
+        status = ctx.call("vmsched.vm.restorestatus", vm_id)
+        assert isinstance(status, dict)
+        state, message = str(status["STATE"]), str(status.get("MESSAGE") or "")
+        if state in RESTORE_ENDED:
+            ctx.print(f"restore of VM {vm_id}: {state}: {message}".rstrip(": "))
+            return RESTORE_ENDED[state]
+        if time.monotonic() > deadline:
+            ctx.print(f"restore of VM {vm_id}: still {state} after {args.wait_timeout:g} s")
+            return 1
+        time.sleep(RESTORE_POLL)
+
+
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("vm", help="virtual machines (onevm)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -277,6 +306,14 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     from scheduler.cli import backup  # it builds on this module (VMS, backup_progress): imported late
 
     backup.add_commands(sub, common)
+
+    p = add_id_command(sub, common, "restore",
+                       "restore a powered-off VM's disks in place from one of its backups (onevm restore)", "vm", restore)
+    p.add_argument("image", metavar="IMAGE", help="backup image id or name")
+    p.add_argument("--increment", type=int, default=-1, metavar="N", help="increment to restore (default: the last)")
+    p.add_argument("--disk-id", type=int, default=-1, metavar="N", help="restore only this disk (default: all)")
+    p.add_argument("--wait", action="store_true", help="wait for the restore to end; exit 1 if it failed")
+    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait waits at most")
 
     add_id_command(sub, common, "delete", "unregister a VM (its libvirt domain is left alone)", "vm", delete)
 

@@ -1,0 +1,91 @@
+"""one.image.restore against real backups (spec §8.1-8.3): images in an image datastore on a host, a cleaned
+VM template whose domain starts on a second host, DISK_ID, and refusals that create nothing.
+
+Expected contents come from ``qemu-img convert`` copies of the disks taken before the backup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.realenv.domains import Hypervisor, TinyDomain
+from tests.test_backup_real import Setup, backup_ids, same_image, setup, snapshot_copy  # noqa: F401
+
+pytestmark = pytest.mark.realenv
+
+
+def image(s: Setup, image_id: int) -> etree._Element:
+    return etree.fromstring(str(s.api.call("one.image.info", image_id)).encode())
+
+
+def test_restore_to_new_images_and_a_template_that_starts_on_host2(
+        setup: Setup, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],  # noqa: F811
+        tmp_path: Path) -> None:
+    s, host1 = setup, hypervisors("host1")
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    host1.write_pattern(dom, "vda", pattern=0x71, offset="4M", length="1M")
+    host1.write_pattern(dom, "vdb", pattern=0x72, offset="1M", length="1M")
+    vda = snapshot_copy(dom.vda, tmp_path / "vda.qcow2", "qcow2")
+    vdb = snapshot_copy(dom.vdb, tmp_path / "vdb.qcow2", "raw")
+    ok, message = s.api.run_action(vm_id, "backup", f"{s.rsync_ds},0")
+    assert ok, message
+    [backup] = backup_ids(s.api, vm_id)
+    base = tmp_path / "images-on-host2"
+    ds = s.datastore(f'NAME = "imgs-h2"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBRIDGE_LIST = "host2"\nBASE_PATH = "{base}"')
+
+    reply = str(s.api.call("one.image.restore", backup, ds, 'NAME = "drill"\nNO_IP = "YES"'))
+    template_id, *image_ids = map(int, reply.split())
+    assert template_id >= 0 and len(image_ids) == 2
+    restored = {int(image(s, i).findtext("TEMPLATE/RESTORED_FROM").split(":")[1]): image(s, i) for i in image_ids}
+    for disk_id, (expected, kind) in {0: (vda, "0"), 1: (vdb, "2")}.items():  # OS, DATABLOCK
+        record = restored[disk_id]
+        assert record.findtext("NAME") == f"drill-disk-{disk_id}"
+        assert (record.findtext("TYPE"), record.findtext("STATE"), record.findtext("FORMAT")) == (kind, "1", "qcow2")
+        assert record.findtext("PATH", "").startswith(f"rsync://{s.rsync_ds}//0:")
+        assert record.findtext("DATASTORE_ID") == str(ds)
+        assert same_image(Path(record.findtext("SOURCE") or ""), expected)  # host2 shares this /tmp
+    template = etree.fromstring(str(s.api.call("one.template.info", template_id)).encode())
+    assert template.findtext("NAME") == "drill"
+    assert sorted(d.findtext("IMAGE_ID") for d in template.iterfind("TEMPLATE/DISK")) == sorted(map(str, image_ids))
+
+    new_vm = int(s.api.call("vmsched.template.instantiate", template_id, s.api.hosts["host2"], True))  # type: ignore[call-overload]
+    vm = s.api.vm(new_vm)
+    assert (vm.findtext("STATE"), vm.findtext("LCM_STATE")) == ("3", "3")
+    domain = hypervisors("host2").conn.lookupByName("drill")
+    try:
+        assert domain.isActive()
+        xml = domain.XMLDesc()
+        assert all(restored[d].findtext("SOURCE") in xml for d in (0, 1))
+        assert "<mac " not in xml  # NO_IP
+    finally:
+        domain.destroy()
+        domain.undefine()
+
+
+def test_one_disk_and_refusals_that_create_nothing(setup: Setup,  # noqa: F811
+                                                    tiny_domain: Callable[..., TinyDomain]) -> None:
+    s = setup
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    assert s.api.run_action(vm_id, "backup", f"{s.fs_ds},0")[0]
+    [backup] = backup_ids(s.api, vm_id)
+    before = s.image_ids()
+    assert "Destination can be only an image datastore" in s.api.failure("one.image.restore", backup, s.rsync_ds, "")
+    assert "no increment 3" in s.api.failure("one.image.restore", backup, s.image_ds, "INCREMENT_ID = 3")
+    assert "disk 7 is not in backup image" in s.api.failure("one.image.restore", backup, s.image_ds, "DISK_ID = 7")
+    assert "must be YES or NO" in s.api.failure("one.image.restore", backup, s.image_ds, 'NO_IP = "maybe"')
+    assert s.image_ids() == before
+
+    reply = str(s.api.call("one.image.restore", backup, s.image_ds, "DISK_ID = 1"))
+    template_id, image_id = map(int, reply.split())
+    assert template_id == -1  # one disk: no template
+    record = image(s, image_id)
+    assert record.findtext("NAME") == f"{vm_id}-{image(s, backup).findtext('SOURCE')}-disk-1"
+    assert same_image(Path(record.findtext("SOURCE") or ""), dom.vdb)
+    s.api.call("one.image.delete", image_id, False)  # the restored file goes with the record
+    assert not Path(record.findtext("SOURCE") or "").exists()
