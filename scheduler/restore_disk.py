@@ -20,11 +20,12 @@ path names the run, so :func:`remove_temps` and the process killer (``drivers.pr
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
-from drivers.datastore.base import hash_files, rsync_ssh
+from drivers.datastore.base import hash_files, parse_digests, rsync_ssh
 from drivers.datastore.layout import Layout, check_path, disk_file_name
 from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
 from scheduler.backup_run import upload_ssh
@@ -101,11 +102,16 @@ def source_datastore(state: State, image: Image) -> Datastore:
     return datastore
 
 
-def pull_argv(datastore: Datastore, ssh: list[str], source: str, destination: str) -> list[str]:
-    """rsync on the hypervisor, pulling ``source`` from the backup server of an rsync datastore."""
+# $1 the file written; then the ssh argv that prints the backup file. bash for pipefail: a failed ssh or a
+# full disk fails the whole copy. openssl prints the digest of its stdin as "<hex> *stdin".
+_STREAM = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
+
+
+def stream_argv(datastore: Datastore, ssh: list[str], source: str, destination: str) -> list[str]:
+    """On the hypervisor: ``ssh <server> cat <source>`` into ``destination``, hashing the bytes on the way."""
     target = server_target(datastore)
-    return ["rsync", *rsync_options(datastore), "-e", rsync_ssh(ssh, target.port), "--",
-            f"{remote(target)}:{source}", destination]
+    return ["bash", "-c", _STREAM, "bash", destination, *ssh, "-p", str(target.port), f"{target.user}@{target.host}",
+            "cat -- " + shlex.quote(source)]
 
 
 def push_argv(datastore: Datastore, ssh: list[str] | None, host: Any, source: str, destination: str) -> list[str]:
@@ -147,8 +153,8 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
     fetched = temp_path(target, "fetch", run_id)
     try:
         await _journal(journal, step("temp", host=host.id, path=fetched))
-        await _copy(links, datastore, host, runner, source, fetched, started)
-        await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started)
+        digest = await _copy(links, datastore, host, runner, source, fetched, started)
+        await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started, digest)
         final = fetched
         if target_format == "raw":
             final = temp_path(target, "raw", run_id)
@@ -163,22 +169,27 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
 
 
 async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
-                started: ProcessStarted | None) -> None:
+                started: ProcessStarted | None) -> str | None:
+    """Bring ``source`` to ``fetched`` on the host; from an rsync datastore the sha256 of the bytes written
+    is computed on the way (one pass: ``ssh cat | tee | openssl``), returned; else None (hashed after)."""
     nice, ionice = priority(datastore, datastore.ds_mad.upper())
     ssh = await upload_ssh(links, host, runner, datastore)
     if datastore.ds_mad == "rsync":
-        await runner.run(pull_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                         ionice=ionice, started=_on(started, "host"))
-    else:
-        await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                              ionice=ionice, started=_on(started, "local"))
+        result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
+                                  ionice=ionice, started=_on(started, "host"))
+        return parse_digests(result.stdout, ["stdin"])["stdin"]
+    await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
+                          ionice=ionice, started=_on(started, "local"))
+    return None
 
 
 async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, what: str,
-                  started: ProcessStarted | None) -> None:
-    """The copy's sha256 must be the recorded one, and qemu-img must find the qcow2 sound."""
+                  started: ProcessStarted | None, digest: str | None = None) -> None:
+    """The copy's sha256 (``digest`` when the copy computed it) must be the recorded one, and qemu-img must
+    find the qcow2 sound."""
     nice, ionice = priority(datastore, datastore.ds_mad.upper())
-    digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, _on(started, "host")))[path]
+    if digest is None:
+        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, _on(started, "host")))[path]
     if digest != expected:
         raise ActionError(f"{what}: sha256 of the copy is {digest}, the backup recorded {expected}: the backup "
                           "file is damaged or was changed; nothing was restored")
