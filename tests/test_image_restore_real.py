@@ -6,6 +6,7 @@ Expected contents come from ``qemu-img convert`` copies of the disks taken befor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,3 +90,61 @@ def test_one_disk_and_refusals_that_create_nothing(setup: Setup,  # noqa: F811
     assert same_image(Path(record.findtext("SOURCE") or ""), dom.vdb)
     s.api.call("one.image.delete", image_id, False)  # the restored file goes with the record
     assert not Path(record.findtext("SOURCE") or "").exists()
+
+
+def test_failures_remove_what_the_restore_created(setup: Setup,  # noqa: F811
+                                                  tiny_domain: Callable[..., TinyDomain], tmp_path: Path) -> None:
+    s = setup
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    assert s.api.run_action(vm_id, "backup", f"{s.fs_ds},0")[0]
+    [backup] = backup_ids(s.api, vm_id)
+    before = s.image_ids()
+    images = tmp_path / "images"
+    ds = s.datastore(f'NAME = "imgs-fail"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{images}"')
+
+    # disk 0 arrives and is verified, then disk 1's backup file turns out damaged: both images go
+    damaged = s.backup_dir(s.fs_ds, vm_id, image(s, backup).findtext("SOURCE") or "") / "disk.1.0"
+    original = damaged.read_bytes()
+    damaged.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    try:
+        message = s.api.failure("one.image.restore", backup, ds, "")
+    finally:
+        damaged.write_bytes(original)
+    assert "sha256 of the copy" in message and "images created before the failure were removed" in message
+    assert s.image_ids() == before and not [p for p in images.iterdir() if p.is_file()]
+
+    # the backup server unreachable: a clear error, nothing created
+    closed = free_port()
+    rsync_backup = _rsync_backup(s, tiny_domain)
+    s.api.call("one.datastore.update", s.rsync_ds, f'RSYNC_PORT = "{closed}"', 1)
+    try:
+        message = s.api.failure("one.image.restore", rsync_backup, ds, "")
+    finally:
+        s.api.call("one.datastore.update", s.rsync_ds, f'RSYNC_PORT = "{s.realenv.backup.ssh_port}"', 1)
+    assert str(closed) in message, message
+    assert s.image_ids() == [*before, rsync_backup]
+
+    # no room in the target: refused before anything is created
+    s.api.call("one.datastore.update", ds, 'LIMIT_MB = "1"', 1)
+    deadline = time.monotonic() + 30
+    while etree.fromstring(str(s.api.call("one.datastore.info", ds)).encode()).findtext("TOTAL_MB") != "1":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "Not enough free space in image datastore" in s.api.failure("one.image.restore", backup, ds, "")
+    assert s.image_ids() == [*before, rsync_backup]
+
+
+def _rsync_backup(s: Setup, tiny_domain: Callable[..., TinyDomain]) -> int:
+    dom = tiny_domain("host1")
+    vm_id = s.api.import_one("host1", dom.name)
+    assert s.api.run_action(vm_id, "backup", f"{s.rsync_ds},0")[0]
+    return backup_ids(s.api, vm_id)[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
