@@ -25,8 +25,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
+from drivers.datastore import open_datastore
 from drivers.datastore.base import hash_files, parse_digests, rsync_ssh
 from drivers.datastore.layout import Layout, check_path, disk_file_name
+from drivers.datastore.restic import ResticDatastore, labelled_password_files
 from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
 from scheduler.backup_run import upload_ssh
 from scheduler.errors import ActionError, ValidationError
@@ -96,9 +98,9 @@ def source_datastore(state: State, image: Image) -> Datastore:
     datastore = state.find("datastore", image.datastore_id)
     if datastore is None:
         raise ActionError(f"datastore {image.datastore_id} of backup image {image.id} does not exist")
-    if datastore.ds_mad not in ("rsync", "fs"):
+    if datastore.ds_mad not in ("rsync", "fs", "restic"):
         raise ActionError(f"restoring from a {datastore.ds_mad!r} datastore (image {image.id}, datastore "
-                          f"{datastore.id}) is not supported by this version; rsync and fs are")
+                          f"{datastore.id}) is not supported by this version; rsync, restic and fs are")
     return datastore
 
 
@@ -153,7 +155,8 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
     fetched = temp_path(target, "fetch", run_id)
     try:
         await _journal(journal, step("temp", host=host.id, path=fetched))
-        digest = await _copy(links, datastore, host, runner, source, fetched, started)
+        digest = await _copy(links, datastore, host, runner, source, fetched, started,
+                             restic_file=(backup_vm_id(image), image.source, name, run_id))
         await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started, digest)
         final = fetched
         if target_format == "raw":
@@ -169,11 +172,18 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
 
 
 async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
-                started: ProcessStarted | None) -> str | None:
-    """Bring ``source`` to ``fetched`` on the host; from an rsync datastore the sha256 of the bytes written
-    is computed on the way (one pass: ``ssh cat | tee | openssl``), returned; else None (hashed after)."""
+                started: ProcessStarted | None, *, restic_file: tuple[int, str, str, int]) -> str | None:
+    """Bring ``source`` to ``fetched`` on the host; from an rsync or restic datastore the sha256 of the bytes
+    written is computed on the way (one pass: ``ssh cat`` or ``restic dump``, ``| tee | openssl``) and
+    returned; else None (hashed after). ``restic_file``: (VM id, backup id, file name, run id)."""
     nice, ionice = priority(datastore, datastore.ds_mad.upper())
     ssh = await upload_ssh(links, host, runner, datastore)
+    if datastore.ds_mad == "restic":
+        vm_id, backup_id, name, run_id = restic_file
+        store = open_datastore(datastore, links.pool)
+        assert isinstance(store, ResticDatastore)
+        return await store.fetch_to(runner, vm_id, backup_id, name, fetched, ssh_command=ssh, timeout=FETCH_TIMEOUT,
+                                    label=restore_label(run_id), started=_on(started, "host"))
     if datastore.ds_mad == "rsync":
         result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
                                   ionice=ionice, started=_on(started, "host"))
@@ -208,8 +218,16 @@ async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
     """``rm -f`` the run's temporary files next to ``target_path``; logged, never raised."""
     try:
         await runner.run(["rm", "-f", "--", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
+        # and the password file a killed restic dump of this run left
+        await runner.run(["sh", "-c", 'for f in "$1"*; do if [ -e "$f" ]; then rm -f -- "$f"; fi; done', "sh",
+                          labelled_password_files(restore_label(run_id))], timeout=COMMAND_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - a leftover is reported; recovery removes it later
         log.warning("cannot remove the temporary files of run %s next to %s: %s", run_id, target_path, exc)
+
+
+def restore_label(run_id: int) -> str:
+    """What names the password files of a restore's restic commands."""
+    return f"restore{int(run_id)}"
 
 
 async def _journal(journal: StepJournal | None, entry: dict[str, Any]) -> None:

@@ -167,3 +167,39 @@ def test_two_vms_back_up_to_the_same_server_at_once(restic_env: tuple[Api, int, 
         assert f"vmsched-{vm_id}" in snapshot["tags"]
     runs = [api.call("vmsched.vm.backupstatus", vm_id) for vm_id in vm_ids]
     assert all(r["ATTEMPT"] == 1 for r in runs)  # type: ignore[index]  # no lock made one wait and retry
+
+
+def test_restore_from_restic_to_new_images_and_in_place(restic_env: tuple[Api, int, Path],
+                                                        tiny_domain: Callable[..., TinyDomain],
+                                                        hypervisors: Callable[[str], Hypervisor],
+                                                        tmp_path: Path) -> None:
+    """restic dump straight to where the disk goes, hashed on the way and checked against the backup's sums."""
+    api, ds_id, _ = restic_env
+    host1 = hypervisors("host1")
+    dom = tiny_domain("host1")
+    host1.write_pattern(dom, "vda", pattern=0x63, offset="4M", length="1M")
+    vm_id = api.import_one("host1", dom.name)
+    before = snapshot_copy(dom.vda, tmp_path / "before.qcow2", "qcow2")
+    ok, message = api.run_action(vm_id, "backup", f"{ds_id},0")
+    assert ok, message
+    [backup] = [int(i.text or "") for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+
+    images = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                          f'NAME = "restic-imgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{tmp_path / "imgs"}"',
+                          -1))
+    _, image_id = map(int, str(api.call("one.image.restore", backup, images, "DISK_ID = 0")).split())
+    restored = etree.fromstring(str(api.call("one.image.info", image_id)).encode())
+    assert restored.findtext("PATH", "").startswith(f"restic://{ds_id}//0:")
+    assert same_image(Path(restored.findtext("SOURCE") or ""), before)
+
+    host1.write_pattern(dom, "vda", pattern=0x64, offset="4M", length="1M")  # the VM changes its disk
+    host1.destroy(dom)
+    deadline = time.monotonic() + 30
+    while api.vm(vm_id).findtext("STATE") != "8":  # POWEROFF, seen by the daemon
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    api.call("one.vm.restore", vm_id, backup, -1, 0)
+    while api.call("vmsched.vm.restorestatus", vm_id)["STATE"] != "done":  # type: ignore[index]
+        assert time.monotonic() < deadline + 60, api.daemon.log()[-3000:]
+        time.sleep(0.1)
+    assert same_image(dom.vda, before)  # the backed-up content is back

@@ -54,6 +54,7 @@ from drivers.datastore.base import (
     int_attribute,
     on_side,
     parse_df,
+    parse_digests,
     staged_paths,
 )
 from drivers.datastore.layout import Layout
@@ -84,6 +85,9 @@ cat > "$f" || exit 125
 trap 'rm -f -- "$f"' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
 "$@"
 """
+# $1 the file written, "$@" after it the command printing it: the bytes go to the file and their sha256 to
+# stdout ("<hex> *stdin"); pipefail: any part failing fails the whole.
+_STREAM_TO = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
 _MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
 _SIZE = re.compile(r"[0-9]+[kKmMgGtT]?\Z")
 _UNUSED = re.compile(r"([0-9]+[kKmMgGtT%]?|unlimited)\Z")
@@ -160,6 +164,11 @@ def run_label(staging_dir: str, vm_id: int) -> str:
     """What names the password files of a backup's restic commands: the VM and the run (the staging
     directory's name), e.g. ``vm7-run42``."""
     return f"vm{vm_id}-run{staging_dir.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def labelled_password_files(label: str) -> str:
+    """How the names of the password files of restic commands run with ``label`` begin."""
+    return f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{label}-"
 
 
 def password_file_prefix(staging_dir: str, vm_id: int) -> str:
@@ -278,12 +287,12 @@ class ResticDatastore:
 
     async def _restic(self, runner: Runner, repo: str, args: Sequence[str], *, timeout: float | None = None,  # noqa: ASYNC109
                       options: Sequence[str] = (), priority: bool = False, label: str = "",
-                      started: Started | None = None) -> Result:
+                      started: Started | None = None, wrap: Sequence[str] = ()) -> Result:
         """``restic --repo REPO --password-file F OPTIONS ARGS`` on ``runner``, F written and removed around it
         (``label`` goes into F's name, so that a run's recovery finds the file a killed restic left)."""
         password_file = f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{label + '-' if label else ''}{secrets.token_hex(8)}"
         argv = ["sh", "-c", _WITH_PASSWORD, "sh", password_file,
-                "restic", "--repo", repo, "--password-file", password_file, *options, *args]
+                *wrap, "restic", "--repo", repo, "--password-file", password_file, *options, *args]
         s = self.settings
         env = {"GOMAXPROCS": str(s.maxproc)} if s.maxproc is not None else None
         finished = False
@@ -465,6 +474,27 @@ class ResticDatastore:
             raise DriverError(f"datastore {self.datastore.id}: {name} of backup {source} is larger than "
                               f"{MAX_SMALL_FILE} bytes")
         return result.stdout
+
+    async def fetch_to(self, runner: Runner, vm_id: int, source: str, name: str, destination: str, *,
+                       ssh_command: Sequence[str] | None, timeout: float, label: str = "",  # noqa: ASYNC109
+                       started: Started | None = None) -> str:
+        """``restic dump`` of file ``name`` of backup ``source``, run on ``runner``'s machine (a hypervisor,
+        against the SFTP server) into ``destination`` there; the sha256 of the bytes written."""
+        layout.check_file_name(name)
+        snapshot = await self._snapshot(vm_id, source)
+        path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
+        if path is None:
+            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        target = self.settings.target
+        repo = sftp_repository(target, self.layout.vm_dir(vm_id))
+        options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",
+                   *transfer_options(self.settings)]
+        result = await self._restic(runner, repo, ["dump", "--no-lock", snapshot["id"], path], timeout=timeout,
+                                    options=options, priority=True, label=label, started=started,
+                                    wrap=["bash", "-c", _STREAM_TO, "bash", destination])
+        if result.exit_status != 0:
+            raise self._failed(runner, repo, ["dump"], result)
+        return parse_digests(result.stdout, ["stdin"])["stdin"]
 
     async def list_backup(self, vm_id: int, source: str) -> list[str]:
         snapshot = await self._snapshot(vm_id, source)
