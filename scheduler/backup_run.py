@@ -34,6 +34,7 @@ from drivers.processes import kill_marked
 from drivers.tm.qcow2 import CaptureOptions
 from drivers.vmm.domainxml import Disk
 from scheduler import backups
+from scheduler.backup_urls import url_vectors
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
 from scheduler.hostlinks import is_local
@@ -154,6 +155,8 @@ def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, up
     )  # fmt: skip
     for name, digest in sorted(upload.sha256.items()):
         image.template.add("CHECKSUMS", Vector([("FILE", name), ("SHA256", digest)]))
+    for vector in url_vectors(image, datastore):
+        image.template.add("BACKUP_URL", vector)
     return image
 
 

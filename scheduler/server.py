@@ -1,4 +1,5 @@
-"""The HTTP side of the daemon: XML-RPC on /RPC2 (TCP and an optional unix socket) and /metrics."""
+"""The HTTP side of the daemon: XML-RPC on /RPC2 (TCP and an optional unix socket), /metrics and /download
+(a backed-up disk by its backup URL: scheduler/download.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from scheduler import errors
+from scheduler.download import download_handler
 from scheduler.rpc import ApiError, ErrorCode, Registry, coerce_args, error_code, failure, fault, parse_request, success
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ def make_app(dispatcher: Dispatcher, max_request_bytes: int, metrics: Callable[[
 
     app.router.add_post("/RPC2", rpc)
     app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/download", download_handler(dispatcher.authenticate, dispatcher.context))
     return app
 
 

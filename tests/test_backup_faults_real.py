@@ -300,8 +300,13 @@ def test_full_datastore(faults: Faults, tiny_domain: Callable[..., TinyDomain],
     dom = tiny_domain("host1")
     vm_id = s.api.import_one("host1", dom.name)
     images = s.image_ids()
-    status = backup(s.api, vm_id, full)
-    assert (status["STATE"], status["MESSAGE"]) == ("given_up", "Not enough free space on target datastore")
+    deadline = time.monotonic() + 30  # monitored at once on creation: TOTAL_MB is LIMIT_MB
+    while etree.fromstring(str(s.api.call("one.datastore.info", full)).encode()).findtext("TOTAL_MB") != "1":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = last_run(s.api, vm_id)
+    assert s.api.failure("one.vm.backup", vm_id, full, False).endswith("Not enough free space on target datastore")
+    assert last_run(s.api, vm_id) == before  # refused by the API: no run was queued
     nothing_left(s, host1, dom, vm_id, images)
     s.api.call("one.datastore.update", full, 'DATASTORE_CAPACITY_CHECK = "NO"', 1)  # the check is what refused
     status = backup(s.api, vm_id, full)

@@ -6,6 +6,8 @@ Expected contents come from ``qemu-img convert`` copies of the disks taken befor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from tests.conftest import REPO
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.test_backup_real import Setup, backup_ids, same_image, setup, snapshot_copy  # noqa: F401
 
@@ -82,9 +85,12 @@ def test_one_disk_and_refusals_that_create_nothing(setup: Setup,  # noqa: F811
     assert "must be YES or NO" in s.api.failure("one.image.restore", backup, s.image_ds, 'NO_IP = "maybe"')
     assert s.image_ids() == before
 
-    reply = str(s.api.call("one.image.restore", backup, s.image_ds, "DISK_ID = 1"))
-    template_id, image_id = map(int, reply.split())
-    assert template_id == -1  # one disk: no template
+    cli = subprocess.run([sys.executable, "-m", "scheduler", "image", "restore", str(backup), "-d", "imgs",
+                          "--disk-id", "1", "--no-ip"], env=s.api.daemon.env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("Images: ") and "VM Template" not in cli.stdout  # one disk: no template
+    image_id = int(cli.stdout.split()[1])
     record = image(s, image_id)
     assert record.findtext("NAME") == f"{vm_id}-{image(s, backup).findtext('SOURCE')}-disk-1"
     assert same_image(Path(record.findtext("SOURCE") or ""), dom.vdb)

@@ -131,8 +131,12 @@ def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domai
     staging = f"{env.staging}/{vm_id}"
     left = processes(env, staging)
     assert left, "restic was not running when the daemon died"
+    # What a SIGKILLed restic wrapper leaves (whether this crash left one depends on how far its shell got):
     password_files = 'ls /tmp/vmsched-restic-vm"$1"-run* 2>/dev/null || true'
-    assert env.on_host1(password_files, str(vm_id)).strip(), "no password file while restic ran"
+    run_id = staging_run(env, staging)
+    env.on_host1('umask 077; echo "$2" > "/tmp/vmsched-restic-vm$1-run$3-0123456789abcdef"', str(vm_id), PASSWORD,
+                 run_id)
+    assert env.on_host1(password_files, str(vm_id)).strip()
     second = start_daemon(state, env.config())
     api.daemon = second
     try:
@@ -151,6 +155,12 @@ def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domai
         stop(second)
         subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(env.base)]), timeout=30, check=False)
         env.on_host1('rm -rf -- "$1"', env.staging)
+
+
+def staging_run(env: Env, staging: str) -> str:
+    """The run id: the name of the run's staging directory under the VM's."""
+    [name] = env.on_host1('ls "$1"', staging).split()
+    return name
 
 
 def test_two_vms_back_up_to_the_same_server_at_once(restic_env: tuple[Api, int, Path], realenv: RealEnv,

@@ -10,6 +10,7 @@ from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
 from scheduler.backup_run import forget_image
+from scheduler.backup_urls import with_urls
 from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
 from scheduler.image_restore import this_machine
 from scheduler.imageds import bridge_host, is_image_datastore
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 async def info(ctx: Context, caller: Caller, image_id: int, decrypt: bool) -> str:
     image = ctx.state.get(KIND, image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "info")
-    return image.to_xml()
+    return with_urls(image, ctx.state.find("datastore", image.datastore_id)).to_xml()
 
 
 @registry.method("one.image.delete", Param("id", int), Param("force", bool, False))

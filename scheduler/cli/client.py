@@ -1,4 +1,4 @@
-"""Where the daemon is, who is asking, and one XML-RPC call.
+"""Where the daemon is, who is asking, one XML-RPC call, and one streaming GET (``/download``).
 
 The endpoint comes from ``--endpoint``, else ``$VMSCHED_ENDPOINT``, else ``$ONE_XMLRPC``, else
 :data:`DEFAULT_ENDPOINT`. The session (``user:password``) is the first line of the file named by
@@ -9,9 +9,11 @@ convention ``[ok, result, error_code, ...]``; a failed call becomes the matching
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import urllib.parse
 import xmlrpc.client
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from xml.parsers.expat import ExpatError
 
@@ -19,6 +21,7 @@ from scheduler.errors import ActionError, AuthError, NotFound, PermissionDenied,
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2633/RPC2"
 DEFAULT_TIMEOUT = 60.0
+STREAM_CHUNK = 1 << 20
 
 # OpenNebula's ErrorCode values (RequestManager.h) and the exception each one becomes.
 _ERROR_CODES: dict[int, type[VmschedError]] = {
@@ -35,6 +38,26 @@ class UsageError(VmschedError):
 
 class Unreachable(VmschedError):
     """The daemon did not answer (refused, timed out, not an XML-RPC server)."""
+
+
+# HTTP statuses of the daemon's plain HTTP routes (``/download``) and the exception each one becomes.
+_HTTP_ERRORS: dict[int, type[VmschedError]] = {
+    400: UsageError,
+    401: AuthError,
+    403: PermissionDenied,
+    404: NotFound,
+    501: ActionError,
+}
+
+
+@contextlib.contextmanager
+def _transfer_errors(netloc: str, path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise Unreachable(f"cannot reach vmsched at {netloc}: {exc}") from None
+    except http.client.HTTPException as exc:
+        raise Unreachable(f"{path}: the transfer from vmsched at {netloc} broke off ({exc!r})") from None
 
 
 def resolve_endpoint(option: str | None, env: Mapping[str, str]) -> str:
@@ -98,6 +121,7 @@ class Client:
     def __init__(self, endpoint: str, session: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.endpoint = endpoint
         self._session = session
+        self._timeout = timeout
         transport_class = _SafeTimeoutTransport if endpoint.startswith("https://") else _TimeoutTransport
         self._proxy = xmlrpc.client.ServerProxy(endpoint, transport=transport_class(timeout))
 
@@ -110,6 +134,37 @@ class Client:
             return reply[1]
         code = reply[2] if len(reply) > 2 and isinstance(reply[2], int) else 0
         raise _ERROR_CODES.get(code, VmschedError)(str(reply[1]))
+
+    def stream(self, path: str, params: Mapping[str, str], sink: Callable[[bytes], object]) -> dict[str, str]:
+        """``GET <path>?<params>`` on the daemon's HTTP server (the endpoint's host and port), the session in
+        the Authorization header; the body goes to ``sink`` chunk by chunk (what ``sink`` raises is left
+        alone). Returns the reply's headers; an error reply becomes the matching exception, a body cut short
+        :class:`Unreachable`."""
+        parts = urllib.parse.urlsplit(self.endpoint)
+        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(parts.netloc, timeout=self._timeout)
+        try:
+            with _transfer_errors(parts.netloc, path):
+                connection.request("GET", f"{path}?{urllib.parse.urlencode(params)}",
+                                   headers={"Authorization": f"Bearer {self._session}"})
+                reply = connection.getresponse()
+                if reply.status != 200:
+                    text = reply.read(4096).decode("utf-8", "replace").strip()
+                    raise _HTTP_ERRORS.get(reply.status, VmschedError)(
+                        f"{path}: {text or reply.reason} (HTTP {reply.status})")
+            expected, received = int(reply.headers.get("Content-Length", "-1")), 0
+            while True:
+                with _transfer_errors(parts.netloc, path):
+                    chunk = reply.read(STREAM_CHUNK)
+                if not chunk:
+                    break
+                sink(chunk)
+                received += len(chunk)
+            if expected >= 0 and received != expected:
+                raise Unreachable(f"{path}: the daemon stopped after {received} of {expected} bytes")
+            return dict(reply.headers.items())
+        finally:
+            connection.close()
 
     def _send(self, method: str, args: tuple[object, ...]) -> object:
         try:

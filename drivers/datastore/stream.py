@@ -1,0 +1,144 @@
+"""One file of a backup datastore read as a stream of bytes (downloads, restores through the scheduler).
+
+The :class:`drivers.commands.Runner` contract returns a command's whole output at once, which does not suit
+a disk of many gigabytes; here the reading command is a child process whose stdout is relayed chunk by
+chunk. Where it runs follows the datastore:
+
+* ``fs``: on this machine;
+* ``rsync``: on the backup server, through OpenSSH with vmsched's own known_hosts (strict host key
+  checking, never the user's) and key, the same trust the pooled asyncssh connections use.
+
+The command is ``sh -c 'stat ... && exec cat ...'``: the first line of its output is the file's size (for
+Content-Length), the rest the file itself, read from the one file that was measured. The script is a
+constant; the path reaches it as a positional parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from drivers.commands import HostUnreachable, stderr_tail
+from drivers.datastore import layout
+from drivers.datastore.rsync import server_target
+from drivers.ssh import SshSettings
+from scheduler.errors import ActionError, DriverError, NotFound
+from scheduler.objects.datastore import Datastore
+
+CHUNK = 1 << 20
+IDLE_TIMEOUT = 120.0  # seconds without a byte from the reader before the stream is given up
+SSH_FAILED = 255
+CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
+_SIZE_THEN_DATA = 'stat -L -c %s -- "$1" && exec cat -- "$1"'
+
+
+def reader_argv(datastore: Datastore, ssh: SshSettings, path: str) -> list[str]:
+    """The command that prints ``path``'s size on a line, then its bytes."""
+    script = ["sh", "-c", _SIZE_THEN_DATA, "sh", layout.check_path(path, "backup file path")]
+    if datastore.ds_mad == "fs":
+        return script
+    if datastore.ds_mad != "rsync":
+        raise ActionError(f"datastore {datastore.id}: reading backup files of DS_MAD {datastore.ds_mad!r} "
+                          "is not supported yet (fs and rsync are)")
+    target = server_target(datastore)
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", f"ConnectTimeout={max(1, int(ssh.connect_timeout))}", "-o", "ServerAliveInterval=30",
+            "-c", CIPHERS, "-p", str(target.port), "-l", target.user]  # fmt: skip
+    if ssh.key is not None:
+        argv += ["-o", "IdentitiesOnly=yes", "-i", str(ssh.key)]
+    return [*argv, "--", target.host, shlex.join(script)]
+
+
+@dataclass
+class FileStream:
+    """An open file: its size, then its bytes through :meth:`chunks` (once)."""
+
+    size: int
+    path: str
+    process: asyncio.subprocess.Process
+    idle_timeout: float = IDLE_TIMEOUT
+
+    async def chunks(self, chunk: int = CHUNK) -> AsyncIterator[bytes]:
+        """The file's bytes; a DriverError when the reader stops short or fails."""
+        assert self.process.stdout is not None
+        sent = 0
+        while True:
+            try:
+                data = await asyncio.wait_for(self.process.stdout.read(chunk), self.idle_timeout)
+            except TimeoutError:
+                raise DriverError(f"{self.path}: no data for {self.idle_timeout:g} s; stream given up",
+                                  retryable=True) from None
+            if not data:
+                break
+            sent += len(data)
+            yield data
+        stderr = await _stderr(self.process)  # to its end: wait() returns once every pipe is closed
+        status = await asyncio.wait_for(self.process.wait(), self.idle_timeout)
+        if status != 0 or sent != self.size:
+            raise DriverError(f"{self.path}: reading stopped after {sent} of {self.size} bytes "
+                              f"(status {status}): {stderr}", retryable=True)
+
+
+@contextlib.asynccontextmanager
+async def open_stream(datastore: Datastore, ssh: SshSettings, path: str, *,
+                      idle_timeout: float = IDLE_TIMEOUT) -> AsyncIterator[FileStream]:
+    """``path`` on the datastore's server, opened for reading; the reader is killed on leaving."""
+    argv = reader_argv(datastore, ssh, path)
+    process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), idle_timeout + ssh.connect_timeout)
+        except TimeoutError:
+            raise HostUnreachable(f"datastore {datastore.id}: no answer reading {path} within "
+                                  f"{idle_timeout + ssh.connect_timeout:g} s", retryable=True) from None
+        if not line.strip().isdigit():
+            stderr = await _stderr(process)
+            status = await asyncio.wait_for(process.wait(), idle_timeout)
+            raise _open_error(datastore, path, status, stderr)
+        yield FileStream(int(line), path, process, idle_timeout)
+    finally:
+        await _stop(process)
+
+
+def _open_error(datastore: Datastore, path: str, status: int, stderr: str) -> Exception:
+    where = f"datastore {datastore.id}"
+    if datastore.ds_mad == "rsync" and status == SSH_FAILED:
+        return HostUnreachable(f"{where}: cannot reach the backup server {server_target(datastore)}: {stderr}",
+                               retryable=True)
+    if "No such file" in stderr:
+        return NotFound(f"{where}: {path} does not exist")
+    return DriverError(f"{where}: cannot read {path} (status {status}): {stderr}")
+
+
+async def _stderr(process: asyncio.subprocess.Process) -> str:
+    if process.stderr is None:
+        return ""
+    try:
+        return stderr_tail(await asyncio.wait_for(process.stderr.read(), 5))
+    except TimeoutError:
+        return ""
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """Kill the reader and reap it. Its pipes are drained to their end first: asyncio finishes ``wait()`` only
+    once every pipe is closed, and a pipe whose reading was paused (a consumer that stopped early) never is."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    await asyncio.shield(_reap(process))
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    for pipe in (process.stdout, process.stderr):
+        while pipe is not None and await pipe.read(CHUNK):
+            pass
+    await process.wait()
