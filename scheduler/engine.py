@@ -359,9 +359,10 @@ class Engine:
         except Exception as exc:  # the action's own error: data, not a crash
             outcome = (False, str(exc) or type(exc).__name__)
         finally:
+            ended = self.clock.now()
             self._release(run, admitted)
             log_context.reset(token)
-        await self._finish(run, *outcome)
+        await self._finish(run, *outcome, ended)
 
     def _release(self, run: Run, admitted: bool) -> None:
         self.running.pop(run.id, None)
@@ -409,17 +410,20 @@ class Engine:
                 return run
         return None
 
-    async def _finish(self, run: Run, success: bool, message: str) -> None:
+    async def _finish(self, run: Run, success: bool, message: str, ended: float | None = None) -> None:
+        """``ended``: when the run gave its slot back (its finished_at), so that journaled spans never overlap
+        the next run's start."""
         now = self.clock.now()
+        ended = now if ended is None else ended
         async with self.state.lock:
             if run.id in self._cancel_requested:
                 self._cancel_requested.discard(run.id)
                 log.warning("run %s: %s cancelled", run.id, run.action)
-                self._close(run, RunState.CANCELLED, "cancelled")
+                self._close(run, RunState.CANCELLED, "cancelled", ended)
                 self._update_action(run, success=False, message="cancelled by an operator")
             elif success:
                 log.info("run %s: %s succeeded in %.3fs", run.id, run.action, now - (run.started_at or now))
-                self._close(run, RunState.DONE, message)
+                self._close(run, RunState.DONE, message, ended)
                 self.stats.last_success[run.vm_id] = now
                 if run.id in self._completed:  # the action recorded it with its result
                     self._completed.discard(run.id)
@@ -440,7 +444,7 @@ class Engine:
                           message)
                 self.stats.failures[run.action] += 1
                 self.stats.given_up[run.action] += 1
-                self._close(run, final, message)
+                self._close(run, final, message, ended)
                 self._update_action(run, success=False, message=message)
         self.state.flush_soon()
 
@@ -448,8 +452,8 @@ class Engine:
         heapq.heappush(self._retries, (run.not_before, run.id))
         self._retrying.setdefault(run.vm_id, {})[run.id] = run
 
-    def _close(self, run: Run, final: RunState, message: str) -> None:
-        run.state, run.finished_at, run.message = final, self.clock.now(), message
+    def _close(self, run: Run, final: RunState, message: str, ended: float | None = None) -> None:
+        run.state, run.finished_at, run.message = final, self.clock.now() if ended is None else ended, message
         self.journal.save(run)
         if run.action_id is not None and self._open_per_action[run.action_id] > 0:
             self._open_per_action[run.action_id] -= 1
