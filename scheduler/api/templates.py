@@ -30,10 +30,11 @@ from scheduler.api.registry import registry
 from scheduler.api.schedactions import parse_actions, store_actions
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, DriverError, ValidationError
+from scheduler.objects import pool_element
 from scheduler.objects.common import Ownership
 from scheduler.objects.host import Host
 from scheduler.objects.vm import Vm, split_vm_template
-from scheduler.objects.vmtemplate import DOMAIN_XML_KEY, VmTemplate, template_pool_element
+from scheduler.objects.vmtemplate import DOMAIN_XML_KEY, VmTemplate
 from scheduler.permissions import Caller, Right, require, require_admin
 from scheduler.rpc import Param
 from scheduler.schedule import SchedAction
@@ -98,7 +99,7 @@ async def delete(ctx: Context, caller: Caller, template_id: int, recursive: bool
 
 @registry.method("one.templatepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))
 async def pool_info(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int) -> str:
-    return xml_string(template_pool_element(pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end)))
+    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end)))
 
 
 # ---- instantiate ------------------------------------------------------------------------------------

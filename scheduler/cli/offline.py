@@ -15,6 +15,14 @@ from scheduler.cli.tables import pretty_xml, to_json
 DEFAULT_STATE_DIR = "/var/lib/vmsched"
 
 
+def add_template_format(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``vmsched template format FILE``, under the ``template`` command."""
+    p = sub.add_parser("format", help="print a template file normalised (checks its syntax; no daemon needed)",
+                       parents=[common])
+    p.add_argument("file", metavar="FILE", help="template file, - for standard input (--xml: print the XML form)")
+    p.set_defaults(handler=template_format)
+
+
 def template_format(ctx: Context, args: argparse.Namespace) -> int:
     """Print the template as vmsched stores it (text, or with --xml/--json its XML form).
 
@@ -56,11 +64,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    "state dir and a tiny VM backed up hourly (default: only without a configuration file)")
     p.set_defaults(handler=serve)
 
-    parser = commands.add_parser("template", help="work on template files", parents=[common])
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("format", help="print a template file normalised (checks its syntax)", parents=[common])
-    p.add_argument("file", metavar="FILE", help="template file, - for standard input (--xml: print the XML form)")
-    p.set_defaults(handler=template_format)
+    # `template format` lives with the VM template commands (scheduler/cli/templates.py)
 
     parser = commands.add_parser("config", help="work on sched.conf", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -8,6 +8,7 @@ from lxml import etree
 
 from scheduler.cli.context import Context, Kind, add_id_command
 from scheduler.cli.hosts import HOSTS
+from scheduler.cli.offline import add_template_format
 from scheduler.cli.tables import Column, field, format_time, join_sections, parse_xml, render_fields
 from scheduler.objects.vmtemplate import DOMAIN_XML_KEY
 from scheduler.template import from_element
@@ -80,18 +81,10 @@ def instantiate(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _template_actions(commands: argparse._SubParsersAction,
-                      common: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    """The actions of ``vmsched template``, which also holds the offline ``template format``."""
-    parser = commands.choices.get("template")
-    if parser is None:
-        parser = commands.add_parser("template", help="VM templates (onetemplate)", parents=[common])
-        return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    sub = _template_actions(commands, common)
+    parser = commands.add_parser("template", help="VM templates (onetemplate) and template files", parents=[common])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_template_format(sub, common)
 
     p = sub.add_parser("create", help="register a VM template from a template file", parents=[common])
     p.add_argument("file", metavar="FILE", help="template file, - for standard input")

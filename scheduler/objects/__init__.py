@@ -21,6 +21,7 @@ POOL_TAGS = {
     "image": "IMAGE_POOL",
     "vm": "VM_POOL",
     "user": "USER_POOL",
+    "template": "VMTEMPLATE_POOL",
 }
 
 

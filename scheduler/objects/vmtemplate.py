@@ -8,7 +8,6 @@ the text form like any other value. ``vmsched template instantiate`` defines tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -28,7 +27,6 @@ from scheduler.objects.common import (
 from scheduler.template import Template
 
 DOMAIN_XML_KEY = "VMSCHED_DOMAIN_XML"
-POOL_TAG = "VMTEMPLATE_POOL"
 
 
 @dataclass
@@ -69,11 +67,3 @@ class VmTemplate:
             regtime=read_int(element, "REGTIME", 0),
             template=read_template(element, "TEMPLATE"),
         )
-
-
-def template_pool_element(templates: Iterable[VmTemplate]) -> Element:
-    """The ``VMTEMPLATE_POOL`` of one.templatepool.info."""
-    pool = etree.Element(POOL_TAG)
-    for template in templates:
-        pool.append(template.to_element())
-    return pool
