@@ -343,6 +343,25 @@ async def test_snapshot_write_commit_pivot(kvm, tiny_domain, hypervisors, tmp_pa
 
 
 @real
+async def test_a_commit_left_running_by_a_dead_daemon_is_taken_over_and_pivoted(kvm, tiny_domain, hypervisors,
+                                                                                tmp_path) -> None:
+    """The daemon died between starting the commit and its pivot: the job waits, ready, in QEMU. Starting
+    another commit would fail ("already in active block job"); blockcommit finishes that one instead."""
+    dom = tiny_domain()
+    host1, hv = kvm("host1"), hypervisors("host1")
+    overlay = tmp_path / "vda.vmsched-8.qcow2"
+    await host1.snapshot_disks(dom.name, {"vda": str(overlay)}, name="vmsched-8")
+    hv.write_pattern(dom, "vda")
+    flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+    hv.lookup(dom).blockCommit("vda", None, None, 0, flags)  # what the dead daemon had started
+    assert hv.lookup(dom).blockJobInfo("vda", 0)  # the job is there, waiting for its pivot
+    await host1.blockcommit(dom.name, "vda", deadline=20)
+    assert {d.target: d.path for d in await host1.disks(dom.name)}["vda"] == str(dom.vda)
+    assert holds_pattern(dom.vda, "qcow2") and not hv.lookup(dom).blockJobInfo("vda", 0)
+    delete_files([str(overlay)])
+
+
+@real
 async def test_snapshot_refuses_unknown_and_readonly_disks(kvm, tiny_domain, tmp_path) -> None:
     dom = tiny_domain(cdrom=True)
     with pytest.raises(OperationRefused, match=rf"^host1: domain '{dom.name}': snapshot: no disk 'vdz'"):

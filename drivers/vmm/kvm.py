@@ -311,8 +311,9 @@ class KvmHost:
         operation = f"blockcommit {disk}"
         loop = asyncio.get_running_loop()
         give_up = loop.time() + deadline
-        await self._call(operation, domain,
-                         lambda dom: dom.blockCommit(disk, None, None, bandwidth_mib, COMMIT_ACTIVE_SHALLOW))
+        if await self._call(operation, domain, lambda dom: _start_or_adopt_commit(dom, disk, bandwidth_mib)):
+            log.warning("%s: domain %s: %s: an active commit of this disk was running already (started by a daemon "
+                        "that died?): it is finished here", self.name, domain, operation)
         while True:
             pivoted = await self._call(operation, domain, lambda dom: _try_pivot(dom, disk))
             if pivoted:
@@ -474,6 +475,16 @@ def _existing(conn: libvirt.virConnect, name: str, wanted_uuid: str | None) -> D
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
     return None
+
+
+def _start_or_adopt_commit(dom: libvirt.virDomain, disk: str, bandwidth_mib: int) -> bool:
+    """Start the shallow active commit of ``disk``; True when one was running already (the same job, left by
+    a daemon that died before its pivot), which the caller then takes over."""
+    job = dom.blockJobInfo(disk, 0)
+    if job and job.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
+        return True
+    dom.blockCommit(disk, None, None, bandwidth_mib, COMMIT_ACTIVE_SHALLOW)
+    return False
 
 
 def _try_pivot(dom: libvirt.virDomain, disk: str) -> bool | None:
