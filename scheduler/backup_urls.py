@@ -43,7 +43,7 @@ RESTIC_DIR = "backup"
 NOT_YET = "increments are not supported yet"
 IMAGE_HEADER = "X-Vmsched-Image-Id"  # the download endpoint's reply names the URL's image in this header
 
-Chain = tuple[tuple[int, str], ...]
+Chain = layout.Chain
 
 _DIGITS = re.compile(r"[0-9]+\Z")
 _DISK_FILE = re.compile(r"disk\.([0-9]+)\.([0-9]+)\Z")
@@ -85,8 +85,7 @@ class BackupUrl:
 
 # --- grammar ----------------------------------------------------------------------------------------------
 
-def format_chain(chain: Chain) -> str:
-    return ",".join(f"{increment}:{source}" for increment, source in chain)
+format_chain = layout.chain_text
 
 
 def format_url(url: BackupUrl) -> str:
@@ -97,16 +96,13 @@ def format_url(url: BackupUrl) -> str:
 
 def parse_chain(text: str) -> Chain:
     """``0:abc,1:def`` -> ((0, "abc"), (1, "def")); increment ids rising (a flattened chain may start above 0)."""
-    links = []
-    for item in text.split(","):
-        increment, sep, source = item.partition(":")
-        if not sep or not _DIGITS.match(increment) or not source:
-            raise ValidationError(f"bad chain element {item!r} (expected <increment id>:<source>)")
-        links.append((int(increment), layout.check_backup_id(source)))
+    links = layout.parse_chain(text)
+    for _, source in links:
+        layout.check_backup_id(source)
     ids = [increment for increment, _ in links]
     if any(later <= earlier for earlier, later in zip(ids, ids[1:], strict=False)):
         raise ValidationError(f"chain {text!r}: increment ids must rise")
-    return tuple(links)
+    return links
 
 
 def parse_url(text: str) -> BackupUrl:
@@ -134,12 +130,7 @@ def parse_url(text: str) -> BackupUrl:
 
 def chain_up_to(chain: Chain, increment_id: int = -1) -> Chain:
     """The chain cut after ``increment_id`` (-1: the whole chain)."""
-    if increment_id < 0:
-        return chain
-    cut = tuple(link for link in chain if link[0] <= increment_id)
-    if not cut or cut[-1][0] != increment_id:
-        raise ValidationError(f"increment {increment_id} is not in the chain {format_chain(chain)!r}")
-    return cut
+    return layout.chain_up_to(chain, None if increment_id < 0 else increment_id)
 
 
 def single_source(chain: Chain) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from drivers.datastore import layout
 from drivers.datastore.base import apply_limit, file_progress, parse_df, parse_digests, parse_stat
-from drivers.datastore.layout import BackupUrl, Layout, parse_backup_url
+from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import rsync_options, server_target
 from scheduler.errors import DriverError, ValidationError
 from scheduler.objects.datastore import Datastore
@@ -125,46 +125,7 @@ def test_disk_index_refuses_other_files(name: str) -> None:
         layout.disk_index(name)
 
 
-# --- URLs: the spec's examples and variants ------------------------------------------------------------------
-
-URLS = [
-    ("rsync://100/3/0:8a3454,1:f6e63e//var/lib/one/datastores/100/6/8a3454/disk.0.0",
-     BackupUrl("rsync", 100, 3, ((0, "8a3454"), (1, "f6e63e")), "/var/lib/one/datastores/100/6/8a3454/disk.0.0"),
-     6, 0),
-    ("restic://100//0:25f4b298,1:6968545c//var/lib/one/datastores/0/0/backup/disk.0.1",
-     BackupUrl("restic", 100, None, ((0, "25f4b298"), (1, "6968545c")), "/var/lib/one/datastores/0/0/backup/disk.0.1"),
-     0, 0),
-    ("rsync://101//0:abc123//srv/b/101/42/abc123/disk.2.0",
-     BackupUrl("rsync", 101, None, ((0, "abc123"),), "/srv/b/101/42/abc123/disk.2.0"), 42, 2),
-    ("rsync+rbd://100/7/0:8a3454//srv/b/100/9/8a3454/disk.1.rbd2",
-     BackupUrl("rsync", 100, 7, ((0, "8a3454"),), "/srv/b/100/9/8a3454/disk.1.rbd2", rbd=True), 9, 1),
-]
-
-
-@pytest.mark.parametrize(("text", "url", "vm_id", "disk_id"), URLS)
-def test_backup_url_parse_and_render(text: str, url: BackupUrl, vm_id: int, disk_id: int) -> None:
-    parsed = parse_backup_url(text)
-    assert parsed == url
-    assert str(parsed) == text
-    assert (parsed.vm_id, parsed.disk_id, parsed.last_source) == (vm_id, disk_id, url.chain[-1][1])
-
-
-def test_backup_url_of_opennebula_6_6_has_no_job_segment() -> None:
-    parsed = parse_backup_url("rsync://100/0:8a3454,1:f6e63e//var/lib/one/datastores/100/6/f6e63e/disk.1.1")
-    assert parsed == BackupUrl("rsync", 100, None, ((0, "8a3454"), (1, "f6e63e")),
-                               "/var/lib/one/datastores/100/6/f6e63e/disk.1.1")
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["http://100/3/0:a//x/disk.0.0", "rsync:/100/3/0:a//x", "rsync://x/3/0:a//p/disk.0.0",
-     "rsync://100/j/0:a//p/disk.0.0", "rsync://100/3/0a//p/disk.0.0", "rsync://100/3/0:a/relative/disk.0.0",
-     "rsync://100/3", "rsync://100/3/x:a//p/disk.0.0", "rsync://100/3/0:a,1://p/disk.0.0"],
-)
-def test_bad_backup_urls_refused(text: str) -> None:
-    with pytest.raises(ValidationError):
-        parse_backup_url(text)
-
+# --- increment chains (the URLs themselves: tests/test_backup_urls.py) ---------------------------------------
 
 @pytest.mark.parametrize(
     ("up_to", "expected"),

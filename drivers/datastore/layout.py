@@ -22,8 +22,6 @@ TMP_PREFIX = ".tmp-"
 BACKUP_ID_CHARS = 6  # OpenNebula's rsync driver: first 6 hex chars of a random hex string
 VM_XML = "vm.xml"
 DOMAIN_XML = "domain.xml"
-SCHEMES = ("rsync", "restic")
-RBD_SUFFIX = "+rbd"
 
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_.+@,=/-]*\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -122,41 +120,9 @@ def tmp_backup_id(dir_name: str) -> str | None:
     return rest if _BACKUP_ID.match(rest) else None
 
 
-# --- backup URLs (spec §5.3) ----------------------------------------------------------------------------------
+# --- increment chains of backup URLs (spec §5.3; the URLs: scheduler/backup_urls.py) ----------------------------------------------------------------------------------
 
 Chain = tuple[tuple[int, str], ...]
-
-
-@dataclass(frozen=True)
-class BackupUrl:
-    """``<scheme>://<ds_id>/<bj_id>/<chain>/<file path>``; ``bj_id`` None when not from a backup job."""
-
-    scheme: str  # rsync | restic
-    ds_id: int
-    bj_id: int | None
-    chain: Chain
-    path: str
-    rbd: bool = False
-
-    def __str__(self) -> str:
-        proto = self.scheme + (RBD_SUFFIX if self.rbd else "")
-        job = "" if self.bj_id is None else str(self.bj_id)
-        return f"{proto}://{self.ds_id}/{job}/{chain_text(self.chain)}/{self.path}"
-
-    @property
-    def disk_id(self) -> int:
-        return disk_index(self.path)
-
-    @property
-    def last_source(self) -> str:
-        return self.chain[-1][1]
-
-    @property
-    def vm_id(self) -> int:
-        """rsync: the component before the backup directory; restic: the one before ``backup/``."""
-        parts = self.path.split("/")
-        before = parts.index("backup") - 1 if self.scheme == "restic" and "backup" in parts else len(parts) - 3
-        return check_id(parts[before] if before >= 0 else "", "VM id in the URL")
 
 
 def chain_text(chain: Chain) -> str:
@@ -177,30 +143,11 @@ def parse_chain(text: str) -> Chain:
     links = []
     for item in text.split(","):
         inc, sep, source = item.partition(":")
-        if not sep or not source:
-            raise ValidationError(f"bad chain element {item!r} (expected <increment>:<source>)")
+        if not sep or not source or not inc.isdigit():
+            raise ValidationError(f"bad chain element {item!r} (expected <increment id>:<source>)")
         links.append((check_id(inc, "increment id"), source))
     return tuple(links)
 
-
-def parse_backup_url(url: str) -> BackupUrl:
-    """Parse a backup URL: split after ``://`` on the first three ``/`` (6.6 URLs have no job segment)."""
-    proto, sep, rest = url.partition("://")
-    scheme = proto.removesuffix(RBD_SUFFIX)
-    if not sep or scheme not in SCHEMES:
-        raise ValidationError(f"not a backup URL (rsync:// or restic://): {url!r}")
-    fields = rest.split("/", 3)
-    if len(fields) == 4 and ":" in fields[1] and fields[2] == "":  # 6.6: <ds>/<chain>//<path>
-        fields = [fields[0], "", fields[1], "/" + fields[3]]
-    if len(fields) != 4 or not fields[3].startswith("/"):
-        raise ValidationError(f"backup URL without <ds>/<job>/<chain>/<absolute path>: {url!r}")
-    ds, job, chain, path = fields
-    return BackupUrl(scheme=scheme, ds_id=check_id(ds, "datastore id"),
-                     bj_id=check_id(job, "backup job id") if job else None,
-                     chain=parse_chain(chain), path=path, rbd=proto.endswith(RBD_SUFFIX))
-
-
-# --- vm.xml ----------------------------------------------------------------------------------------------------
 
 def disk_size_mb(vm_xml: bytes | str, disk_id: int) -> int:
     """``DISK[DISK_ID=disk_id]/SIZE`` (MB) from a backup's ``vm.xml`` (an OpenNebula VM document)."""
