@@ -28,7 +28,7 @@ from drivers.commands import shielded
 from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore, server_of
 from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
-from drivers.datastore.restic import password_file_prefix
+from drivers.datastore.restic import password_file_prefix, remove_password_files
 from drivers.datastore.rsync import bwlimit_bytes, priority
 from drivers.processes import kill_marked
 from drivers.tm.qcow2 import CaptureOptions
@@ -562,14 +562,11 @@ async def _recover_processes(state: State, links: Any, run: Any, steps: list[dic
                 log.warning("run %s: killed process group(s) %s it left running (%s side)", run.id,
                             ", ".join(map(str, killed)), side)
             if runner is not None and side == "source":  # a killed restic leaves its password file
-                await runner.run(["sh", "-c", _REMOVE_PREFIXED, "sh", password_file_prefix(marker, run.vm_id)],
-                                 timeout=COMMAND_TIMEOUT)
+                await remove_password_files(runner, password_file_prefix(marker, run.vm_id), COMMAND_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried
             problems.append(f"processes of {marker} ({side} side): {exc}")
     return "; ".join(problems)
 
-
-_REMOVE_PREFIXED = 'for f in "$1"*; do if [ -e "$f" ]; then rm -f -- "$f"; fi; done'
 
 
 def _process_runner(state: State, links: Any, side: str, object_id: int) -> Any:

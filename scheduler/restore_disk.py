@@ -26,9 +26,9 @@ from typing import Any
 
 from drivers.commands import CommandFailed, shielded
 from drivers.datastore import open_datastore
-from drivers.datastore.base import hash_files, parse_digests, rsync_ssh
+from drivers.datastore.base import hash_files, rsync_ssh, streamed_digest, streamed_to
 from drivers.datastore.layout import Layout, check_path, disk_file_name
-from drivers.datastore.restic import ResticDatastore, labelled_password_files
+from drivers.datastore.restic import ResticDatastore, labelled_password_files, remove_password_files
 from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
 from scheduler.backup_run import upload_ssh
 from scheduler.errors import ActionError, ValidationError
@@ -104,16 +104,11 @@ def source_datastore(state: State, image: Image) -> Datastore:
     return datastore
 
 
-# $1 the file written; then the ssh argv that prints the backup file. bash for pipefail: a failed ssh or a
-# full disk fails the whole copy. openssl prints the digest of its stdin as "<hex> *stdin".
-_STREAM = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
-
-
 def stream_argv(datastore: Datastore, ssh: list[str], source: str, destination: str) -> list[str]:
     """On the hypervisor: ``ssh <server> cat <source>`` into ``destination``, hashing the bytes on the way."""
     target = server_target(datastore)
-    return ["bash", "-c", _STREAM, "bash", destination, *ssh, "-p", str(target.port), f"{target.user}@{target.host}",
-            "cat -- " + shlex.quote(source)]
+    return streamed_to(destination, [*ssh, "-p", str(target.port), f"{target.user}@{target.host}",
+                                     "cat -- " + shlex.quote(source)])
 
 
 def push_argv(datastore: Datastore, ssh: list[str] | None, host: Any, source: str, destination: str) -> list[str]:
@@ -187,7 +182,7 @@ async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source
     if datastore.ds_mad == "rsync":
         result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
                                   ionice=ionice, started=_on(started, "host"))
-        return parse_digests(result.stdout, ["stdin"])["stdin"]
+        return streamed_digest(result.stdout)
     await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
                           ionice=ionice, started=_on(started, "local"))
     return None
@@ -219,8 +214,7 @@ async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
     try:
         await runner.run(["rm", "-f", "--", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
         # and the password file a killed restic dump of this run left
-        await runner.run(["sh", "-c", 'for f in "$1"*; do if [ -e "$f" ]; then rm -f -- "$f"; fi; done', "sh",
-                          labelled_password_files(restore_label(run_id))], timeout=COMMAND_TIMEOUT)
+        await remove_password_files(runner, labelled_password_files(restore_label(run_id)), COMMAND_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - a leftover is reported; recovery removes it later
         log.warning("cannot remove the temporary files of run %s next to %s: %s", run_id, target_path, exc)
 

@@ -57,6 +57,18 @@ _HASH_PY = (
     " print(h.hexdigest(),'*'+p)\n"
 )
 NOT_FOUND_STATUS = 127
+# bash -c: $1 the file written, "$@" after it the command printing the data. The bytes go to the file and their
+# sha256 to stdout ("<hex> *stdin"): one pass; pipefail: any part failing (the source, a full disk) fails all.
+STREAM_TO_FILE = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
+
+
+def streamed_to(destination: str, argv: Sequence[str]) -> list[str]:
+    """The argv writing ``argv``'s output to ``destination`` and printing its sha256 (:func:`streamed_digest`)."""
+    return ["bash", "-c", STREAM_TO_FILE, "bash", destination, *argv]
+
+
+def streamed_digest(output: bytes) -> str:
+    return parse_digests(output, ["stdin"])["stdin"]
 
 
 @dataclass(frozen=True)

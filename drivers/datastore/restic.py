@@ -54,8 +54,9 @@ from drivers.datastore.base import (
     int_attribute,
     on_side,
     parse_df,
-    parse_digests,
     staged_paths,
+    streamed_digest,
+    streamed_to,
 )
 from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
@@ -85,9 +86,6 @@ cat > "$f" || exit 125
 trap 'rm -f -- "$f"' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
 "$@"
 """
-# $1 the file written, "$@" after it the command printing it: the bytes go to the file and their sha256 to
-# stdout ("<hex> *stdin"); pipefail: any part failing fails the whole.
-_STREAM_TO = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
 _MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
 _SIZE = re.compile(r"[0-9]+[kKmMgGtT]?\Z")
 _UNUSED = re.compile(r"([0-9]+[kKmMgGtT%]?|unlimited)\Z")
@@ -164,6 +162,14 @@ def run_label(staging_dir: str, vm_id: int) -> str:
     """What names the password files of a backup's restic commands: the VM and the run (the staging
     directory's name), e.g. ``vm7-run42``."""
     return f"vm{vm_id}-run{staging_dir.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+_REMOVE_PREFIXED = 'for f in "$1"*; do if [ -e "$f" ]; then rm -f -- "$f"; fi; done'
+
+
+async def remove_password_files(runner: Runner, prefix: str, timeout: float) -> None:  # noqa: ASYNC109
+    """Remove the password files whose names begin with ``prefix`` (a killed restic cannot remove its own)."""
+    await runner.run(["sh", "-c", _REMOVE_PREFIXED, "sh", prefix], timeout=timeout)
 
 
 def labelled_password_files(label: str) -> str:
@@ -491,10 +497,10 @@ class ResticDatastore:
                    *transfer_options(self.settings)]
         result = await self._restic(runner, repo, ["dump", "--no-lock", snapshot["id"], path], timeout=timeout,
                                     options=options, priority=True, label=label, started=started,
-                                    wrap=["bash", "-c", _STREAM_TO, "bash", destination])
+                                    wrap=streamed_to(destination, []))
         if result.exit_status != 0:
             raise self._failed(runner, repo, ["dump"], result)
-        return parse_digests(result.stdout, ["stdin"])["stdin"]
+        return streamed_digest(result.stdout)
 
     async def list_backup(self, vm_id: int, source: str) -> list[str]:
         snapshot = await self._snapshot(vm_id, source)
