@@ -17,6 +17,7 @@ from scheduler.objects.datastore import Datastore
 from scheduler.objects.states import DatastoreType
 from tests.conftest import start_daemon
 from tests.realenv.model import RealEnv
+from tests.test_hosts_real import free_port
 from tests.test_import_real import Api
 
 WAIT = 30.0
@@ -94,11 +95,3 @@ def test_a_daemon_monitors_its_backup_datastores(realenv: RealEnv, tmp_path: Pat
         assert "'nohost', which is not a registered host" in (ds.findtext(f"TEMPLATE/{ERROR_KEY}") or "")
     finally:
         assert daemon.stop() == 0, daemon.log()[-3000:]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -18,6 +18,7 @@ from lxml import etree
 from tests.conftest import REPO
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.test_backup_real import Setup, backup_ids, same_image, setup, snapshot_copy  # noqa: F401
+from tests.test_hosts_real import free_port
 
 pytestmark = pytest.mark.realenv
 
@@ -146,11 +147,3 @@ def _rsync_backup(s: Setup, tiny_domain: Callable[..., TinyDomain]) -> int:
     vm_id = s.api.import_one("host1", dom.name)
     assert s.api.run_action(vm_id, "backup", f"{s.rsync_ds},0")[0]
     return backup_ids(s.api, vm_id)[0]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
