@@ -164,11 +164,16 @@ def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, up
 DATA_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
 
 
+# A backup server gone silent (no reset, e.g. a dead link) ends a copy after about a minute, not at its timeout.
+KEEPALIVE = (15, 4)  # ServerAliveInterval seconds, ServerAliveCountMax
+
+
 def ssh_command(key: Any, known_hosts: Any, *, only_key: bool = True) -> list[str]:
     """The ssh argv a copy runs with: strict host keys from ``known_hosts``, no prompts, the key ``key``
     (``only_key``: that key alone; otherwise ssh may fall back to the user's own keys)."""
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null", "-c", DATA_CIPHERS]
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"ServerAliveInterval={KEEPALIVE[0]}",
+            "-o", f"ServerAliveCountMax={KEEPALIVE[1]}", "-c", DATA_CIPHERS]
     if key:
         argv += (["-o", "IdentitiesOnly=yes"] if only_key else []) + ["-i", str(key)]
     return argv
@@ -187,7 +192,11 @@ printf '%s\\n' "$f"
 
 
 def known_hosts_file(datastore: Datastore) -> str:
-    return f"vmsched_known_hosts.ds{datastore.id}"
+    """Named by the server, not the datastore: daemons (or datastores) sharing a hypervisor and a backup
+    server share the file, and never overwrite one another's."""
+    target = server_of(datastore)
+    assert target is not None, "only datastores on an SSH server have a server key"
+    return f"vmsched_known_hosts.{target.host}_{target.port}"
 
 
 def server_known_hosts(links: Any, datastore: Datastore) -> str:
@@ -207,7 +216,7 @@ async def upload_ssh(links: Any, host: Any, runner: Any, datastore: Datastore) -
     """How the upload reaches the other side.
 
     ``rsync`` and ``restic``: the hypervisor's ssh to the backup (SFTP) server. Its host key is the one vmsched verified (installed
-    into ``~/.ssh/vmsched_known_hosts.ds<id>`` on the hypervisor: a daemon under systemd has no agent to
+    into ``~/.ssh/vmsched_known_hosts.<server>_<port>`` on the hypervisor: a daemon under systemd has no agent to
     forward), unless the host's ``BACKUP_KNOWN_HOSTS`` names a file there. Its key is the host's
     ``BACKUP_SSH_KEY`` (a path on the hypervisor), else sched.conf's SSH/KEY path with the hypervisor user's
     own keys as fallback. ``fs``: the scheduler's own ssh to the hypervisor."""

@@ -7,7 +7,7 @@ datastore's server (:mod:`drivers.datastore.stream`) and are relayed as they arr
 the image's id in ``X-Vmsched-Image-Id`` so a client can check them against the image's CHECKSUMS.
 
 Errors are plain-text bodies: 400 a malformed URL, 401 no or bad session, 403 not the caller's image,
-404 no such image, URL or file, 501 what vmsched cannot read yet (increments, restic), 502 the backup
+404 no such image, URL or file, 501 what vmsched cannot read yet (increment chains), 502 the backup
 server did not answer or the read failed, 503 a daemon without host connections.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from drivers.datastore.stream import open_stream
+from drivers.datastore.stream import open_backup_file
 from scheduler import backup_urls
 from scheduler.errors import ActionError, AuthError, DriverError, NotFound, PermissionDenied, ValidationError
 from scheduler.permissions import Caller, Right, require
@@ -84,7 +84,8 @@ def _locate(ctx: Any, text: str) -> backup_urls.Located:
 async def _send(request: web.Request, ctx: Any, located: backup_urls.Located) -> web.StreamResponse:
     url, image = located.url, located.image
     began, sent = time.monotonic(), 0
-    async with open_stream(located.datastore, ctx.links.settings, url.path) as stream:
+    async with open_backup_file(located.datastore, ctx.links.settings, ctx.links.pool, located.vm_id,
+                                backup_urls.single_source(url.chain), url.file_name, url.path) as stream:
         response = web.StreamResponse(headers={
             "Content-Type": "application/octet-stream", "Content-Length": str(stream.size),
             "Content-Disposition": f'attachment; filename="{url.file_name}"', IMAGE_HEADER: str(image.id)})

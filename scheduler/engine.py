@@ -503,9 +503,11 @@ class Engine:
             elif self.is_backup_action(run.action):
                 await self._recover_backup(run, now)
             else:
-                if run.steps:  # what it journaled (a restore's temporary files...) is undone first
+                told = run.message
+                if run.steps:  # what it journaled (a restore's temporary files...) is undone (or finished) first
                     await self._clean_up(run, interrupted=True)
-                self._close(run, RunState.INTERRUPTED, "interrupted by a daemon restart; not run again")
+                said = run.message if run.message != told else ""  # a recoverer may say what it did instead
+                self._close(run, RunState.INTERRUPTED, said or "interrupted by a daemon restart; not run again")
                 await self._advance_action(run, success=False, message=run.message)
         await self.journal.durable()
         if runs:

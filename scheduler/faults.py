@@ -1,7 +1,8 @@
 """Test-only crash points: ``VMSCHED_CRASH_AT=name[,name...]`` makes the daemon SIGKILL itself there.
 
 The crash-recovery tests name a point of a backup (after the guest is quiesced, after the snapshot,
-while a convert or an upload runs, before the commit) and check that a restarted daemon recovers from
+while a convert or an upload runs, before the commit) or of a restore (while a disk is copied, once all are
+verified, after the first disk was swapped in) and check that a restarted daemon recovers from
 a death at exactly that point; no timing is involved. Unset, :func:`crash_point` does nothing. The
 daemon logs loudly at start-up when the variable is set; it is never read from sched.conf.
 """
@@ -15,7 +16,9 @@ import signal
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "VMSCHED_CRASH_AT"
-POINTS = ("quiesced", "snapshot", "convert", "converted", "upload", "uploaded")
+POINTS = ("quiesced", "snapshot", "convert", "converted", "upload", "uploaded",  # a backup
+          "restore-fetch", "restore-fetched", "restore-swap",  # an in-place restore
+          "image-restore-fetch", "image-restore-fetched")  # a restore to new images
 
 
 def armed() -> set[str]:

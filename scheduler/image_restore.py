@@ -19,18 +19,21 @@ from typing import Any
 
 from lxml import etree
 
+from drivers.commands import shielded
 from drivers.datastore import open_datastore
 from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_size_mb
+from drivers.processes import kill_marked
 from scheduler import imageds
 from scheduler.backup_urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
+from scheduler.faults import crash_point
 from scheduler.objects.common import Ownership
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.host import Host
 from scheduler.objects.image import Image
 from scheduler.objects.states import ImageState, ImageType
 from scheduler.objects.vmtemplate import DOMAIN_XML_KEY
-from scheduler.restore_disk import fetch_disk
+from scheduler.restore_disk import fetch_disk, remove_temps, temp_path
 from scheduler.restore_template import clean_vm_template, restored_domain_xml
 from scheduler.template import Template
 
@@ -151,6 +154,8 @@ def this_machine() -> Host:
 
 async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_text: str) -> str:
     """``one.image.restore``: ``"<template_id> <image_id> ..."`` (template -1 with ``DISK_ID``)."""
+    from scheduler.api import templates  # the API module that owns VM templates (imported late: it imports us)
+
     state = ctx.state
     backup = state.get("image", backup_id)
     target = state.get("datastore", ds_id)
@@ -169,15 +174,17 @@ async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_tex
     owner = Ownership(caller.user_id, caller.gid, caller.name, "oneadmin" if caller.gid == 0 else "users")
     created = await _records(ctx, disk_ids, base, owner, target, sizes, urls, backup)
     try:
+        template = None  # (NAME, the rest), checked before any data moves
+        if options.disk_id is None:
+            template = templates.checked_request(_template(vm_xml, domain_xml, base, created, target, options).render())
+            templates.require_free_name(state, caller, template[0])
         runner = ctx.links.runner(host)
         await runner.run(["mkdir", "-p", "--", target.base_path], timeout=COMMAND_TIMEOUT)
         for disk_id, image_id in created.items():
             await fetch_disk(ctx.links, state, backup, disk_id, host, imageds.image_path(target, image_id, "qcow2"),
-                             "qcow2", run_id=image_id)
-            await _ready(state, image_id)
-        template_id = -1
-        if options.disk_id is None:
-            template_id = await _template(ctx, caller, vm_xml, domain_xml, base, created, target, options)
+                             "qcow2", run_id=image_id, started=_fetch_started)
+        crash_point("image-restore-fetched")
+        template_id = await _finish(ctx, caller, created, template)
     except BaseException as exc:
         removed = await shielded_forget(ctx, host, target, created)
         raise ActionError(f"restore of backup image {backup.id} failed: {exc}; images created before the failure "
@@ -185,6 +192,10 @@ async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_tex
     log.info("backup image %s restored into datastore %s: images %s, template %s", backup.id, target.id,
              ", ".join(map(str, created.values())), template_id)
     return " ".join(map(str, [template_id, *created.values()]))
+
+
+async def _fetch_started(side: str, pgid: int) -> None:
+    crash_point("image-restore-fetch")
 
 
 async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
@@ -203,17 +214,25 @@ async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, t
     return created
 
 
-async def _ready(state: Any, image_id: int) -> None:
-    async with state.mutation() as m:
-        image = state.editable("image", image_id)
-        image.state = image.prev_state = ImageState.READY
-        m.put("image", image)
+async def _finish(ctx: Any, caller: Any, created: dict[int, int], template: tuple[str, Template] | None) -> int:
+    """One transaction: every image READY and the template (if any) created; the template id, or -1. A
+    daemon that dies before it finds only LOCKED images at start-up (:func:`recover_interrupted`)."""
+    from scheduler.api import templates
+
+    template_id = -1
+    async with ctx.state.mutation() as m:
+        if template is not None:
+            template_id = await templates.add(ctx, m, caller, *template)
+        for image_id in created.values():
+            image = ctx.state.editable("image", image_id)
+            image.state = image.prev_state = ImageState.READY
+            m.put("image", image)
+    return template_id
 
 
-async def _template(ctx: Any, caller: Any, vm_xml: str, domain_xml: str, base: str, created: dict[int, int],
-                    target: Datastore, options: RestoreOptions) -> int:
-    from scheduler.api import templates  # the API module that owns VM templates (imported late: it imports us)
-
+def _template(vm_xml: str, domain_xml: str, base: str, created: dict[int, int], target: Datastore,
+              options: RestoreOptions) -> Template:
+    """The VM template of the restore: the backed-up vm.xml cleaned, plus the re-pointed domain (pure)."""
     cleaned = clean_vm_template(vm_xml, name=base, image_ids=created, no_nic=options.no_nic, no_ip=options.no_ip)
     targets = disk_targets(vm_xml)
     paths = {targets[d]: imageds.image_path(target, image_id, "qcow2") for d, image_id in created.items()}
@@ -221,7 +240,7 @@ async def _template(ctx: Any, caller: Any, vm_xml: str, domain_xml: str, base: s
                                  disk_formats=dict.fromkeys(paths, "qcow2"), no_nic=options.no_nic,
                                  no_ip=options.no_ip)
     cleaned.set(DOMAIN_XML_KEY, domain)
-    return int(await templates.allocate(ctx, caller, cleaned.render()))
+    return cleaned
 
 
 async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict[int, int]) -> list[int]:
@@ -231,12 +250,52 @@ async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict
     for image_id in created.values():
         try:
             await runner.run(["rm", "-f", "--", imageds.image_path(target, image_id, "qcow2")], timeout=COMMAND_TIMEOUT)
-            async with ctx.state.mutation() as m:
-                m.delete("image", image_id)
-                datastore = ctx.state.editable("datastore", target.id)
-                datastore.images = [i for i in datastore.images if i != image_id]
-                m.put("datastore", datastore)
+            await _forget_record(ctx.state, image_id, target.id)
             removed.append(image_id)
         except Exception as exc:  # noqa: BLE001 - every image is tried; what is left is logged
             log.error("restore cleanup: cannot remove image %s: %s", image_id, exc)
     return removed
+
+
+# ---- recovery after a crash of the daemon -----------------------------------------------------------
+
+
+def interrupted(state: Any) -> list[Image]:
+    """Images a restore created and never finished: LOCKED, with RESTORED_FROM (pure)."""
+    return [image for image in state.all("image")
+            if image.state == ImageState.LOCKED and image.template.get("RESTORED_FROM")]
+
+
+async def recover_interrupted(state: Any, links: Any) -> list[int]:
+    """At start-up, before the API listens: for each image of a restore the daemon died in, the copy it left
+    running is killed, its temporary and final files go, then its record; the ids removed. An image whose
+    host cannot be reached stays LOCKED, logged, and is tried again at the next start."""
+    removed: list[int] = []
+    for image in interrupted(state):
+        try:
+            target = state.get("datastore", image.datastore_id)
+            host = imageds.bridge_host(state, target) or this_machine()
+            runner = links.runner(host)
+            killed = await kill_marked(runner, temp_path(image.source, "fetch", image.id))
+            await remove_temps(runner, image.source, image.id)
+            await runner.run(["rm", "-f", "--", image.source], timeout=COMMAND_TIMEOUT)
+            await shielded(_forget_record(state, image.id, image.datastore_id))
+        except Exception as exc:  # noqa: BLE001 - one image's trouble must not stop the daemon
+            log.error("image %s of an interrupted restore (from backup %s) is left LOCKED: %s", image.id,
+                      image.template.get("RESTORED_FROM"), exc)
+            continue
+        removed.append(image.id)
+        log.warning("image %s of a restore interrupted by the daemon's death was removed (from backup %s; "
+                    "processes killed: %s)", image.id, image.template.get("RESTORED_FROM"),
+                    ", ".join(map(str, killed)) or "none")
+    return removed
+
+
+async def _forget_record(state: Any, image_id: int, datastore_id: int) -> None:
+    """The image's record goes, and its id from its datastore's IMAGES."""
+    async with state.mutation() as m:
+        m.delete("image", image_id)
+        if state.find("datastore", datastore_id) is not None:
+            datastore = state.editable("datastore", datastore_id)
+            datastore.images = [i for i in datastore.images if i != image_id]
+            m.put("datastore", datastore)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
-from drivers.datastore import open_datastore
+from drivers.datastore import open_datastore, server_of
 from drivers.datastore.base import hash_files, rsync_ssh, streamed_digest, streamed_to
 from drivers.datastore.layout import Layout, check_path, disk_file_name
 from drivers.datastore.restic import ResticDatastore, labelled_password_files, remove_password_files
@@ -150,8 +150,14 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
     fetched = temp_path(target, "fetch", run_id)
     try:
         await _journal(journal, step("temp", host=host.id, path=fetched))
-        digest = await _copy(links, datastore, host, runner, source, fetched, started,
-                             restic_file=(backup_vm_id(image), image.source, name, run_id))
+        try:
+            digest = await _copy(links, datastore, host, runner, source, fetched, started,
+                                 restic_file=(backup_vm_id(image), image.source, name, run_id))
+        except CommandFailed as exc:
+            server = server_of(datastore)
+            raise ActionError(f"copying {name} of backup image {image.id} from "
+                              f"{f'backup server {server}' if server else 'this machine'} (datastore {datastore.id}) "
+                              f"to {host.name}:{fetched} failed: {exc}; nothing was restored") from exc
         await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started, digest)
         final = fetched
         if target_format == "raw":
@@ -169,8 +175,8 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
 async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
                 started: ProcessStarted | None, *, restic_file: tuple[int, str, str, int]) -> str | None:
     """Bring ``source`` to ``fetched`` on the host; from an rsync or restic datastore the sha256 of the bytes
-    written is computed on the way (one pass: ``ssh cat`` or ``restic dump``, ``| tee | openssl``) and
-    returned; else None (hashed after). ``restic_file``: (VM id, backup id, file name, run id)."""
+    written is computed by the same command (``ssh cat`` or ``restic dump`` into the file, then ``openssl``
+    reading it back) and returned; else None (hashed after). ``restic_file``: (VM id, backup id, file name, run id)."""
     nice, ionice = priority(datastore, datastore.ds_mad.upper())
     ssh = await upload_ssh(links, host, runner, datastore)
     if datastore.ds_mad == "restic":

@@ -33,6 +33,7 @@ from scheduler import backups
 from scheduler.actions.restore import LAST, RestoreArgs
 from scheduler.backup_run import state_name
 from scheduler.errors import ActionError, NotFound
+from scheduler.faults import crash_point
 from scheduler.objects.image import Image
 from scheduler.objects.states import ImageType, LcmState, VmState
 from scheduler.objects.vm import Vm
@@ -200,10 +201,15 @@ async def _fetch_all(run: _Restore) -> None:
         for disk in run.files:
             await run.journal(step("temp", host=host.id, path=disk.new))
             await fetch_disk(ctx.links, ctx.state, run.image, disk.disk_id, host, disk.new, disk.format,
-                             run_id=ctx.run_id, journal=run.journal)
+                             run_id=ctx.run_id, journal=run.journal, started=_fetch_started)
+        crash_point("restore-fetched")
     except BaseException:
         await shielded(_remove(run.runner, [disk.new for disk in run.files]))
         raise
+
+
+async def _fetch_started(side: str, pgid: int) -> None:
+    crash_point("restore-fetch")
 
 
 async def shielded_result(work: Awaitable[str]) -> str:
@@ -261,6 +267,7 @@ async def finish_swap(state: State, runner: Any, kvm: Any, domain: str, vm_id: i
     files removed, libvirt's snapshot and checkpoint metadata dropped, the VM recorded; what was dropped."""
     for current, new, old in disks:
         await runner.run(["sh", "-c", _SWAP, "sh", current, new, old], timeout=COMMAND_TIMEOUT)
+        crash_point("restore-swap")
     await _remove(runner, [old for _, _, old in disks])
     snapshots = await kvm.drop_snapshot_metadata(domain)
     checkpoints = await kvm.drop_checkpoint_metadata(domain)
@@ -305,7 +312,9 @@ def make_recoverer(state: State, links: Any) -> Recoverer:
             return
         try:
             if steps_named(steps, "swap"):
-                await _recover_swap(state, links, steps)
+                dropped = await _recover_swap(state, links, steps)
+                run.message = ("interrupted by a daemon restart after its disks were verified; the swap was "
+                               f"finished at start-up, the VM is restored; {dropped}")
             else:
                 await _recover_fetch(state, links, run, steps)
         except Exception as exc:  # noqa: BLE001 - reported; the engine keeps the steps for the next try
@@ -333,8 +342,8 @@ async def _recover_fetch(state: State, links: Any, run: Any, steps: list[dict[st
         await restore_state(state, int(entry["vm"]), (VmState(int(entry["state"])), LcmState(int(entry["lcm"]))))
 
 
-async def _recover_swap(state: State, links: Any, steps: list[dict[str, Any]]) -> None:
-    """Every new disk was verified before the swap began: finish it."""
+async def _recover_swap(state: State, links: Any, steps: list[dict[str, Any]]) -> str:
+    """Every new disk was verified before the swap began: finish it; what libvirt metadata went."""
     entry = steps_named(steps, "swap")[-1]
     host = state.find("host", int(entry["host"]))
     if host is None:
@@ -348,6 +357,7 @@ async def _recover_swap(state: State, links: Any, steps: list[dict[str, Any]]) -
     except CommandFailed as exc:
         raise ActionError(f"cannot finish the swap of VM {entry['vm']}'s disks: {exc}") from exc
     log.warning("VM %s: interrupted restore finished: disks swapped in; %s", entry["vm"], dropped)
+    return dropped
 
 
 def dispatch_recoverer(default: Recoverer | None, by_action: Mapping[str, Recoverer]) -> Recoverer:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from drivers.ssh import SshSettings
-from scheduler import bootstrap, faults, restore_run
+from scheduler import bootstrap, faults, image_restore, restore_run
 from scheduler.actions import is_backup
 from scheduler.admission import Limits
 from scheduler.api import Context, build_codecs, make_authenticator, registry
@@ -129,6 +129,8 @@ class Daemon:
             self._install_signals()
             engine_task = asyncio.create_task(engine.run(), name="engine")
             await engine.ready.wait()  # start-up recovery done
+            if not simulate:
+                await image_restore.recover_interrupted(state, links)
             if simulate:  # the hosts of a simulation are not real: nothing to monitor
                 log.warning("host monitoring is off while actions are simulated")
                 monitor_task: asyncio.Task[None] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")

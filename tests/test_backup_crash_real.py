@@ -59,13 +59,19 @@ def env(realenv: RealEnv) -> Iterator[Env]:
     environment.on_host1('rm -rf -- "$1"', environment.staging)
 
 
-def register(api: Api, env: Env, base: Path) -> tuple[int, int]:
-    """host1 and a rate-limited rsync datastore on the backup server: (host id, datastore id)."""
-    host = env.realenv.host("host1")
+def register_host(api: Api, realenv: RealEnv, name: str = "host1") -> int:
+    """A host of the real environment, reached over its sshd; its id."""
+    host = realenv.host(name)
     host_id = int(api.call("one.host.allocate", host.name, "kvm", "kvm", -1))  # type: ignore[call-overload]
     api.call("one.host.update", host_id,
              f'SSH_HOST = "{host.address}"\nSSH_PORT = "{host.ssh_port}"\nSSH_USER = "{host.user}"', 1)
     api.hosts[host.name] = host_id
+    return host_id
+
+
+def register(api: Api, env: Env, base: Path) -> tuple[int, int]:
+    """host1 and a rate-limited rsync datastore on the backup server: (host id, datastore id)."""
+    host_id = register_host(api, env.realenv)
     backup = env.realenv.backup
     ds_id = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
                          f'NAME = "crashbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{base}"\n'

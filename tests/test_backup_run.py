@@ -166,7 +166,7 @@ async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
     remote.template.set("SSH_HOST", "kvm1")
 
     argv = await br.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
-    installed = tmp_path / "home/.ssh/vmsched_known_hosts.ds1"
+    installed = tmp_path / "home/.ssh/vmsched_known_hosts.backup.example_2222"
     assert f"UserKnownHostsFile={installed}" in argv
     assert installed.read_text() == hostkeys.entry_line("backup.example", 2222, key)  # that server's key only
     assert installed.stat().st_mode & 0o777 == 0o600

@@ -27,6 +27,7 @@ from drivers.datastore.restic import (
     lock_holder,
     mask,
     matches,
+    parse_status,
     parse_summary,
     prune_options,
     restic_settings,
@@ -121,6 +122,10 @@ def test_outputs_parsed() -> None:
     assert parse_summary(out)["snapshot_id"] == "abcdef0123"
     with pytest.raises(DriverError, match="no summary"):
         parse_summary(b'{"message_type":"status"}\n')
+    status = b'{"message_type":"status","percent_done":0.25,"total_bytes":400,"bytes_done":100}\n'
+    assert parse_status(b'{"message_type":"status","total_bytes":400}\n' + status) == (100, 400)
+    assert parse_status(status + b'{"message_type":"status","total_by') is None  # a line cut short
+    assert parse_status(b"") is None and parse_status(out) is None  # nothing yet; the summary is no status
     assert lock_holder(LOCKED_STDERR) == "PID 9931 on host1 by root since 2026-11-26 07:19:15"
     assert lock_holder(b"Fatal: wrong password or no key found\n") is None
     assert mask(f"x {PASSWORD} y", PASSWORD) == "x ****** y"
@@ -206,6 +211,22 @@ async def test_backup_restore_dedup_and_forget(setup: Setup) -> None:  # noqa: F
 
 
 @pytest.mark.realenv
+async def test_progress_comes_from_restic_status_lines(setup: Setup) -> None:  # noqa: F811
+    store = open_datastore(restic_store(setup).datastore, setup.pool, progress_interval=0.05)
+    assert isinstance(store, ResticDatastore)
+    await stage(setup.host1, setup.staging, random_mib=256)  # about a second of work for restic here
+    reports: list[tuple[int, int]] = []
+    result = await store.upload(setup.host1, setup.staging, FILES, VM_ID, await store.new_backup_id(VM_ID),
+                                timeout=STEP, ssh_command=client_ssh(setup.env),
+                                progress=lambda done, total: reports.append((done["*"], total["*"])))
+    total = 256 * 1024 * 1024 + len(VM_XML)
+    assert reports[-1] == (total, total) and result.size_mb == 257
+    during = reports[:-1]
+    assert any(0 < done < total for done, _ in during), reports  # reports while restic ran, not only at the end
+    assert [done for done, _ in during] == sorted(done for done, _ in during)
+
+
+@pytest.mark.realenv
 async def test_two_vms_concurrently_with_compression_off_and_max(setup: Setup) -> None:  # noqa: F811
     stores = {7: restic_store(setup, RESTIC_COMPRESSION="off"), 8: restic_store(setup, RESTIC_COMPRESSION="max")}
     await stage(setup.host1, setup.staging)
@@ -261,16 +282,22 @@ async def test_killed_backup_hides_password_and_its_stale_lock_is_removed(
     assert marker.encode() in ps.stdout and PASSWORD.encode() not in ps.stdout
     assert "--limit-upload 256" in restics[0] and "--password-file /tmp/vmsched-restic-" in restics[0]
     await setup.host1.run(["kill", "-9", restics[0].split()[0]], timeout=STEP)
-    with pytest.raises(ResticFailed) as caught:
+    with caplog.at_level(logging.INFO, logger="drivers.datastore.restic"), pytest.raises(ResticFailed) as caught:
         await task
     assert PASSWORD not in str(caught.value)
-    assert await sh(setup.server, 'ls "$1/locks"', repo) != ""  # the dead restic's lock is left behind
+    assert await sh(setup.server, 'ls "$1/locks"', repo) == ""  # the dead restic's lock, removed where it ran
+    assert any("after the backup stopped" in record.getMessage() for record in caplog.records)
     assert await password_files(setup.host1) == ""
 
     store = restic_store(setup)
     await stage(setup.host1, setup.staging)
+    placeholder, result = await upload(store, setup)
+    async with foreign_lock(setup, repo):  # a restic killed outside the driver leaves a stale lock
+        await sh(setup.server, 'pkill -9 -f -- "$1"', f"[r]estic -r {repo} ")
+        await polled(lambda: sh(setup.server, 'pgrep -f -- "$1" >/dev/null || echo gone', f"[r]estic -r {repo} "))
+    assert await sh(setup.server, 'ls "$1/locks"', repo) != ""
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="drivers.datastore.restic"):
-        placeholder, result = await upload(store, setup)
         await store.rm(VM_ID, [placeholder])  # forget needs an exclusive lock: the stale one must go first
     assert any("locked by PID" in record.getMessage() for record in caplog.records)
     assert not await store.exists(VM_ID, result.backup_id)

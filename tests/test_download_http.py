@@ -66,7 +66,7 @@ def backup(tmp_path: Path) -> tuple[Image, Datastore]:
 async def client(backup: tuple[Image, Datastore], tmp_path: Path) -> AsyncIterator[TestClient]:
     image, datastore = backup
     ctx = SimpleNamespace(state=Pools([image], [datastore]), links=SimpleNamespace(
-        settings=SshSettings(known_hosts=tmp_path / "known_hosts")))
+        settings=SshSettings(known_hosts=tmp_path / "known_hosts"), pool=None))  # an fs datastore needs no pool
     app = web.Application()
     app.router.add_get("/download", download_handler(authenticate, ctx))
     async with TestClient(TestServer(app)) as test_client:

@@ -8,10 +8,13 @@ with ``qemu-img convert`` before the backup.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.conftest import start_daemon
+from tests.conftest import REPO, start_daemon
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 from tests.test_backup_crash_real import Env, images_of, processes, register, stop, wait_done
@@ -53,8 +56,10 @@ def restic_env(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory) -> It
 def restic_on_server(realenv: RealEnv, repo: Path, *args: str) -> bytes:
     script = 'f=$(mktemp) && cat > "$f" && r=$1 && shift && restic -q -r "$r" --password-file "$f" "$@"; s=$?; ' \
              'rm -f "$f"; exit $s'
-    return subprocess.run(realenv.ssh_argv("backup", ["sh", "-c", script, "sh", str(repo), *args]),
-                          input=PASSWORD.encode(), capture_output=True, timeout=60, check=True).stdout
+    done = subprocess.run(realenv.ssh_argv("backup", ["sh", "-c", script, "sh", str(repo), *args]),
+                          input=PASSWORD.encode(), capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, f"restic {' '.join(args)}: {done.stderr.decode()}"
+    return done.stdout
 
 
 def test_scheduled_backups_into_restic_with_keep_last(restic_env: tuple[Api, int, Path], realenv: RealEnv,
@@ -213,3 +218,100 @@ def test_restore_from_restic_to_new_images_and_in_place(restic_env: tuple[Api, i
         assert time.monotonic() < deadline + 60, api.daemon.log()[-3000:]
         time.sleep(0.1)
     assert same_image(dom.vda, before)  # the backed-up content is back
+
+
+def test_download_and_verify_a_restic_backup(restic_env: tuple[Api, int, Path], realenv: RealEnv,
+                                             tiny_domain: Callable[..., TinyDomain],
+                                             hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    """``restic dump`` on the SFTP server, streamed through the daemon by URL; verify reads the snapshot
+    back on the server; damaged pack files fail the verification, recorded."""
+    api, ds_id, base = restic_env
+    dom = tiny_domain("host1")
+    hypervisors("host1").write_pattern(dom, "vda", pattern=0x3C, offset="1M", length="2M")
+    vm_id = api.import_one("host1", dom.name)
+    before = snapshot_copy(dom.vda, tmp_path / "before.qcow2", "qcow2")
+    ok, message = api.run_action(vm_id, "backup", f"{ds_id},0")
+    assert ok, message
+    [backup] = [int(i.text or "") for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    image = etree.fromstring(str(api.call("one.image.info", backup)).encode())
+    url = next(v.findtext("URL") or "" for v in image.iterfind("TEMPLATE/BACKUP_URL") if v.findtext("DISK_ID") == "0")
+    recorded = next(v.findtext("SHA256") for v in image.iterfind("TEMPLATE/CHECKSUMS") if v.findtext("FILE") == "disk.0.0")
+    assert url.startswith(f"restic://{ds_id}/")
+
+    target = tmp_path / "download.qcow2"
+    cli = subprocess.run([sys.executable, "-m", "scheduler", "image", "download", url, "-o", str(target)],
+                         env=api.daemon.env, cwd=REPO, capture_output=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr.decode() + api.daemon.log()[-2000:]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == recorded
+    assert same_image(target, before)
+
+    result = api.call("vmsched.image.verify", backup, -1)
+    assert isinstance(result, dict) and result["OK"] is True, result
+    assert {f["FILE"]: (f["SHA256_OK"], f["CHECK"]) for f in result["FILES"]} == {
+        "disk.0.0": (True, "ok"), "disk.1.0": (True, "ok"), "domain.xml": (True, "-"), "vm.xml": (True, "-")}
+    leftovers = subprocess.run(realenv.ssh_argv("backup", ["sh", "-c", 'ls -d "$1"/*.vmsched-verify-* 2>/dev/null; '
+                                                           'grep -l -F -e "$2" /tmp/vmsched-restic-* 2>/dev/null; true',
+                                                           "sh", str(base), PASSWORD]),
+                               capture_output=True, timeout=30, check=True).stdout
+    assert leftovers == b""  # the temporary copy and this datastore's password files are gone
+
+    packs = subprocess.run(realenv.ssh_argv("backup", ["find", str(base / str(vm_id) / "data"), "-type", "f"]),
+                           capture_output=True, timeout=30, check=True).stdout.split()
+    damage = 'for p; do printf garbage | dd of="$p" bs=1 seek=64 conv=notrunc status=none; done'
+    subprocess.run(realenv.ssh_argv("backup", ["sh", "-c", damage, "sh", *map(bytes.decode, packs)]), timeout=30,
+                   check=True)  # (a pack file gone makes restic retry for minutes: damaged ones fail at once)
+    broken = api.call("vmsched.image.verify", backup, -1)
+    assert isinstance(broken, dict) and broken["OK"] is False
+    assert "verification failed" in broken["MESSAGE"] and PASSWORD not in broken["MESSAGE"]
+    image = etree.fromstring(str(api.call("one.image.info", backup)).encode())
+    assert image.findtext("TEMPLATE/VERIFIED") == "NO"
+
+
+def test_cancel_during_a_restic_upload(restic_env: tuple[Api, int, Path], realenv: RealEnv,
+                                       tiny_domain: Callable[..., TinyDomain],
+                                       hypervisors: Callable[[str], Hypervisor]) -> None:
+    """Progress comes from restic's status lines while it uploads (restic 0.14 counts a file's bytes once
+    its packs are stored, so the total shows first); a cancel then stops restic on the hypervisor, records
+    nothing, and leaves a repository that passes ``restic check``."""
+    api, _, base = restic_env
+    slow = base.parent / f"{base.name}-slow"
+    backup = realenv.backup
+    ds_id = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                         f'NAME = "resticcancel"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\nBASE_PATH = "{slow}"\n'
+                         f'RESTIC_SFTP_SERVER = "{backup.address}"\nRESTIC_SFTP_USER = "{backup.user}"\n'
+                         f'RESTIC_SFTP_PORT = "{backup.ssh_port}"\nRESTIC_PASSWORD = "{PASSWORD}"\n'
+                         'RESTIC_COMPRESSION = "off"\nRESTIC_BWLIMIT = "256"', -1))  # KiB/s: 4 MiB take 16 s
+    dom, host1 = tiny_domain("host1"), hypervisors("host1")
+    noise = dom.vda.parent / "noise.bin"
+    noise.write_bytes(os.urandom(4 << 20))  # nothing restic could deduplicate or compress
+    host1.qemu_io(dom, "vda", f"write -s {noise} 4M 4M")
+    host1.qemu_io(dom, "vda", "flush")
+    vm_id = api.import_one("host1", dom.name)
+    repo = slow / str(vm_id)
+    try:
+        api.call("one.vm.backup", vm_id, ds_id, False)
+        deadline, seen = time.monotonic() + 60, []
+        while True:  # no event reaches the test: the daemon's progress is polled
+            progress = dict(api.call("vmsched.vm.backupprogress", vm_id))  # type: ignore[call-overload]
+            seen.append((progress.get("PHASE"), progress.get("DONE"), progress.get("TOTAL")))
+            if progress.get("PHASE") == "upload" and progress["TOTAL"] > 0:  # restic's first status line
+                break
+            assert time.monotonic() < deadline, seen[-5:]
+            time.sleep(0.1)
+        running = on_host1(realenv, 'pgrep -f -- "$1" || true', f"[r]estic --repo sftp:.*{repo}")
+        assert running, "restic was not running on host1 during the upload"
+        api.call("one.vm.backupcancel", vm_id)
+        status = wait_done(api, vm_id)
+        assert (status["STATE"], status["MESSAGE"]) == ("cancelled", "cancelled"), status
+        assert on_host1(realenv, 'pgrep -f -- "$1" || true', f"[r]estic --repo sftp:.*{repo}") == ""
+        assert on_host1(realenv, 'grep -l -F -e "$1" /tmp/vmsched-restic-* 2>/dev/null || true', PASSWORD) == ""
+        assert images_of(api, vm_id) == []
+        restic_on_server(realenv, repo, "check")  # raises unless the repository is sound
+        assert json.loads(restic_on_server(realenv, repo, "snapshots", "--json")) in ([], None)
+    finally:
+        subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(slow)]), timeout=30, check=False)
+
+
+def on_host1(realenv: RealEnv, script: str, *args: str) -> str:
+    return subprocess.run(realenv.ssh_argv("host1", ["sh", "-c", script, "sh", *args]), capture_output=True,
+                          timeout=30, check=True).stdout.decode().strip()

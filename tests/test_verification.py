@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from pathlib import Path
 
 import pytest
 
 from drivers.datastore.check import ImageCheck, read_check
-from drivers.datastore.stream import open_stream, reader_argv
+from drivers.datastore.stream import open_stream, reader_argv, size_then
 from drivers.ssh import SshSettings
 from scheduler.download import session_from
 from scheduler.errors import ActionError, AuthError, NotFound, ValidationError
@@ -120,8 +121,19 @@ def test_the_rsync_reader_runs_on_the_backup_server_with_our_host_keys() -> None
     assert argv[-1].endswith("sh /srv/b/6/8a3454/disk.0.0")  # the path is a positional parameter
 
 
+def test_the_restic_reader_is_a_dump_on_the_sftp_server_behind_a_size_line() -> None:
+    template = Template()
+    for key, value in (("RESTIC_SFTP_SERVER", "sftp.example"), ("RESTIC_SFTP_PORT", "2200"),
+                       ("RESTIC_SFTP_USER", "bk"), ("RESTIC_PASSWORD", "pw")):
+        template.set(key, value)
+    datastore = Datastore(id=3, name="rc", type=DatastoreType.BACKUP_DS, ds_mad="restic", template=template)
+    argv = reader_argv(datastore, SSH, "/srv/r/6/restic/disk.0.0", size_then(4096, ["restic", "dump", "x y"]))
+    assert argv[-3:-1] == ["--", "sftp.example"] and "-p 2200 -l bk" in " ".join(argv)
+    assert shlex.split(argv[-1])[-4:] == ["4096", "restic", "dump", "x y"]
+
+
 @pytest.mark.parametrize(("ds_mad", "path", "error"), [
-    ("restic", "/srv/x/disk.0.0", ActionError),
+    ("ceph", "/srv/x/disk.0.0", ActionError),
     ("fs", "/srv/../etc/shadow", ValidationError),
     ("fs", "relative/disk.0.0", ValidationError),
 ])

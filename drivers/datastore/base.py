@@ -14,12 +14,13 @@ import asyncio
 import logging
 import math
 import shlex
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.commands import CommandFailed, Runner, shielded
 from drivers.datastore import layout
+from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.objects.datastore import Datastore
@@ -57,9 +58,11 @@ _HASH_PY = (
     " print(h.hexdigest(),'*'+p)\n"
 )
 NOT_FOUND_STATUS = 127
-# bash -c: $1 the file written, "$@" after it the command printing the data. The bytes go to the file and their
-# sha256 to stdout ("<hex> *stdin"): one pass; pipefail: any part failing (the source, a full disk) fails all.
-STREAM_TO_FILE = 'set -o pipefail; f=$1; shift; "$@" | tee -- "$f" | openssl dgst -sha256 -r'
+# bash -c: $1 the file written, "$@" after it the command printing the data. The bytes go to the file, then the
+# file as written is read back (from the page cache) for its sha256 on stdout ("<hex> *stdin"). Measured on a
+# 2-core host for 1 GiB over ssh: cat > file 1.4 s, then openssl 0.8 s = 2.2 s, where one pass through
+# ``tee | openssl`` took 2.9-3.3 s (an extra pipe copy, and the hash fighting ssh for the CPU), rsync 2.5-3.0 s.
+STREAM_TO_FILE = 'f=$1; shift; "$@" > "$f" && openssl dgst -sha256 -r < "$f"'
 
 
 def streamed_to(destination: str, argv: Sequence[str]) -> list[str]:
@@ -112,6 +115,9 @@ class BackupDatastore(Protocol):
     async def exists(self, vm_id: int, source: str) -> bool: ...
 
     async def cleanup_partial(self, vm_id: int) -> list[str]: ...
+
+    async def verify_files(self, vm_id: int, source: str, names: Sequence[str], disks: Collection[str],
+                           timeout: float) -> tuple[dict[str, str], dict[str, ImageCheck]]: ...  # noqa: ASYNC109
 
 
 # --- template attributes --------------------------------------------------------------------------------------
@@ -283,6 +289,14 @@ class TreeDatastore:
             raise NotFound(f"datastore {self.datastore.id}: no backup {source} of VM {vm_id} ({directory})")
         return sorted(result.stdout.decode().splitlines())
 
+    async def verify_files(self, vm_id: int, source: str, names: Sequence[str], disks: Collection[str],
+                           timeout: float) -> tuple[dict[str, str], dict[str, ImageCheck]]:  # noqa: ASYNC109
+        """Each file read where it lies on the server: its sha256, and ``qemu-img check`` of those in ``disks``."""
+        paths = {name: self.layout.file_path(vm_id, source, name) for name in names}
+        digests = await hash_files(self.server, list(paths.values()), timeout) if paths else {}
+        checks = {name: await qemu_img_check(self.server, paths[name], timeout) for name in names if name in disks}
+        return {name: digests[path] for name, path in paths.items()}, checks
+
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None:
         """Remove the directories of every increment; an error when none of them existed."""
         dirs = [self.layout.backup_dir(vm_id, source) for source in sources]
@@ -339,16 +353,14 @@ class TreeDatastore:
 
     async def _report_progress(self, tmp: str, totals: asyncio.Future[dict[str, int]], progress: Progress) -> None:
         """Feed ``progress`` with the apparent sizes of the files in the temporary directory until
-        cancelled; best effort: a failed probe ends the reports, not the upload."""
+        cancelled."""
         expected = await totals
-        while True:
-            try:
-                out = await self._run(["sh", "-c", _TREE_SIZES, "sh", tmp], check=False)
-            except DriverError as exc:
-                log.info("datastore %s: no more progress reports for %s: %s", self.datastore.id, tmp, exc)
-                return
+
+        async def probe() -> None:
+            out = await self._run(["sh", "-c", _TREE_SIZES, "sh", tmp], check=False)
             progress(file_progress(out, expected), expected)
-            await asyncio.sleep(self.progress_interval)
+
+        await keep_probing(probe, self.progress_interval, f"datastore {self.datastore.id}: upload into {tmp}")
 
     async def _upload(self, source: Runner, paths: list[str], vm_id: int, backup_id: str, timeout: float,  # noqa: ASYNC109
                       transfer: Callable[[str], Coroutine[Any, Any, None]],
@@ -382,6 +394,18 @@ class TreeDatastore:
         allocated = sum(b for _, b in sizes.result())
         hashes = {path.rsplit("/", 1)[-1]: digest for path, digest in digests.result().items()}
         return UploadResult(size_mb=math.ceil(allocated / MIB), sha256=hashes)
+
+
+async def keep_probing(probe: Callable[[], Awaitable[None]], interval: float, what: str) -> None:
+    """``probe()`` every ``interval`` seconds until cancelled; best effort: a failing probe ends the reports
+    (logged), never the work they describe."""
+    while True:
+        try:
+            await probe()
+        except DriverError as exc:
+            log.info("%s: no more progress reports: %s", what, exc)
+            return
+        await asyncio.sleep(interval)
 
 
 def on_side(started: ProcessStarted | None, side: str) -> Callable[[int], Awaitable[None]] | None:

@@ -33,7 +33,7 @@ import re
 import secrets
 import shlex
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +44,7 @@ from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     MAX_SMALL_FILE,
     MIB,
+    PROGRESS_INTERVAL,
     Capacity,
     ProcessStarted,
     Progress,
@@ -52,12 +53,14 @@ from drivers.datastore.base import (
     first_error,
     hash_files,
     int_attribute,
+    keep_probing,
     on_side,
     parse_df,
     staged_paths,
     streamed_digest,
     streamed_to,
 )
+from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
 from drivers.ssh import SshTarget
@@ -87,6 +90,15 @@ trap 'rm -f -- "$f"' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 
 "$@"
 """
 _MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
+# bash -c: $1 a file, "$@" after it restic: its (JSON) output goes to stdout and to the file, where the
+# progress probe reads the last status line; pipefail keeps restic's exit status. A SIGTERM to the process group
+# (a cancel) ends restic, and bash waits for it: a restic re-parented to an init that reaps late would look
+# alive to the ``restic unlock`` that follows, which then keeps its lock.
+_TEE_STATUS = 'trap : TERM INT; set -o pipefail; f=$1; shift; "$@" | tee -- "$f"'
+# waits up to 10 s until none of the process groups "$@" has a process left
+_GONE = 'for _ in $(seq 100); do a=; for g; do kill -0 -- "-$g" 2>/dev/null && a=1; done; [ -z "$a" ] && exit 0; ' \
+        'sleep 0.1; done; exit 1'
+STATUS_FILE = "restic-status.json"  # in the backup's staging directory, which goes with it
 _SIZE = re.compile(r"[0-9]+[kKmMgGtT]?\Z")
 _UNUSED = re.compile(r"([0-9]+[kKmMgGtT%]?|unlimited)\Z")
 _LOCKED = re.compile(r"repository is already locked (?:exclusively )?by (.+?)(?: \(UID [^)]*\))?\n"
@@ -182,6 +194,16 @@ def password_file_prefix(staging_dir: str, vm_id: int) -> str:
     return f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{run_label(staging_dir, vm_id)}-"
 
 
+def new_password_file(label: str = "") -> str:
+    """A fresh password file name; ``label`` (a run's) lets a recovery find the file a killed restic left."""
+    return f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{label + '-' if label else ''}{secrets.token_hex(8)}"
+
+
+def with_password(password_file: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run by the script that writes its stdin (the password) to ``password_file`` first."""
+    return ["sh", "-c", _WITH_PASSWORD, "sh", password_file, *argv]
+
+
 def sftp_repository(target: SshTarget, path: str) -> str:
     host = f"[{target.host}]" if ":" in target.host else target.host
     return f"sftp:{target.user}@{host}:{path}"
@@ -221,6 +243,32 @@ def parse_summary(stdout: bytes) -> dict[str, Any]:
         if isinstance(message, dict) and message.get("message_type") == "summary" and message.get("snapshot_id"):
             return message
     raise DriverError(f"restic backup printed no summary: {stdout[-300:]!r}")
+
+
+def parse_status(output: bytes) -> tuple[int, int] | None:
+    """(bytes done, bytes in total) of the last ``status`` line of ``restic backup --json``; None before
+    the first one (or when the last line is cut short)."""
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    try:
+        message = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("message_type") != "status":
+        return None
+    total = int(message.get("total_bytes") or 0)
+    return min(int(message.get("bytes_done") or 0), total), total
+
+
+def node_size(stdout: bytes, path: str) -> int:
+    """The size of file ``path`` in the output of ``restic ls --json``."""
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        try:
+            node = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(node, dict) and node.get("path") == path and node.get("type") == "file":
+            return int(node.get("size") or 0)
+    raise NotFound(f"restic lists no file {path}")
 
 
 def parse_snapshots(stdout: bytes) -> list[dict[str, Any]]:
@@ -276,13 +324,14 @@ class ResticDatastore:
     """Backups as restic snapshots, one repository per VM under BASE_PATH on the SFTP server."""
 
     def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
-                 lock_wait: float = LOCK_WAIT, **_: float) -> None:
+                 lock_wait: float = LOCK_WAIT, progress_interval: float = PROGRESS_INTERVAL, **_: float) -> None:
         self.datastore = datastore
         self.server = server
         self.settings = restic_settings(datastore)
         self.layout = Layout(datastore.base_path)
         self.command_timeout = command_timeout
         self.lock_wait = lock_wait
+        self.progress_interval = progress_interval
         self.limit_mb = int_attribute(datastore, "LIMIT_MB", 0)
 
     @classmethod
@@ -293,14 +342,15 @@ class ResticDatastore:
 
     async def _restic(self, runner: Runner, repo: str, args: Sequence[str], *, timeout: float | None = None,  # noqa: ASYNC109
                       options: Sequence[str] = (), priority: bool = False, label: str = "",
-                      started: Started | None = None, wrap: Sequence[str] = ()) -> Result:
+                      started: Started | None = None, wrap: Sequence[str] = (),
+                      env: dict[str, str] | None = None) -> Result:
         """``restic --repo REPO --password-file F OPTIONS ARGS`` on ``runner``, F written and removed around it
         (``label`` goes into F's name, so that a run's recovery finds the file a killed restic left)."""
-        password_file = f"{PASSWORD_FILE_DIR}/{PASSWORD_FILE_PREFIX}{label + '-' if label else ''}{secrets.token_hex(8)}"
-        argv = ["sh", "-c", _WITH_PASSWORD, "sh", password_file,
-                *wrap, "restic", "--repo", repo, "--password-file", password_file, *options, *args]
+        password_file = new_password_file(label)
+        argv = with_password(password_file, [*wrap, "restic", "--repo", repo, "--password-file", password_file,
+                                             *options, *args])
         s = self.settings
-        env = {"GOMAXPROCS": str(s.maxproc)} if s.maxproc is not None else None
+        env = {**(env or {}), **({"GOMAXPROCS": str(s.maxproc)} if s.maxproc is not None else {})} or None
         finished = False
         try:
             result = await runner.run(argv, timeout=timeout or self.command_timeout, check=False,
@@ -428,16 +478,25 @@ class ResticDatastore:
                        *transfer_options(self.settings)]
             args = ["backup", "--json", "--force", "--tag", f"{TAG_PREFIX}{vm_id}",
                     "--tag", f"{BACKUP_TAG_PREFIX}{backup_id}", "--", *paths]
+            status = f"{staging_dir.rstrip('/')}/{STATUS_FILE}"
+            groups: list[int] = []  # restic's process groups on the hypervisor
             try:
                 async with asyncio.TaskGroup() as group:
                     digests = group.create_task(hash_files(source, paths, timeout, self.settings.nice,
                                                            self.settings.ionice, on_side(started, "source")))
-                    backup = group.create_task(self._changing(source, repo, args, timeout=timeout,
-                                                              options=options, priority=True,
-                                                              label=run_label(staging_dir, vm_id),
-                                                              started=on_side(started, "source")))
-            except BaseExceptionGroup as exc:
-                raise first_error(exc) from None
+                    backup = group.create_task(self._changing(
+                        source, repo, args, timeout=timeout, options=options, priority=True,
+                        label=run_label(staging_dir, vm_id), started=noted(on_side(started, "source"), groups),
+                        wrap=["bash", "-c", _TEE_STATUS, "bash", status],
+                        env={"RESTIC_PROGRESS_FPS": str(1 / self.progress_interval)}))
+                    if progress is not None:
+                        probe = group.create_task(self._report_progress(source, status, progress))
+                        backup.add_done_callback(lambda _: probe.cancel())
+            except BaseException as exc:
+                await shielded(self._release(source, repo, options, groups))
+                if isinstance(exc, BaseExceptionGroup):
+                    raise first_error(exc) from None
+                raise
         summary = parse_summary(backup.result().stdout)
         processed = int(summary.get("total_bytes_processed") or 0)
         if progress is not None:
@@ -449,6 +508,29 @@ class ResticDatastore:
                             sha256={p.rsplit("/", 1)[-1]: d for p, d in digests.result().items()},
                             backup_id=snapshot_id[:SHORT_ID], snapshot_id=snapshot_id,
                             data_added=int(summary.get("data_added") or 0))
+
+    async def _release(self, source: Runner, repo: str, options: Sequence[str], groups: Sequence[int]) -> None:
+        """After a failed or cancelled backup: once its killed restic is gone, ``restic unlock`` where it ran
+        (restic judges a lock stale by its host and PID, so only that host sees it is); logged, never raised."""
+        try:
+            if groups:
+                await source.run(["sh", "-c", _GONE, "sh", *map(str, groups)], timeout=self.command_timeout,
+                                 check=False)
+            result = await self._restic(source, repo, ["unlock"], options=options)
+            log.info("datastore %s: restic unlock of %s on %s after the backup stopped: %s", self.datastore.id,
+                     repo, _host(source), self._tail(result.stdout + result.stderr) or result.exit_status)
+        except DriverError as exc:
+            log.warning("datastore %s: cannot unlock %s on %s: %s", self.datastore.id, repo, _host(source), exc)
+
+    async def _report_progress(self, source: Runner, status: str, progress: Progress) -> None:
+        """Feed ``progress`` from the last status line restic wrote, until cancelled."""
+        async def probe() -> None:
+            result = await source.run(["tail", "-n", "1", "--", status], timeout=self.command_timeout, check=False)
+            done = parse_status(result.stdout) if result.exit_status == 0 else None
+            if done is not None:
+                progress({"*": done[0]}, {"*": done[1]})
+
+        await keep_probing(probe, self.progress_interval, f"datastore {self.datastore.id}: restic backup")
 
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None:
         """``restic forget --prune`` of the snapshots of every increment; an error when none of them existed."""
@@ -469,13 +551,9 @@ class ResticDatastore:
 
     async def read_file(self, vm_id: int, source: str, name: str) -> bytes:
         """``restic dump`` of one (small) file of the snapshot."""
-        layout.check_file_name(name)
-        snapshot = await self._snapshot(vm_id, source)
-        path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
-        if path is None:
-            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        snapshot_id, path = await self._find(vm_id, source, name)
         repo = self.layout.vm_dir(vm_id)
-        result = await self._checked(self.server, repo, ["dump", "--no-lock", snapshot["id"], path])
+        result = await self._checked(self.server, repo, ["dump", "--no-lock", snapshot_id, path])
         if len(result.stdout) > MAX_SMALL_FILE:
             raise DriverError(f"datastore {self.datastore.id}: {name} of backup {source} is larger than "
                               f"{MAX_SMALL_FILE} bytes")
@@ -486,21 +564,64 @@ class ResticDatastore:
                        started: Started | None = None) -> str:
         """``restic dump`` of file ``name`` of backup ``source``, run on ``runner``'s machine (a hypervisor,
         against the SFTP server) into ``destination`` there; the sha256 of the bytes written."""
-        layout.check_file_name(name)
-        snapshot = await self._snapshot(vm_id, source)
-        path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
-        if path is None:
-            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        snapshot_id, path = await self._find(vm_id, source, name)
         target = self.settings.target
         repo = sftp_repository(target, self.layout.vm_dir(vm_id))
         options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",
                    *transfer_options(self.settings)]
-        result = await self._restic(runner, repo, ["dump", "--no-lock", snapshot["id"], path], timeout=timeout,
+        result = await self._restic(runner, repo, ["dump", "--no-lock", snapshot_id, path], timeout=timeout,
                                     options=options, priority=True, label=label, started=started,
                                     wrap=streamed_to(destination, []))
         if result.exit_status != 0:
             raise self._failed(runner, repo, ["dump"], result)
         return streamed_digest(result.stdout)
+
+    async def snapshot_file(self, vm_id: int, source: str, name: str) -> tuple[str, str, int]:
+        """(snapshot id, the file's path in the snapshot, its size in bytes) of file ``name`` of backup
+        ``source``; NotFound when the backup has no such file."""
+        snapshot_id, path = await self._find(vm_id, source, name)
+        result = await self._checked(self.server, self.layout.vm_dir(vm_id), ["ls", "--json", "--no-lock", snapshot_id,
+                                                                             path])
+        return snapshot_id, path, node_size(result.stdout, path)
+
+    async def _find(self, vm_id: int, source: str, name: str) -> tuple[str, str]:
+        """(snapshot id, path in the snapshot) of file ``name`` of backup ``source``."""
+        layout.check_file_name(name)
+        snapshot = await self._snapshot(vm_id, source)
+        path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
+        if path is None:
+            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        return str(snapshot["id"]), path
+
+    def dump_command(self, vm_id: int, snapshot_id: str, path: str) -> tuple[list[str], bytes]:
+        """The command that prints a file of a snapshot, to run on the server, and what goes to its stdin
+        (the password: it never appears in the command)."""
+        password_file = new_password_file("dump")
+        return with_password(password_file, ["restic", "--repo", self.layout.vm_dir(vm_id), "--password-file",
+                                             password_file, "dump", "--no-lock", snapshot_id, path]), (
+            self.settings.password.encode() + b"\n")
+
+    async def verify_files(self, vm_id: int, source: str, names: Sequence[str], disks: Collection[str],
+                           timeout: float) -> tuple[dict[str, str], dict[str, ImageCheck]]:  # noqa: ASYNC109
+        """Each file read back out of the repository on the server (into a temporary file beside the
+        repository, removed after): its sha256, and ``qemu-img check`` of those named in ``disks``."""
+        digests: dict[str, str] = {}
+        checks: dict[str, ImageCheck] = {}
+        for name in names:
+            snapshot_id, path = await self._find(vm_id, source, name)
+            repo = self.layout.vm_dir(vm_id)
+            temp = f"{repo}.vmsched-verify-{secrets.token_hex(4)}.part"
+            try:
+                result = await self._restic(self.server, repo, ["dump", "--no-lock", snapshot_id, path],
+                                            timeout=timeout, priority=True, wrap=streamed_to(temp, []))
+                if result.exit_status != 0:
+                    raise self._failed(self.server, repo, ["dump"], result)
+                digests[name] = streamed_digest(result.stdout)
+                if name in disks:
+                    checks[name] = await qemu_img_check(self.server, temp, timeout)
+            finally:
+                await shielded(_remove_quietly(self.server, temp, self.command_timeout))
+        return digests, checks
 
     async def list_backup(self, vm_id: int, source: str) -> list[str]:
         snapshot = await self._snapshot(vm_id, source)
@@ -533,6 +654,16 @@ class ResticUpload(UploadResult):
     backup_id: str = ""
     snapshot_id: str = ""
     data_added: int = 0  # bytes new to the repository (after deduplication, before compression)
+
+
+def noted(started: Started | None, groups: list[int]) -> Started:
+    """A ``started`` hook that also appends each process group to ``groups``."""
+    async def hook(pgid: int) -> None:
+        groups.append(pgid)
+        if started is not None:
+            await started(pgid)
+
+    return hook
 
 
 def _host(runner: Runner) -> str:

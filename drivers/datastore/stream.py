@@ -6,7 +6,8 @@ chunk. Where it runs follows the datastore:
 
 * ``fs``: on this machine;
 * ``rsync``: on the backup server, through OpenSSH with vmsched's own known_hosts (strict host key
-  checking, never the user's) and key, the same trust the pooled asyncssh connections use.
+  checking, never the user's) and key, the same trust the pooled asyncssh connections use;
+* ``restic``: ``restic dump`` on the SFTP server the same way, its password written to its stdin.
 
 The command is ``sh -c 'stat ... && exec cat ...'``: the first line of its output is the file's size (for
 Content-Length), the rest the file itself, read from the one file that was measured. The script is a
@@ -20,12 +21,13 @@ import contextlib
 import os
 import shlex
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from drivers.commands import HostUnreachable, stderr_tail
-from drivers.datastore import layout
-from drivers.datastore.rsync import server_target
+from drivers.datastore import layout, open_datastore, server_of
+from drivers.datastore.restic import ResticDatastore
+from drivers.datastore.rsync import RunnerFactory
 from drivers.ssh import SshSettings
 from scheduler.errors import ActionError, DriverError, NotFound
 from scheduler.objects.datastore import Datastore
@@ -35,17 +37,19 @@ IDLE_TIMEOUT = 120.0  # seconds without a byte from the reader before the stream
 SSH_FAILED = 255
 CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
 _SIZE_THEN_DATA = 'stat -L -c %s -- "$1" && exec cat -- "$1"'
+_SIZE_LINE_THEN = 'echo "$1" && shift && exec "$@"'
 
 
-def reader_argv(datastore: Datastore, ssh: SshSettings, path: str) -> list[str]:
-    """The command that prints ``path``'s size on a line, then its bytes."""
-    script = ["sh", "-c", _SIZE_THEN_DATA, "sh", layout.check_path(path, "backup file path")]
+def reader_argv(datastore: Datastore, ssh: SshSettings, path: str, script: Sequence[str] | None = None) -> list[str]:
+    """The command that prints ``path``'s size on a line, then its bytes; run on the datastore's server.
+    ``script``: another command printing the same (a restic dump: :func:`size_then`)."""
+    script = list(script or ["sh", "-c", _SIZE_THEN_DATA, "sh", layout.check_path(path, "backup file path")])
     if datastore.ds_mad == "fs":
         return script
-    if datastore.ds_mad != "rsync":
+    target = server_of(datastore)
+    if target is None:
         raise ActionError(f"datastore {datastore.id}: reading backup files of DS_MAD {datastore.ds_mad!r} "
-                          "is not supported yet (fs and rsync are)")
-    target = server_target(datastore)
+                          "is not supported (fs, rsync and restic are)")
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={ssh.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", f"ConnectTimeout={max(1, int(ssh.connect_timeout))}", "-o", "ServerAliveInterval=30",
@@ -53,6 +57,11 @@ def reader_argv(datastore: Datastore, ssh: SshSettings, path: str) -> list[str]:
     if ssh.key is not None:
         argv += ["-o", "IdentitiesOnly=yes", "-i", str(ssh.key)]
     return [*argv, "--", target.host, shlex.join(script)]
+
+
+def size_then(size: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` (which prints a file of ``size`` bytes) preceded by the size line :func:`open_stream` reads."""
+    return ["sh", "-c", _SIZE_LINE_THEN, "sh", str(int(size)), *argv]
 
 
 @dataclass
@@ -86,15 +95,21 @@ class FileStream:
 
 
 @contextlib.asynccontextmanager
-async def open_stream(datastore: Datastore, ssh: SshSettings, path: str, *,
-                      idle_timeout: float = IDLE_TIMEOUT) -> AsyncIterator[FileStream]:
-    """``path`` on the datastore's server, opened for reading; the reader is killed on leaving."""
-    argv = reader_argv(datastore, ssh, path)
-    process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE, start_new_session=True)
+async def open_stream(datastore: Datastore, ssh: SshSettings, path: str, *, script: Sequence[str] | None = None,
+                      input: bytes | None = None, idle_timeout: float = IDLE_TIMEOUT) -> AsyncIterator[FileStream]:
+    """``path`` on the datastore's server, opened for reading; the reader is killed on leaving. ``script``
+    and ``input``: another reader (:func:`reader_argv`) and what goes to its stdin."""
+    argv = reader_argv(datastore, ssh, path, script)
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
     try:
         assert process.stdout is not None
+        if input is not None:
+            assert process.stdin is not None
+            process.stdin.write(input)
+            await process.stdin.drain()
+            process.stdin.close()
         try:
             line = await asyncio.wait_for(process.stdout.readline(), idle_timeout + ssh.connect_timeout)
         except TimeoutError:
@@ -111,8 +126,8 @@ async def open_stream(datastore: Datastore, ssh: SshSettings, path: str, *,
 
 def _open_error(datastore: Datastore, path: str, status: int, stderr: str) -> Exception:
     where = f"datastore {datastore.id}"
-    if datastore.ds_mad == "rsync" and status == SSH_FAILED:
-        return HostUnreachable(f"{where}: cannot reach the backup server {server_target(datastore)}: {stderr}",
+    if datastore.ds_mad != "fs" and status == SSH_FAILED:
+        return HostUnreachable(f"{where}: cannot reach the backup server {server_of(datastore)}: {stderr}",
                                retryable=True)
     if "No such file" in stderr:
         return NotFound(f"{where}: {path} does not exist")
@@ -142,3 +157,20 @@ async def _reap(process: asyncio.subprocess.Process) -> None:
         while pipe is not None and await pipe.read(CHUNK):
             pass
     await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def open_backup_file(datastore: Datastore, ssh: SshSettings, pool: RunnerFactory, vm_id: int, source: str,
+                           name: str, path: str) -> AsyncIterator[FileStream]:
+    """File ``name`` of backup ``source`` of VM ``vm_id`` (at ``path`` on a directory datastore), opened for
+    reading where it is stored."""
+    script: list[str] | None = None
+    stdin: bytes | None = None
+    if datastore.ds_mad == "restic":
+        store = open_datastore(datastore, pool)
+        assert isinstance(store, ResticDatastore)
+        snapshot_id, in_snapshot, size = await store.snapshot_file(vm_id, source, name)
+        dump, stdin = store.dump_command(vm_id, snapshot_id, in_snapshot)
+        script = size_then(size, dump)
+    async with open_stream(datastore, ssh, path, script=script, input=stdin) as stream:
+        yield stream

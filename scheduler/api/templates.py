@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from drivers.vmm import KvmHost
 from scheduler import backups
@@ -58,22 +59,39 @@ def _check_domain_xml(template: Template) -> None:
 
 @registry.method("one.template.allocate", Param("template", str))
 async def allocate(ctx: Context, caller: Caller, text: str) -> int:
+    name, template = checked_request(text)
+    async with ctx.state.mutation() as m:
+        return await add(ctx, m, caller, name, template)
+
+
+def checked_request(text: str) -> tuple[str, Template]:
+    """(NAME, the rest) of an allocate request, checked (pure)."""
     template = parse_request_template(text, "VM template")
     name = check_name(template.get("NAME") or "", "VM template")
     template.remove("NAME")
     _check_domain_xml(template)
-    async with ctx.state.mutation() as m:
-        taken = next((t for t in ctx.state.all(KIND) if t.name == name and t.ownership.uid == caller.user_id), None)
-        if taken is not None:
-            raise ValidationError(f"NAME is already taken by TEMPLATE {taken.id}.")
-        vm_template = VmTemplate(
-            id=await m.new_id(KIND),
-            name=name,
-            ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
-            regtime=ctx.now(),
-            template=template,
-        )
-        m.put(KIND, vm_template)
+    return name, template
+
+
+def require_free_name(state: State, caller: Caller, name: str) -> None:
+    """ValidationError when ``caller`` owns a template named ``name``."""
+    taken = next((t for t in state.all(KIND) if t.name == name and t.ownership.uid == caller.user_id), None)
+    if taken is not None:
+        raise ValidationError(f"NAME is already taken by TEMPLATE {taken.id}.")
+
+
+async def add(ctx: Context, m: Any, caller: Caller, name: str, template: Template) -> int:
+    """Put a new template owned by ``caller`` into mutation ``m`` (the caller's other changes commit with it);
+    its id. ValidationError when the caller has a template of that name."""
+    require_free_name(ctx.state, caller, name)
+    vm_template = VmTemplate(
+        id=await m.new_id(KIND),
+        name=name,
+        ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
+        regtime=ctx.now(),
+        template=template,
+    )
+    m.put(KIND, vm_template)
     return vm_template.id
 
 

@@ -1,7 +1,7 @@
 """``vmsched.image.verify(image_id, increment=-1)``: re-read a backup where it is stored and check it.
 
 The files are read on the datastore's server (the backup server over the pooled SSH connection for
-``rsync``, this machine for ``fs``): their sha256 against the image's ``TEMPLATE/CHECKSUMS``, and ``qemu-img
+``rsync``, out of the repository by ``restic dump`` on the SFTP server for ``restic``, this machine for ``fs``): their sha256 against the image's ``TEMPLATE/CHECKSUMS``, and ``qemu-img
 check`` of each disk file (:mod:`scheduler.verification` says what the answers mean). Nothing is restored.
 The outcome is recorded on the image (``VERIFIED``, ``VERIFY_TIME``, ``VERIFY_MESSAGE``) and returned as
 ``{OK, MESSAGE, FILES: [{FILE, SHA256_OK, CHECK}]}``; a failed verification is a result, not an error.
@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from drivers.commands import CommandTimeout
+from drivers.commands import HostUnreachable
 from drivers.datastore import open_datastore
-from drivers.datastore.base import hash_files
-from drivers.datastore.check import ImageCheck, qemu_img_check
 from scheduler import backup_urls, verification
 from scheduler.api.context import Context
 from scheduler.api.registry import registry
-from scheduler.errors import ActionError, NotFound
+from scheduler.errors import ActionError, DriverError, NotFound
 from scheduler.objects.image import Image
 from scheduler.permissions import Caller, Right, require
 from scheduler.rpc import Param
@@ -28,7 +26,7 @@ log = logging.getLogger(__name__)
 
 KIND = "image"
 HASH_TIMEOUT = 6 * 3600.0  # seconds: reading a large disk file once on the server
-SERVER_KINDS = ("fs", "rsync")
+SERVER_KINDS = ("fs", "rsync", "restic")
 
 
 @registry.method("vmsched.image.verify", Param("id", int), Param("increment", int, -1))
@@ -40,7 +38,7 @@ async def verify(ctx: Context, caller: Caller, image_id: int, increment: int) ->
     datastore = ctx.state.get("datastore", image.datastore_id)
     if datastore.ds_mad not in SERVER_KINDS:
         raise ActionError(f"verifying backups in a {datastore.ds_mad!r} datastore is not supported yet "
-                          f"({' and '.join(SERVER_KINDS)} are)")
+                          f"({', '.join(SERVER_KINDS)} are)")
     if ctx.links is None:
         raise ActionError("this daemon has no host connections; backups cannot be verified")
     result = await check_backup(open_datastore(datastore, ctx.links.pool), image, source)
@@ -50,7 +48,7 @@ async def verify(ctx: Context, caller: Caller, image_id: int, increment: int) ->
 
 
 async def check_backup(store: Any, image: Image, source: str) -> verification.Verification:
-    """Hash and check the backup's files on the datastore's server (``store``: a TreeDatastore)."""
+    """Hash and check the backup's files on the datastore's server."""
     vm_id = backup_urls.image_vm_id(image)
     recorded = backup_urls.checksums(image)
     try:
@@ -58,17 +56,14 @@ async def check_backup(store: Any, image: Image, source: str) -> verification.Ve
     except NotFound:
         present = []
     names = verification.files_to_read(recorded, present)
-    paths = {name: store.layout.file_path(vm_id, source, name) for name in names}
+    disks = [name for name in names if verification.is_disk_file(name)]
     try:
-        digests = await hash_files(store.server, list(paths.values()), HASH_TIMEOUT) if paths else {}
-    except CommandTimeout as exc:
+        digests, checks = await store.verify_files(vm_id, source, names, disks, HASH_TIMEOUT)
+    except HostUnreachable:
+        raise  # says nothing about the backup
+    except DriverError as exc:  # a timeout, or restic unable to read the data back
         return verification.Verification(False, f"verification failed: {exc}")
-    by_name = {name: digests[path] for name, path in paths.items()}
-    checks: dict[str, ImageCheck] = {}
-    for name in names:
-        if verification.is_disk_file(name):
-            checks[name] = await qemu_img_check(store.server, paths[name])
-    return verification.verdict(image.id, recorded, present, by_name, checks)
+    return verification.verdict(image.id, recorded, present, digests, checks)
 
 
 async def _record(ctx: Context, image_id: int, result: verification.Verification) -> None:
