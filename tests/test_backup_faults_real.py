@@ -74,7 +74,9 @@ class Forwarder:
             try:
                 client, _ = listener.accept()
             except OSError:
-                return  # stopped
+                if self._listener is not listener:
+                    return  # stopped
+                continue  # e.g. ECONNABORTED: a client that reset before it was accepted; the rest are served
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             except OSError:
@@ -97,6 +99,9 @@ class Forwarder:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+        source.close()  # each socket is the source of one pump: closed once, no descriptor leaks over a long run
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s is not source]
 
     def sever(self) -> None:
         """Reset every forwarded connection (RST, as a server that vanished from the network). A socket closed
@@ -112,11 +117,11 @@ class Forwarder:
                 sock.close()
 
     def stop(self) -> None:
-        if self._listener is not None:
+        listener, self._listener = self._listener, None  # first: the accepting thread then knows it is stopped
+        if listener is not None:
             with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-            self._listener.close()
-            self._listener = None
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            listener.close()
         self.sever()
 
 
