@@ -30,7 +30,17 @@ from pathlib import Path
 
 from lxml import etree
 
-from benchmarks.bench_backup import GCM, Timed, daemon, make_vda, median_run, rotated, run_timed, vmsched_backup
+from benchmarks.bench_backup import (
+    GCM,
+    Timed,
+    daemon,
+    make_vda,
+    median_run,
+    rotated,
+    rsync_datastore,
+    run_timed,
+    vmsched_backup,
+)
 from tests.realenv import realenv as realenv_cli
 from tests.realenv.domains import Hypervisor
 from tests.realenv.model import RealEnv
@@ -84,12 +94,7 @@ def measure(data_gib: float, disk_gib: float, rounds: int) -> dict[str, object]:
         host1.start(dom)
         with daemon(env, work / "state", staging) as api:
             vm_id = api.import_one("host1", dom.name)
-            ds_id = int(api.call(  # type: ignore[call-overload]
-                "one.datastore.allocate",
-                f'NAME = "benchbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{remote}/vmsched"\n'
-                f'RSYNC_HOST = "{env.backup.address}"\nRSYNC_USER = "{env.backup.user}"\n'
-                f'RSYNC_PORT = "{env.backup.ssh_port}"', -1))
-            vmsched_backup(api, vm_id, ds_id)
+            vmsched_backup(api, vm_id, rsync_datastore(api, env, remote))
             backup, source = backup_file(api, vm_id, remote)
             image_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
                                     f'NAME = "benchimgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\n'

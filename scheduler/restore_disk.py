@@ -26,7 +26,7 @@ from typing import Any
 
 from drivers.commands import CommandFailed, shielded
 from drivers.datastore import open_datastore, server_of
-from drivers.datastore.base import hash_files, rsync_ssh, streamed_digest, streamed_to
+from drivers.datastore.base import hash_files, on_side, rsync_ssh, streamed_digest, streamed_to
 from drivers.datastore.layout import Layout, check_path, disk_file_name
 from drivers.datastore.restic import ResticDatastore, labelled_password_files, remove_password_files
 from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
@@ -184,13 +184,13 @@ async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source
         store = open_datastore(datastore, links.pool)
         assert isinstance(store, ResticDatastore)
         return await store.fetch_to(runner, vm_id, backup_id, name, fetched, ssh_command=ssh, timeout=FETCH_TIMEOUT,
-                                    label=restore_label(run_id), started=_on(started, "host"))
+                                    label=restore_label(run_id), started=on_side(started, "host"))
     if datastore.ds_mad == "rsync":
         result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                                  ionice=ionice, started=_on(started, "host"))
+                                  ionice=ionice, started=on_side(started, "host"))
         return streamed_digest(result.stdout)
     await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                          ionice=ionice, started=_on(started, "local"))
+                          ionice=ionice, started=on_side(started, "local"))
     return None
 
 
@@ -200,19 +200,19 @@ async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, w
     find the qcow2 sound."""
     nice, ionice = priority(datastore, datastore.ds_mad.upper())
     if digest is None:
-        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, _on(started, "host")))[path]
+        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, on_side(started, "host")))[path]
     if digest != expected:
         raise ActionError(f"{what}: sha256 of the copy is {digest}, the backup recorded {expected}: the backup "
                           "file is damaged or was changed; nothing was restored")
     argv = ["qemu-img", "check", "-q", "-f", STORED_FORMAT, path]
-    result = await runner.run(argv, timeout=FETCH_TIMEOUT, check=False, started=_on(started, "host"))
+    result = await runner.run(argv, timeout=FETCH_TIMEOUT, check=False, started=on_side(started, "host"))
     if result.exit_status not in QEMU_IMG_CHECK_OK:
         raise CommandFailed(argv, result.exit_status, result.stderr + result.stdout,
                             host=getattr(runner, "host", None))
 
 
 async def _run(runner: Any, argv: list[str], started: ProcessStarted | None, timeout: float) -> None:  # noqa: ASYNC109
-    await runner.run(argv, timeout=timeout, started=_on(started, "host"))
+    await runner.run(argv, timeout=timeout, started=on_side(started, "host"))
 
 
 async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
@@ -233,13 +233,3 @@ def restore_label(run_id: int) -> str:
 async def _journal(journal: StepJournal | None, entry: dict[str, Any]) -> None:
     if journal is not None:
         await journal(entry)
-
-
-def _on(started: ProcessStarted | None, side: str) -> Callable[[int], Awaitable[None]] | None:
-    if started is None:
-        return None
-
-    async def hook(pgid: int) -> None:
-        await started(side, pgid)
-
-    return hook

@@ -586,12 +586,17 @@ class ResticDatastore:
 
     async def _find(self, vm_id: int, source: str, name: str) -> tuple[str, str]:
         """(snapshot id, path in the snapshot) of file ``name`` of backup ``source``."""
-        layout.check_file_name(name)
+        layout.check_file_name(name)  # before any command runs
         snapshot = await self._snapshot(vm_id, source)
+        return str(snapshot["id"]), self._path_in(snapshot, vm_id, source, name)
+
+    def _path_in(self, snapshot: dict[str, Any], vm_id: int, source: str, name: str) -> str:
+        """The path of file ``name`` in ``snapshot`` (backup ``source`` of VM ``vm_id``); NotFound without it."""
+        layout.check_file_name(name)
         path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
         if path is None:
             raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
-        return str(snapshot["id"]), path
+        return str(path)
 
     def dump_command(self, vm_id: int, snapshot_id: str, path: str) -> tuple[list[str], bytes]:
         """The command that prints a file of a snapshot, to run on the server, and what goes to its stdin
@@ -607,9 +612,10 @@ class ResticDatastore:
         repository, removed after): its sha256, and ``qemu-img check`` of those named in ``disks``."""
         digests: dict[str, str] = {}
         checks: dict[str, ImageCheck] = {}
+        snapshot = await self._snapshot(vm_id, source)  # one listing for every file
+        repo = self.layout.vm_dir(vm_id)
         for name in names:
-            snapshot_id, path = await self._find(vm_id, source, name)
-            repo = self.layout.vm_dir(vm_id)
+            snapshot_id, path = str(snapshot["id"]), self._path_in(snapshot, vm_id, source, name)
             temp = f"{repo}.vmsched-verify-{secrets.token_hex(4)}.part"
             try:
                 result = await self._restic(self.server, repo, ["dump", "--no-lock", snapshot_id, path],
