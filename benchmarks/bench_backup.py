@@ -266,11 +266,11 @@ def daemon(env: RealEnv, state: Path, staging: str) -> Iterator[Api]:
 # ---- the benchmark -------------------------------------------------------------------------------------
 
 
-def rsync_datastore(api: Api, env: RealEnv, remote: Path) -> int:
-    """An rsync backup datastore on the backup server under ``remote``; its id."""
+def rsync_datastore(api: Api, env: RealEnv, base_path: Path, name: str = "benchbk") -> int:
+    """An rsync backup datastore ``name`` with BASE_PATH ``base_path`` on the backup server; its id."""
     return int(api.call(  # type: ignore[call-overload]
         "one.datastore.allocate",
-        f'NAME = "benchbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{remote}/vmsched"\n'
+        f'NAME = "{name}"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{base_path}"\n'
         f'RSYNC_HOST = "{env.backup.address}"\nRSYNC_USER = "{env.backup.user}"\n'
         f'RSYNC_PORT = "{env.backup.ssh_port}"', -1))
 
@@ -279,7 +279,7 @@ def vmsched_run(env: RealEnv, state: Path, staging: str, remote: Path, dom: Tiny
     """Import the domain into a fresh daemon and back it up into an rsync datastore; the daemon stops after."""
     with daemon(env, state, staging) as api:
         vm_id = api.import_one("host1", dom.name)
-        timed = vmsched_backup(api, vm_id, rsync_datastore(api, env, remote))
+        timed = vmsched_backup(api, vm_id, rsync_datastore(api, env, remote / "vmsched"))
         if image_mb(api, vm_id) < data_gib * 1024:
             raise RuntimeError(f"the backup image holds {image_mb(api, vm_id)} MB, less than the data written")
     return timed

@@ -50,7 +50,7 @@ from pathlib import Path
 import libvirt
 from lxml import etree
 
-from benchmarks.bench_backup import EXTENT_MIB, image_mb, make_vda, vmsched_backup
+from benchmarks.bench_backup import EXTENT_MIB, image_mb, make_vda, rsync_datastore, vmsched_backup
 from tests.conftest import start_daemon
 from tests.realenv import model
 from tests.realenv import realenv as realenv_cli
@@ -231,14 +231,6 @@ def daemon(env: RealEnv, state: Path, conf: str) -> Iterator[Api]:
             print(f"the daemon exited with {code}; its log ends:\n{running.log()[-4000:]}", file=sys.stderr)
 
 
-def rsync_datastore(api: Api, env: RealEnv, remote: Path) -> int:
-    return int(api.call(  # type: ignore[call-overload]
-        "one.datastore.allocate",
-        f'NAME = "fleetbk"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{remote}"\n'
-        f'RSYNC_HOST = "{env.backup.address}"\nRSYNC_USER = "{env.backup.user}"\n'
-        f'RSYNC_PORT = "{env.backup.ssh_port}"', -1))
-
-
 def import_vms(api: Api, domains: Domains) -> list[Vm]:
     """The imported VMs in request order: the first VM of every host, then the second of every host..."""
     per_host = []
@@ -357,7 +349,7 @@ def run_backups(env: RealEnv, work: Path, staging: str, remote: Path, domains: D
                 say: Callable[[str], None]) -> Measured:
     state, load = work / "state", {}
     with daemon(env, state, sched_conf(env, staging, args.max_backups, args.max_backups_host)) as api:
-        ds_id = rsync_datastore(api, env, remote)
+        ds_id = rsync_datastore(api, env, remote, "fleetbk")
         vms = import_vms(api, domains)
         if args.solo:
             load["solo start"] = os.getloadavg()[0]

@@ -94,7 +94,7 @@ def measure(data_gib: float, disk_gib: float, rounds: int) -> dict[str, object]:
         host1.start(dom)
         with daemon(env, work / "state", staging) as api:
             vm_id = api.import_one("host1", dom.name)
-            vmsched_backup(api, vm_id, rsync_datastore(api, env, remote))
+            vmsched_backup(api, vm_id, rsync_datastore(api, env, remote / "vmsched"))
             backup, source = backup_file(api, vm_id, remote)
             image_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
                                     f'NAME = "benchimgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\n'
