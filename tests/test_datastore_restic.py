@@ -14,11 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
 
-from drivers.commands import HostUnreachable, Runner
+from drivers.commands import HostUnreachable, Result, Runner
 from drivers.datastore import open_datastore
 from drivers.datastore.restic import (
     ResticDatastore,
@@ -257,7 +258,9 @@ async def test_wrong_password_and_unreachable_server_are_clear(setup: Setup) -> 
         await nowhere.new_backup_id(VM_ID)
     store = restic_store(setup)
     ssh = [*client_ssh(setup.env), "-p", "1"]  # the hypervisor cannot reach the sftp server
-    with pytest.raises(ResticFailed, match=r"restic backup.*Connection refused") as caught:
+    # ssh's own "Connection refused" when restic relays it in time; the server named either way
+    with pytest.raises(ResticFailed, match=r"restic backup.*(Connection refused|cannot reach the SFTP server)") \
+            as caught:
         await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP, ssh_command=ssh)
     assert PASSWORD not in str(caught.value)
 
@@ -337,3 +340,14 @@ async def test_live_lock_held_elsewhere_is_waited_for_then_reported(setup: Setup
     store.lock_wait = STEP
     await store.rm(VM_ID, [backup_id])  # works once the holder is gone (its lock removed, or stale and unlocked)
     assert not await store.exists(VM_ID, backup_id)
+
+
+def test_an_sftp_session_that_never_started_names_the_server() -> None:
+    ds = datastore("restic", RESTIC_PASSWORD=PASSWORD, RESTIC_SFTP_SERVER="sftp.example", RESTIC_SFTP_PORT=2222,
+                   RESTIC_SFTP_USER="bk", BASE_PATH="/srv/r")
+    store = ResticDatastore(ds, server=None)  # type: ignore[arg-type]  # only the message is built here
+    stderr = b"Fatal: unable to open repository at sftp:bk@sftp.example:/srv/r/6: unable to start the sftp session\n"
+    failed = store._failed(SimpleNamespace(host="host1"), "sftp:bk@sftp.example:/srv/r/6",  # type: ignore[arg-type]
+                           ["backup"], Result(1, b"", stderr, 0.1))
+    assert "host1: `restic backup`" in str(failed)
+    assert "cannot reach the SFTP server bk@[sftp.example]:2222 from host1" in str(failed)

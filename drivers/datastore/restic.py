@@ -372,6 +372,9 @@ class ResticDatastore:
         tail = self._tail(result.stderr)
         if "wrong password or no key found" in tail:
             detail = "wrong RESTIC_PASSWORD (or no key) for this repository"
+        elif "unable to start the sftp session" in tail:  # restic may exit before relaying ssh's own reason
+            detail = (f"cannot reach the SFTP server {self.settings.target} from {_host(runner)} (exit status "
+                      f"{result.exit_status}): {tail}")
         else:
             detail = f"exited with status {result.exit_status}: {tail}"
         return ResticFailed(f"datastore {self.datastore.id}: {_host(runner)}: `restic {args[0]}` on {repo} {detail}",
