@@ -5,14 +5,19 @@ VENV ?= .venv
 STATE_DIR ?= $(CURDIR)/state
 DEMO ?= 1
 PYTEST_ARGS ?=
+LOCK_ARGS ?=
 
-.PHONY: setup setup-test run test lint bench realenv-up realenv-down
+.PHONY: setup setup-test lock run test lint bench realenv-up realenv-down
 
 setup:
 	scripts/setup.sh
 
 setup-test:
 	scripts/setup.sh --test
+
+# Refresh requirements*.txt from pyproject.toml's ranges (README: "Dependencies are locked").
+lock:
+	scripts/lock $(LOCK_ARGS)
 
 run: setup
 ifneq ($(DEMO),0)

@@ -32,13 +32,32 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
 fi
 
+# Python packages: exactly the committed lock (scripts/lock, `make lock`), every file checked by its hash.
+# A venv made from other lock files is made anew, so nothing that was not locked stays installed.
+lock=requirements.txt
+[[ -n "$extras" ]] && lock=requirements-test.txt
+lock_id=$(cat pyproject.toml requirements-build.txt requirements.txt requirements-test.txt | sha256sum | cut -c1-16)
+if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lock" 2>/dev/null)" != "$lock_id" ]]; then
+    echo "setup: the lock changed; making $VENV anew"
+    rm -rf "$VENV"
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+    echo "$lock_id" >"$VENV/.lock"
 fi
-stamp="$VENV/.installed$extras"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-    "$VENV/bin/pip" install -q -e ".$extras" 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import scheduler, libvirt, asyncssh, aiosqlite, lxml, croniter, aiohttp"
-    touch "$stamp"
+pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input)
+# pip's status is kept; only the notice about this machine's unused extra index is dropped.
+quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "is ignored" >&2); }
+installed() { [[ -f "$VENV/.installed-$1" ]]; }
+if ! installed "$lock" && ! { [[ $lock == requirements.txt ]] && installed requirements-test.txt; }; then
+    echo "setup: installing $lock into $VENV"
+    # setuptools first: it builds this project and libvirt-python's sdist, without build isolation, so
+    # no unlocked build dependency is fetched either.
+    quiet_pip --require-hashes --no-deps -r requirements-build.txt
+    quiet_pip --require-hashes --no-deps --no-build-isolation -r "$lock"
+    # (setuptools' notice that an editable install is one is not for the user's screen)
+    PYTHONWARNINGS=ignore quiet_pip --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null
+    "$VENV/bin/python" -W ignore -c "import scheduler.cli, scheduler.service, libvirt, asyncssh, aiosqlite, lxml, croniter, aiohttp"
+    touch "$VENV/.installed-$lock"
 fi

@@ -33,7 +33,10 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
+        code = self.process.wait(timeout=timeout)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file and self.log_file.exists() else ""
@@ -50,14 +53,15 @@ def start_daemon(state_dir: Path, config_text: str = "", home: Path | None = Non
         conf.write_text(listen + config_text)
     log_file = state_dir / "daemon.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "serve", "--state-dir", str(state_dir)],
-        stdout=subprocess.PIPE,
-        stderr=log_file.open("a"),
-        text=True,
-        env={**env, **(extra_env or {})},
-        cwd=REPO,
-    )
+    with log_file.open("a") as log:  # the daemon has its own descriptor once started
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "serve", "--state-dir", str(state_dir)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**env, **(extra_env or {})},
+            cwd=REPO,
+        )
     endpoint = _wait_for_listening(process, log_file, timeout)
     auth_file = state_dir / "one_auth"
     home = home or state_dir / "home"
@@ -87,6 +91,7 @@ def _wait_for_listening(process: subprocess.Popen[str], log_file: Path, timeout:
             return line.split()[-1].strip()
     process.kill()
     process.wait()
+    process.stdout.close()
     raise RuntimeError(f"vmsched serve did not start; its log:\n{log_file.read_text() if log_file.exists() else ''}")
 
 

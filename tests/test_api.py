@@ -40,8 +40,8 @@ def admin(shared: Daemon) -> pyone.OneServer:
 
 
 def raw_call(daemon: Daemon, method: str, *args: object) -> list:
-    proxy = xmlrpc.client.ServerProxy(daemon.endpoint)
-    return getattr(proxy, method)(*args)
+    with xmlrpc.client.ServerProxy(daemon.endpoint) as proxy:
+        return getattr(proxy, method)(*args)
 
 
 def test_version(admin: pyone.OneServer) -> None:
@@ -68,22 +68,22 @@ def test_vm_lifecycle_and_xml_validates(admin: pyone.OneServer, shared: Daemon) 
     assert vm.HISTORY_RECORDS.HISTORY[0].HOSTNAME == "kvm-lifecycle"
     assert vm_id in admin.host.info(host_id).VMS.ID
 
-    proxy = xmlrpc.client.ServerProxy(shared.endpoint)
-    session = shared.session
-    for method, args, schema in [
-        ("one.vm.info", (vm_id,), "vm"),
-        ("one.vmpool.info", (-2, -1, -1, -1), "vm_pool"),
-        ("one.vmpool.infoextended", (-2, -1, -1, -1), "vm_pool_extended"),
-        ("one.host.info", (host_id,), "host"),
-        ("one.hostpool.info", (), "host_pool"),
-        ("one.user.info", (0,), "user"),
-        ("one.userpool.info", (), "user_pool"),
-        ("one.datastorepool.info", (), "datastore_pool"),
-        ("one.imagepool.info", (-2, -1, -1), "image_pool"),
-    ]:
-        ok, body, code = getattr(proxy, method)(session, *args)[:3]
-        assert ok, body
-        xsd.validate(body, schema)
+    with xmlrpc.client.ServerProxy(shared.endpoint) as proxy:
+        session = shared.session
+        for method, args, schema in [
+            ("one.vm.info", (vm_id,), "vm"),
+            ("one.vmpool.info", (-2, -1, -1, -1), "vm_pool"),
+            ("one.vmpool.infoextended", (-2, -1, -1, -1), "vm_pool_extended"),
+            ("one.host.info", (host_id,), "host"),
+            ("one.hostpool.info", (), "host_pool"),
+            ("one.user.info", (0,), "user"),
+            ("one.userpool.info", (), "user_pool"),
+            ("one.datastorepool.info", (), "datastore_pool"),
+            ("one.imagepool.info", (-2, -1, -1), "image_pool"),
+        ]:
+            ok, body, code = getattr(proxy, method)(session, *args)[:3]
+            assert ok, body
+            xsd.validate(body, schema)
 
     admin.vm.rename(vm_id, "web-renamed")
     admin.vm.update(vm_id, 'LABEL = "gold"', 1)

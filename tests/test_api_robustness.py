@@ -75,10 +75,10 @@ def test_entity_expansion_is_not_performed(fuzzed: Daemon) -> None:
     )
     assert_clean_reply(post(fuzzed, bomb))
     template_bomb = '<!DOCTYPE t [<!ENTITY x SYSTEM "file:///etc/passwd">]><TEMPLATE><NAME>&x;</NAME></TEMPLATE>'
-    proxy = xmlrpc.client.ServerProxy(fuzzed.endpoint)
-    reply = proxy.one.vm.allocate(fuzzed.session, template_bomb, False)
-    if reply[0]:
-        assert "root:" not in proxy.one.vm.info(fuzzed.session, reply[1])[1]
+    with xmlrpc.client.ServerProxy(fuzzed.endpoint) as proxy:
+        reply = proxy.one.vm.allocate(fuzzed.session, template_bomb, False)
+        if reply[0]:
+            assert "root:" not in proxy.one.vm.info(fuzzed.session, reply[1])[1]
 
 
 def test_kill_9_during_a_burst_of_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -114,15 +114,15 @@ def test_kill_9_during_a_burst_of_writes_loses_nothing_acknowledged(tmp_path: Pa
 
     again = start_daemon(daemon.state_dir)
     try:
-        proxy = xmlrpc.client.ServerProxy(again.endpoint)
-        ok, pool, *_ = proxy.one.vmpool.infoextended(again.session, -2, -1, -1, -1)
-        assert ok, pool
-        present = {int(vm.findtext("ID")): vm for vm in etree.fromstring(pool.encode()).findall("VM")}
-        for vm_id, name in acknowledged.items():
-            assert vm_id in present, f"acknowledged VM {vm_id} lost"
-            assert present[vm_id].findtext("NAME") == name
-            assert len(present[vm_id].findtext("USER_TEMPLATE/NOTE")) == 500  # whole, not torn
-        ok, new_id, *_ = proxy.one.vm.allocate(again.session, 'NAME = "after"')
-        assert ok and new_id > max(present)
+        with xmlrpc.client.ServerProxy(again.endpoint) as proxy:
+            ok, pool, *_ = proxy.one.vmpool.infoextended(again.session, -2, -1, -1, -1)
+            assert ok, pool
+            present = {int(vm.findtext("ID")): vm for vm in etree.fromstring(pool.encode()).findall("VM")}
+            for vm_id, name in acknowledged.items():
+                assert vm_id in present, f"acknowledged VM {vm_id} lost"
+                assert present[vm_id].findtext("NAME") == name
+                assert len(present[vm_id].findtext("USER_TEMPLATE/NOTE")) == 500  # whole, not torn
+            ok, new_id, *_ = proxy.one.vm.allocate(again.session, 'NAME = "after"')
+            assert ok and new_id > max(present)
     finally:
         assert again.stop() == 0

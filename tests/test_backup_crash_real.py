@@ -131,8 +131,7 @@ def test_kill_9_at_each_step_then_restart(env: Env, point: str, freeze: str, lef
         api.call("one.vm.backup", vm_id, ds_id, False)
         assert first.process.wait(timeout=60) == -signal.SIGKILL, first.log()[-3000:]
     finally:
-        if first.process.poll() is None:
-            first.process.kill()
+        first.stop(signal.SIGKILL)  # closes its log pipe too
     assert f"crash point '{point}' reached" in first.log()
 
     staging = f"{env.staging}/{vm_id}"
@@ -199,8 +198,7 @@ def test_kill_9_while_the_guest_agent_holds_the_filesystems_frozen(env: Env, age
         api.call("one.vm.backup", vm_id, ds_id, False)
         assert first.process.wait(timeout=60) == -signal.SIGKILL, first.log()[-3000:]
     finally:
-        if first.process.poll() is None:
-            first.process.kill()
+        first.stop(signal.SIGKILL)  # closes its log pipe too
     assert agent_guest.fsfreeze_status() == "frozen"  # what the crash left
     second = start_daemon(state, env.config())
     api.daemon = second

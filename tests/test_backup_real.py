@@ -182,8 +182,8 @@ def test_refused_requests_create_nothing(setup: Setup, tiny_domain: Callable[...
     unbound = int(s.api.call("one.vm.allocate", 'NAME = "nohost"\nDISK = [ SOURCE = "/x.qcow2", TARGET = "vda" ]'))  # type: ignore[call-overload]
     assert "not bound to a host" in s.api.failure("one.vm.backup", unbound, s.fs_ds, False)
     s.api.call("one.user.allocate", "bkuser", "bkpass", "core", [])
-    proxy = xmlrpc.client.ServerProxy(s.api.daemon.endpoint)
-    ok, message, *_ = proxy.one.vm.backup("bkuser:bkpass", vm_id, s.fs_ds, False)
+    with xmlrpc.client.ServerProxy(s.api.daemon.endpoint) as proxy:
+        ok, message, *_ = proxy.one.vm.backup("bkuser:bkpass", vm_id, s.fs_ds, False)
     assert not ok and "Not authorized" in message
     assert s.image_ids() == images and backup_ids(s.api, vm_id) == []
     assert states(s.api, vm_id) == RUNNING

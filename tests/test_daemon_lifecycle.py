@@ -290,8 +290,7 @@ def test_kill_9_while_backups_run_then_every_occurrence_is_done_exactly_once(tmp
     actions = {schedule_backup(one, vm, ds): vm for vm in vms}
     wait_until(lambda: done_actions(daemon) and metrics(daemon).get("vmsched_runs_running") == 2,
                what="some backups done and two running")
-    daemon.process.kill()
-    assert daemon.process.wait(timeout=10) == -signal.SIGKILL
+    assert daemon.stop(signal.SIGKILL, timeout=10) == -signal.SIGKILL
     before = runs(daemon)
     done_before = {row["action_id"] for row in before if row["state"] == "done"}
     assert sum(row["state"] == "running" for row in before) >= 1  # killed mid-backup

@@ -82,8 +82,8 @@ def create(daemon: Daemon, name: str, port: int, *extra: str) -> Cli:
 
 def host_xml(daemon: Daemon, name: str) -> etree._Element:
     """The host's XML straight from the API (polled often: no CLI start-up per look)."""
-    proxy = xmlrpc.client.ServerProxy(daemon.endpoint)
-    ok, pool = proxy.one.hostpool.info(daemon.session)[:2]
+    with xmlrpc.client.ServerProxy(daemon.endpoint) as proxy:
+        ok, pool = proxy.one.hostpool.info(daemon.session)[:2]
     assert ok, pool
     found = etree.fromstring(pool.encode()).xpath("HOST[NAME=$name]", name=name)
     assert len(found) == 1, pool

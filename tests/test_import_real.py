@@ -35,15 +35,15 @@ class Api:
     hosts: dict[str, int]
 
     def call(self, method: str, *args: object) -> object:
-        proxy = xmlrpc.client.ServerProxy(self.daemon.endpoint, allow_none=False)
-        ok, value, *_ = getattr(proxy, method)(self.daemon.session, *args)
+        with xmlrpc.client.ServerProxy(self.daemon.endpoint, allow_none=False) as proxy:
+            ok, value, *_ = getattr(proxy, method)(self.daemon.session, *args)
         if not ok:
             raise RuntimeError(f"{method}: {value}")
         return value
 
     def failure(self, method: str, *args: object) -> str:
-        proxy = xmlrpc.client.ServerProxy(self.daemon.endpoint)
-        ok, value, *_ = getattr(proxy, method)(self.daemon.session, *args)
+        with xmlrpc.client.ServerProxy(self.daemon.endpoint) as proxy:
+            ok, value, *_ = getattr(proxy, method)(self.daemon.session, *args)
         assert not ok, f"{method} succeeded: {value}"
         return str(value)
 

@@ -131,8 +131,7 @@ def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domai
         api.call("one.vm.backup", vm_id, ds_id, False)
         assert first.process.wait(timeout=60) == -signal.SIGKILL, first.log()[-3000:]
     finally:
-        if first.process.poll() is None:
-            first.process.kill()
+        first.stop(signal.SIGKILL)  # closes its log pipe too
     staging = f"{env.staging}/{vm_id}"
     left = processes(env, staging)
     assert left, "restic was not running when the daemon died"

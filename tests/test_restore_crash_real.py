@@ -183,8 +183,7 @@ def wait_killed(daemon: Daemon, point: str) -> None:
     try:
         code = daemon.process.wait(timeout=WAIT)
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
+        daemon.stop(signal.SIGKILL)  # closes its log pipe too
     assert code == -signal.SIGKILL, daemon.log()[-3000:]
     assert f"crash point '{point}' reached" in daemon.log()
 
@@ -213,8 +212,7 @@ def test_kill_9_before_the_swap_leaves_the_vm_as_it_was(env: Env, point: str, ti
         api.call("one.vm.restore", vm_id, image_id, -1, -1)
         wait_killed(api.daemon, point)
     finally:
-        if api.daemon.process.poll() is None:
-            api.daemon.process.kill()
+        api.daemon.stop(signal.SIGKILL)  # closes its log pipe too
 
     # what the dead daemon left: its temporary files beside the disks, which are untouched
     if point == "restore-fetch":  # vda's copy runs on, into its temporary file
@@ -265,8 +263,7 @@ def test_kill_9_after_the_first_swap_finishes_the_restore(env: Env, tiny_domain:
         api.call("one.vm.restore", vm_id, image_id, -1, -1)
         wait_killed(api.daemon, point)
     finally:
-        if api.daemon.process.poll() is None:
-            api.daemon.process.kill()
+        api.daemon.stop(signal.SIGKILL)  # closes its log pipe too
 
     # vda swapped in (its old file aside), vdb's new file still waiting
     left = parts(dom.directory)
@@ -326,8 +323,7 @@ def test_kill_9_during_a_restore_to_new_images_leaves_no_image(env: Env, point: 
             api.call("one.image.restore", backup, ids.image_ds, 'NAME = "crashdrill"')
         wait_killed(api.daemon, point)
     finally:
-        if api.daemon.process.poll() is None:
-            api.daemon.process.kill()
+        api.daemon.stop(signal.SIGKILL)  # closes its log pipe too
 
     # what the dead daemon left in the image datastore's directory on host1
     if point == "image-restore-fetch":  # the first image's copy runs on, into its temporary file

@@ -44,8 +44,8 @@ def admin(shared: Daemon) -> pyone.OneServer:
 
 
 def call(daemon: Daemon, method: str, *args: object, session: str | None = None) -> list:
-    proxy = xmlrpc.client.ServerProxy(daemon.endpoint)
-    return getattr(proxy, method)(session or daemon.session, *args)
+    with xmlrpc.client.ServerProxy(daemon.endpoint) as proxy:
+        return getattr(proxy, method)(session or daemon.session, *args)
 
 
 def actions_of(admin: pyone.OneServer, vm_id: int) -> list[dict[str, str]]:

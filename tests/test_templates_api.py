@@ -32,8 +32,8 @@ def template_text(name: str = "web-restored", domain_xml: str | None = DOMAIN_XM
 
 
 def raw(daemon: Daemon, method: str, *args: object, session: str | None = None) -> list:
-    proxy = xmlrpc.client.ServerProxy(daemon.endpoint)
-    return getattr(proxy, method)(session or daemon.session, *args)
+    with xmlrpc.client.ServerProxy(daemon.endpoint) as proxy:
+        return getattr(proxy, method)(session or daemon.session, *args)
 
 
 def value(daemon: Daemon, method: str, *args: object, session: str | None = None) -> object:

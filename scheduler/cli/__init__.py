@@ -61,6 +61,12 @@ def _global_options(at_top: bool) -> argparse.ArgumentParser:
     output.add_argument(
         "--xml", dest="output", action="store_const", const="xml", default=default("table"), help="XML output"
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default(False),
+        help="show the libraries' Python warnings on standard error (also VMSCHED_DEBUG=1); see scheduler/entry.py",
+    )
     return parser
 
 
@@ -106,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``| head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    finally:
+        ctx.close()
 
 
 __all__ = ["build_parser", "main"]

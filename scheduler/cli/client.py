@@ -166,6 +166,10 @@ class Client:
         finally:
             connection.close()
 
+    def close(self) -> None:
+        """Close the kept-alive connection to the daemon."""
+        self._proxy("close")()
+
     def _send(self, method: str, args: tuple[object, ...]) -> object:
         try:
             return getattr(self._proxy, method)(self._session, *args)

@@ -45,10 +45,20 @@ class Context:
     stdin: TextIO = field(default_factory=lambda: sys.stdin)
     _client: Client | None = None
 
-    def call(self, method: str, *args: object) -> object:
+    def client(self) -> Client:
+        """The daemon connection, opened at the first use."""
         if self._client is None:
             self._client = self.connect()
-        return self._client.call(method, *args)
+        return self._client
+
+    def call(self, method: str, *args: object) -> object:
+        return self.client().call(method, *args)
+
+    def close(self) -> None:
+        """Close the connection if one was opened."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     # -- naming objects --------------------------------------------------------------------------
     def resolve(self, kind: Kind, ref: str) -> int:

@@ -110,7 +110,7 @@ def download(ctx: Context, args: argparse.Namespace) -> int:
         url = parse_url(args.url)
     except ValidationError as exc:
         raise UsageError(str(exc)) from None
-    client = ctx.connect()
+    client = ctx.client()
     digest = hashlib.sha256()
     with _sink(ctx, args.target) as write:
 
