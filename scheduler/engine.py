@@ -23,11 +23,12 @@ from zoneinfo import ZoneInfo
 from scheduler import schedule
 from scheduler.admission import Candidate, Limits, Running, blocking_reason
 from scheduler.clock import Clock
-from scheduler.errors import ActionError
+from scheduler.errors import DriverError
 from scheduler.journal import Journal, Run, RunState
 from scheduler.logs import log_context
 from scheduler.metrics import Histogram
 from scheduler.objects.states import HostState
+from scheduler.outcome import CANCELLED, Outcome, OutcomeKind, RetryPolicy, failed, succeeded
 from scheduler.queues import Queues
 from scheduler.schedule import SchedAction
 from scheduler.state import Mutation, State
@@ -88,6 +89,7 @@ class Engine:
         self.journal = journal
         self.clock = clock
         self.settings = settings
+        self.retry_policy = RetryPolicy(settings.retry_max, settings.retry_backoff)
         self.executor = executor
         self.is_backup_action = is_backup
         self.recoverer = recoverer
@@ -335,7 +337,7 @@ class Engine:
 
     async def _execute(self, run: Run, admitted: bool) -> None:
         token = log_context.set({"vm": run.vm_id, "action": run.action_id, "run": run.id})
-        outcome: tuple[bool, str] = (False, "")
+        outcome = Outcome(OutcomeKind.RETRYABLE, "")
         try:
             await self.journal.durable()
             started = self.clock.now()
@@ -347,22 +349,24 @@ class Engine:
             log.info("run %s: %s started (attempt %s, queued %.3fs)", run.id, run.action, run.attempt,
                      started - run.queued_at)
             if not await self._clean_up(run):
-                raise ActionError("what an earlier attempt left behind could not be cleaned up (see the log); "
-                                  "not starting over it")
+                raise DriverError("what an earlier attempt left behind could not be cleaned up (see the log); "
+                                  "not starting over it", retryable=True)
             message = await self.executor(run)
-            outcome = (True, message or "")
+            outcome = succeeded(message or "")
         except asyncio.CancelledError:
             if run.id not in self._cancel_requested:
                 await self._interrupted_by_stop(run)
                 raise
-            outcome = (False, "cancelled")  # by an operator: its cleanup ran; recorded, not retried
-        except Exception as exc:  # the action's own error: data, not a crash
-            outcome = (False, str(exc) or type(exc).__name__)
+            outcome = CANCELLED  # by an operator: its cleanup ran; recorded, not retried
+        except Exception as exc:
+            outcome = failed(exc)
+            if outcome.kind is OutcomeKind.INTERNAL:
+                log.error("run %s: %s hit an internal error", run.id, run.action, exc_info=exc)
         finally:
             ended = self.clock.now()
             self._release(run, admitted)
             log_context.reset(token)
-        await self._finish(run, *outcome, ended)
+        await self._finish(run, outcome, ended)
 
     def _release(self, run: Run, admitted: bool) -> None:
         self.running.pop(run.id, None)
@@ -406,11 +410,11 @@ class Engine:
                 self.queues.remove(run.id)
                 self._retrying.get(vm_id, {}).pop(run.id, None)
                 self._cancel_requested.add(run.id)
-                asyncio.get_running_loop().create_task(self._finish(run, False, "cancelled"))
+                asyncio.get_running_loop().create_task(self._finish(run, CANCELLED))
                 return run
         return None
 
-    async def _finish(self, run: Run, success: bool, message: str, ended: float | None = None) -> None:
+    async def _finish(self, run: Run, outcome: Outcome, ended: float | None = None) -> None:
         """``ended``: when the run gave its slot back (its finished_at), so that journaled spans never overlap
         the next run's start."""
         now = self.clock.now()
@@ -418,10 +422,15 @@ class Engine:
         async with self.state.lock:
             if run.id in self._cancel_requested:
                 self._cancel_requested.discard(run.id)
+                outcome = CANCELLED
+            run.outcome, run.error_class = outcome.kind.value, outcome.error_class
+            message = outcome.message
+            delay = self.retry_policy.delay(outcome, run.attempt, self.is_backup_action(run.action))
+            if outcome.kind is OutcomeKind.CANCELLED:
                 log.warning("run %s: %s cancelled", run.id, run.action)
                 self._close(run, RunState.CANCELLED, "cancelled", ended)
                 self._update_action(run, success=False, message="cancelled by an operator")
-            elif success:
+            elif outcome.success:
                 log.info("run %s: %s succeeded in %.3fs", run.id, run.action, now - (run.started_at or now))
                 self._close(run, RunState.DONE, message, ended)
                 self.stats.last_success[run.vm_id] = now
@@ -429,10 +438,9 @@ class Engine:
                     self._completed.discard(run.id)
                 else:
                     self._update_action(run, success=True, message="")
-            elif self.is_backup_action(run.action) and run.attempt <= self.settings.retry_max:
-                delay = self.settings.retry_backoff * 2 ** (run.attempt - 1)
-                log.warning("run %s: %s failed (attempt %s): %s; retrying in %.0fs", run.id, run.action,
-                            run.attempt, message, delay)
+            elif delay is not None:
+                log.warning("run %s: %s failed (attempt %s, %s): %s; retrying in %.0fs", run.id, run.action,
+                            run.attempt, outcome.error_class, message, delay)
                 self.stats.failures[run.action] += 1
                 run.state, run.not_before, run.message = RunState.QUEUED, now + delay, message
                 self.journal.save(run)
@@ -440,8 +448,8 @@ class Engine:
                 self._note_failure(run, message)
             else:
                 final = RunState.GIVEN_UP if self.is_backup_action(run.action) else RunState.FAILED
-                log.error("run %s: %s failed, given up after %s attempt(s): %s", run.id, run.action, run.attempt,
-                          message)
+                log.error("run %s: %s failed (%s, %s), given up after %s attempt(s): %s", run.id, run.action,
+                          outcome.kind.value, outcome.error_class, run.attempt, message)
                 self.stats.failures[run.action] += 1
                 self.stats.given_up[run.action] += 1
                 self._close(run, final, message, ended)
@@ -523,9 +531,11 @@ class Engine:
         log.warning("run %s: %s was interrupted by a daemon restart; cleaning up", run.id, run.action)
         await self._clean_up(run, interrupted=True)  # what it leaves is tried again before the next attempt
         message = "interrupted by a daemon restart"
-        if run.attempt <= self.settings.retry_max:
+        run.outcome, run.error_class = OutcomeKind.RETRYABLE.value, ""
+        delay = self.retry_policy.delay(Outcome(OutcomeKind.RETRYABLE, message), run.attempt, retried_action=True)
+        if delay is not None:
             run.state, run.message = RunState.QUEUED, message
-            run.not_before = now + self.settings.retry_backoff * 2 ** (run.attempt - 1)
+            run.not_before = now + delay
             self.journal.save(run)
             self._requeue(run, now)
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from scheduler.outcome import OutcomeKind
 from scheduler.state import State
 
 
@@ -51,30 +52,32 @@ class Run:
     priority: int = 0
     message: str = ""
     steps: list[dict[str, Any]] = field(default_factory=list)  # artifacts journaled by the action
+    outcome: str = ""  # scheduler.outcome.OutcomeKind of the last attempt that ended, "" before
+    error_class: str = ""  # the exception class of a failed attempt
 
     def row(self) -> tuple[Any, ...]:
         return (
             self.id, self.action_id, self.vm_id, self.action, self.args, self.scheduled, self.state.value,
             self.attempt, self.not_before, self.queued_at, self.started_at, self.finished_at, self.host_id,
-            self.datastore_id, self.priority, self.message, _steps_json(self.steps),
+            self.datastore_id, self.priority, self.message, _steps_json(self.steps), self.outcome, self.error_class,
         )  # fmt: skip
 
     def changes(self) -> tuple[Any, ...]:
         """What can change after the row is written, for an UPDATE by id."""
         return (
             self.state.value, self.attempt, self.not_before, self.started_at, self.finished_at, self.host_id,
-            self.datastore_id, self.message, _steps_json(self.steps), self.id,
+            self.datastore_id, self.message, _steps_json(self.steps), self.outcome, self.error_class, self.id,
         )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Run:
         (run_id, action_id, vm_id, action, args, scheduled, state, attempt, not_before, queued_at, started_at,
-         finished_at, host_id, datastore_id, priority, message, steps) = row  # fmt: skip
+         finished_at, host_id, datastore_id, priority, message, steps, outcome, error_class) = row  # fmt: skip
         return cls(
             id=run_id, action_id=action_id, vm_id=vm_id, action=action, args=args, scheduled=scheduled,
             state=RunState(state), attempt=attempt, not_before=not_before, queued_at=queued_at,
             started_at=started_at, finished_at=finished_at, host_id=host_id, datastore_id=datastore_id,
-            priority=priority, message=message, steps=json.loads(steps),
+            priority=priority, message=message, steps=json.loads(steps), outcome=outcome, error_class=error_class,
         )  # fmt: skip
 
 
@@ -84,12 +87,12 @@ def _steps_json(steps: list[dict[str, Any]]) -> str:
 
 COLUMNS = (
     "id, action_id, vm_id, action, args, scheduled, state, attempt, not_before, queued_at, started_at,"
-    " finished_at, host_id, datastore_id, priority, message, steps"
+    " finished_at, host_id, datastore_id, priority, message, steps, outcome, error_class"
 )
-_INSERT = f"INSERT INTO runs ({COLUMNS}) VALUES ({', '.join('?' * 17)})"
+_INSERT = f"INSERT INTO runs ({COLUMNS}) VALUES ({', '.join('?' * 19)})"
 _UPDATE = (
     "UPDATE runs SET state = ?, attempt = ?, not_before = ?, started_at = ?, finished_at = ?, host_id = ?,"
-    " datastore_id = ?, message = ?, steps = ? WHERE id = ?"
+    " datastore_id = ?, message = ?, steps = ?, outcome = ?, error_class = ? WHERE id = ?"
 )
 
 
@@ -159,7 +162,7 @@ class Journal:
     def done_statement(run: Run, when: float, message: str = "") -> tuple[str, tuple[Any, ...]]:
         """The UPDATE closing ``run`` as done, for a transaction that records the run's result."""
         closed = dataclasses.replace(run, state=RunState.DONE, finished_at=when, message=message,
-                                     steps=list(run.steps))
+                                     steps=list(run.steps), outcome=OutcomeKind.DONE.value, error_class="")
         return _UPDATE, closed.changes()
 
     async def history(self, vm_id: int, limit: int = 20) -> list[Run]:

@@ -134,7 +134,7 @@ def parse_request(body: bytes) -> tuple[str, tuple[Any, ...]]:
         params, name = xmlrpc.client.loads(body, use_builtin_types=False)
     except (xml.parsers.expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError) as exc:
         raise ApiError(f"malformed XML-RPC request: {exc}") from None
-    except Exception as exc:  # the stdlib unmarshaller raises assorted errors on hostile input
+    except Exception as exc:  # noqa: BLE001 - the stdlib unmarshaller raises assorted errors on hostile input
         raise ApiError(f"malformed XML-RPC request: {type(exc).__name__}") from None
     if not isinstance(name, str) or not name:
         raise ApiError("malformed XML-RPC request: no method name")

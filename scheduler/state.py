@@ -202,7 +202,7 @@ class State:
                 self._committing = True
                 try:
                     await self._flush(dirty)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - every waiter learns of the failed write, whatever it was
                     self._dirty |= dirty  # written again with the next commit
                     self._release(waiters, exc)
                     log.error("group commit failed, retrying in %ss: %s", FLUSH_RETRY, exc)

@@ -79,6 +79,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_open ON runs (state) WHERE state IN ('queued', 'running')",
         "CREATE INDEX runs_vm ON runs (vm_id, id)",
     ),
+    # 3: how each run ended, as data (scheduler/outcome.py): its kind and the exception's class.
+    (
+        "ALTER TABLE runs ADD COLUMN outcome TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE runs ADD COLUMN error_class TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

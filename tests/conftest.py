@@ -107,7 +107,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def one(daemon: Daemon):  # noqa: ANN201 - pyone's type
+def one(daemon: Daemon):
     """A pyone client logged in as oneadmin."""
     import pyone
 

@@ -5,7 +5,8 @@ jumps from timer to timer, so hours of schedule take milliseconds, and waits onl
 (the store's commits). Hosts, datastores, VMs and scheduled actions are the real objects, written
 through the real State to a real SQLite file, so a second engine can be started on the same file
 (restart recovery). Each simulated action waits a scripted number of virtual seconds, then succeeds
-or raises ``ActionError``; every call is recorded as an ``Execution``.
+or raises its scripted error (a retryable ``DriverError`` unless told otherwise); every call is
+recorded as an ``Execution``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 from scheduler.admission import Limits
 from scheduler.api.context import build_codecs
 from scheduler.engine import Engine, EngineSettings
-from scheduler.errors import ActionError
+from scheduler.errors import DriverError
 from scheduler.journal import Journal, Run
 from scheduler.objects.datastore import Datastore
 from scheduler.objects.host import Host
@@ -78,12 +79,18 @@ class Execution:
 @dataclass
 class Script:
     """What simulated actions do: wait ``duration`` virtual seconds (per VM: ``durations``), then
-    succeed, or fail with ``error`` on the first ``failing[vm id]`` attempts of each run."""
+    succeed, or fail with ``error`` on the first ``failing[vm id]`` attempts of each run: a ``DriverError``
+    that is ``retryable`` or not, or an exception of class ``raises`` (a programming error, say)."""
 
     duration: float = 10.0
     durations: dict[int, float] = field(default_factory=dict)
     failing: dict[int, int] = field(default_factory=dict)
     error: str = "disk full"
+    retryable: bool = True
+    raises: type[Exception] | None = None
+
+    def failure(self) -> Exception:
+        return self.raises(self.error) if self.raises else DriverError(self.error, retryable=self.retryable)
 
     def duration_of(self, run: Run) -> float:
         return self.durations.get(run.vm_id, self.duration)
@@ -236,7 +243,7 @@ class EngineHarness:
             self._running -= 1
             self.changed.set()
         if not record.ok:
-            raise ActionError(self.script.error)
+            raise self.script.failure()
         if self.on_success is not None:
             await self.on_success(self, run)
         return "simulated"

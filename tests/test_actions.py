@@ -132,7 +132,7 @@ def test_the_registry_is_parse_sched_actions_hook() -> None:
 
 
 @pytest.fixture
-async def state(tmp_path: Path):  # noqa: ANN201
+async def state(tmp_path: Path):
     store = await Store.open(tmp_path / "s.db")
     state = State(store, build_codecs())
     await state.load()

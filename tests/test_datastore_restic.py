@@ -54,7 +54,7 @@ from tests.test_datastore_drivers import (
 )
 
 T = TypeVar("T")
-PASSWORD = "s3cret-Rest1c-pw"  # noqa: S105 - the test repositories' password
+PASSWORD = "s3cret-Rest1c-pw"
 LOCKED_STDERR = (b"unable to create lock in backend: repository is already locked exclusively by PID 9931 on "
                  b"host1 by root (UID 0, GID 0)\nlock was created at 2026-11-26 07:19:15 (933ms ago)\n"
                  b"storage ID 8e8c626d\n")

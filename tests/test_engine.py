@@ -404,6 +404,64 @@ def test_succeeding_retry_clears_the_message(tmp_path: Path) -> None:
     simulate(tmp_path, body, settings(retry_max=3, retry_backoff=30), Script(failing={1: 1}))
 
 
+async def outcome_columns(h: EngineHarness) -> list[tuple[str, int, str, str, str]]:
+    await h.state.durable()
+    return [tuple(row) for row in await h.store.query(
+        "SELECT state, attempt, outcome, error_class, message FROM runs ORDER BY id")]
+
+
+def test_a_non_retryable_error_fails_at_once_with_its_message(tmp_path: Path) -> None:
+    """A DriverError with ``retryable`` False (a host key mismatch, say) is final at the first attempt."""
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0})
+        sa = h.action(1, time=T0, repeat=Repeat.WEEKLY, days=EVERY_DAY)
+        engine = await h.start()
+        await h.until(T0 + HOUR)
+        assert [e.attempt for e in h.executions] == [1]
+        assert h.sched(sa.id).message == f"{stamp(T0 + 10)} : host key mismatch"
+        assert await outcome_columns(h) == [
+            ("given_up", 1, "permanent", "scheduler.errors.DriverError", "host key mismatch")]
+        assert (engine.stats.failures["backup"], engine.stats.given_up["backup"]) == (1, 1)
+
+    simulate(tmp_path, body, settings(retry_max=3, retry_backoff=60),
+             Script(failing={1: 99}, error="host key mismatch", retryable=False))
+
+
+def test_a_retryable_error_is_recorded_with_its_class_while_retried(tmp_path: Path) -> None:
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0})
+        h.action(1, time=T0, repeat=Repeat.WEEKLY, days=EVERY_DAY)
+        await h.start()
+        await h.until(T0 + 11)
+        assert await outcome_columns(h) == [
+            ("queued", 1, "retryable", "scheduler.errors.DriverError", "disk full")]
+        await h.until(T0 + HOUR)
+        assert [e.attempt for e in h.executions] == [1, 2]
+        assert await outcome_columns(h) == [("done", 2, "done", "", "simulated")]
+
+    simulate(tmp_path, body, settings(retry_max=3, retry_backoff=60), Script(failing={1: 1}))
+
+
+def test_a_programming_error_is_internal_logged_with_its_traceback_and_not_retried(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0})
+        sa = h.action(1, time=T0, repeat=Repeat.WEEKLY, days=EVERY_DAY)
+        await h.start()
+        await h.until(T0 + HOUR)
+        assert [e.attempt for e in h.executions] == [1]
+        message = "internal error (TypeError: unsupported operand); see the daemon's log"
+        assert await outcome_columns(h) == [("given_up", 1, "internal", "TypeError", message)]
+        assert h.sched(sa.id).message == f"{stamp(T0 + 10)} : {message}"
+
+    with caplog.at_level("ERROR", logger="scheduler.engine"):
+        simulate(tmp_path, body, settings(retry_max=3, retry_backoff=60),
+                 Script(failing={1: 99}, error="unsupported operand", raises=TypeError))
+    [record] = [r for r in caplog.records if "hit an internal error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is TypeError
+    assert "Traceback" in caplog.text
+
+
 @pytest.mark.parametrize("action, args", [("reboot", ""), ("snapshot-create", "nightly")])
 def test_failed_non_backup_action_is_not_retried(tmp_path: Path, action: str, args: str) -> None:
     async def body(h: EngineHarness) -> None:

@@ -90,7 +90,7 @@ def host_xml(daemon: Daemon, name: str) -> etree._Element:
     return found[0]
 
 
-def wait_state(daemon: Daemon, name: str, state: int, timeout: float = WAIT) -> etree._Element:  # noqa: ASYNC109
+def wait_state(daemon: Daemon, name: str, state: int, timeout: float = WAIT) -> etree._Element:
     """Poll the API (the daemon offers no event to wait on) until host ``name`` has STATE ``state``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -121,7 +121,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def ssh_client_port(pool, target: SshTarget) -> str:  # noqa: ANN001
+async def ssh_client_port(pool, target: SshTarget) -> str:
     """The client-side TCP port of the connection the command ran over (from sshd's SSH_CLIENT)."""
     result = await pool.run(target, ["sh", "-c", 'echo "$SSH_CLIENT"'], timeout=30)
     return result.stdout.split()[1].decode()

@@ -213,7 +213,7 @@ async def test_then_runs_on_the_staged_files_while_the_overlays_are_committed(ho
     async def started(pgid: int) -> None:
         groups.append(pgid)
 
-    async def then(result) -> str:  # noqa: ANN001
+    async def then(result) -> str:
         seen["staged"] = staged(stage)
         seen["committed_before"] = journal.names().count("committed")
         return "uploaded"
@@ -237,7 +237,7 @@ async def test_a_failing_then_fails_the_capture_and_leaves_nothing(host1, tiny_d
     dom, hv = tiny_domain(), hypervisors("host1")
     stage = tmp_path / "base" / "42" / "19"
 
-    async def then(result) -> None:  # noqa: ANN001
+    async def then(result) -> None:
         raise RuntimeError("the backup server went away")
 
     with pytest.raises(RuntimeError, match="went away"):

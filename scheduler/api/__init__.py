@@ -11,6 +11,6 @@ from scheduler.api.context import Context, build_codecs, make_authenticator
 from scheduler.api.registry import registry
 
 # Importing the modules registers their methods.
-from scheduler.api import backup, datastores, hosts, images, imports, restore, schedactions, system, templates, users, verify, vms  # noqa: E402,F401  isort: skip
+from scheduler.api import backup, datastores, hosts, images, imports, restore, schedactions, system, templates, users, verify, vms  # noqa: F401  isort: skip
 
 __all__ = ["Context", "build_codecs", "make_authenticator", "registry"]
