@@ -93,12 +93,13 @@ def state_name(vm: Vm) -> str:
 def backup_state(vm: Vm) -> LcmState:
     """BACKUP for a running VM, BACKUP_POWEROFF for a powered-off one (spec §4.2); else the error."""
     if vm.host is None:
-        raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first): nothing to back up")
+        raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first): nothing to back up",
+                          retryable=True)
     if (vm.state, vm.lcm_state) == (VmState.ACTIVE, LcmState.RUNNING):
         return LcmState.BACKUP
     if vm.state == VmState.POWEROFF:
         return LcmState.BACKUP_POWEROFF
-    raise ActionError(f"Could not create a new backup for VM {vm.id}, wrong state {state_name(vm)}.")
+    raise ActionError(f"Could not create a new backup for VM {vm.id}, wrong state {state_name(vm)}.", retryable=True)
 
 
 def selected_disks(vm: Vm) -> list[Vector]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class VmschedError(Exception):
-    """Base of every error vmsched raises on purpose."""
+    """Base of every error vmsched raises on purpose; ``retryable`` says whether trying again may help
+    (read by the engine's outcome policy, scheduler/outcome.py)."""
+
+    retryable = False
 
 
 class TemplateError(VmschedError):
@@ -52,13 +55,16 @@ class PermissionDenied(VmschedError):
 
 
 class ActionError(VmschedError):
-    """An operation refused in the object's current state."""
+    """An operation refused in the object's current state; ``retryable`` when that state may change by
+    itself or by an operator's ordinary action (a VM not yet deployed, in the middle of another operation)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)
 
 
 class DriverError(VmschedError):
     """Something failed on a host; ``retryable`` says whether trying again may help."""
-
-    retryable = False
 
     def __init__(self, message: str, *, host: str | None = None, retryable: bool | None = None) -> None:
         self.host = host

@@ -1,8 +1,8 @@
 """How a run ended, as data, and what the engine does next: the pure outcome policy.
 
-An action's exception is classified once, here: a ``DriverError`` says itself whether trying again
-may help (``retryable``); the other errors vmsched raises on purpose are refusals that the same
-attempt would meet again; a programming error (``TypeError``, ``AttributeError``...) is an internal
+An action's exception is classified once, here: an error vmsched raises on purpose says itself
+whether trying again may help (``retryable``: a driver's transient failure, a VM not yet deployed or
+busy); the others are refusals that the same attempt would meet again; a programming error (``TypeError``, ``AttributeError``...) is an internal
 error, logged with its traceback by the engine and never retried; anything else (an ``OSError``
 from a dropped connection, a timeout) is treated as transient, as before this policy existed.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from scheduler.errors import DriverError, VmschedError
+from scheduler.errors import VmschedError
 
 
 class OutcomeKind(enum.StrEnum):
@@ -51,10 +51,8 @@ def failed(exc: BaseException) -> Outcome:
     cls = type(exc)
     name = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     message = str(exc) or cls.__name__
-    if isinstance(exc, DriverError):
+    if isinstance(exc, VmschedError):
         kind = OutcomeKind.RETRYABLE if exc.retryable else OutcomeKind.PERMANENT
-    elif isinstance(exc, VmschedError):
-        kind = OutcomeKind.PERMANENT
     elif isinstance(exc, PROGRAMMING_ERRORS):
         kind, message = OutcomeKind.INTERNAL, f"internal error ({cls.__name__}: {message}); see the daemon's log"
     else:

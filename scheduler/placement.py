@@ -63,7 +63,7 @@ async def locate(state: State, links: Any, vm: Vm, now: int) -> Placement:
         raise ActionError("this daemon has no host connections; actions on domains cannot run")
     bound = vm.host
     if bound is None:
-        raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first)")
+        raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first)", retryable=True)
     ref = domain_ref(vm)
     current = state.find("host", bound[0])
     if current is not None:

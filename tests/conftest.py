@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest_plugins = ["tests.realenv.plugin"] if (REPO / "tests/realenv/plugin.py").exists() else []
 
+# Per-test timeouts (pytest-timeout): a unit test that hangs fails in UNIT_TIMEOUT seconds; tests marked
+# ``realenv`` or ``slow`` keep the longer ``timeout`` of pyproject.toml (VMs, hosts, daemons on a 2-core machine).
+UNIT_TIMEOUT = 30
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("timeout", "realenv", "slow")):
+            item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT))
+
 
 @dataclass
 class Daemon:

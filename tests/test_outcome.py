@@ -16,6 +16,7 @@ from scheduler.outcome import CANCELLED, Outcome, OutcomeKind, RetryPolicy, fail
         (DriverError("host key mismatch"), OutcomeKind.PERMANENT, "scheduler.errors.DriverError"),
         (NotFound("VM 7 does not exist"), OutcomeKind.PERMANENT, "scheduler.errors.NotFound"),
         (ActionError("datastore 5 is not a BACKUP_DS"), OutcomeKind.PERMANENT, "scheduler.errors.ActionError"),
+        (ActionError("VM 3 is not bound to a host", retryable=True), OutcomeKind.RETRYABLE, "scheduler.errors.ActionError"),
         (ConnectionResetError("peer reset"), OutcomeKind.RETRYABLE, "ConnectionResetError"),
         (TimeoutError(), OutcomeKind.RETRYABLE, "TimeoutError"),
         (TypeError("bad operand"), OutcomeKind.INTERNAL, "TypeError"),
