@@ -337,7 +337,6 @@ class Engine:
 
     async def _execute(self, run: Run, admitted: bool) -> None:
         token = log_context.set({"vm": run.vm_id, "action": run.action_id, "run": run.id})
-        outcome = Outcome(OutcomeKind.RETRYABLE, "")
         try:
             await self.journal.durable()
             started = self.clock.now()

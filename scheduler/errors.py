@@ -9,6 +9,11 @@ class VmschedError(Exception):
 
     retryable = False
 
+    def __init__(self, *args: object, retryable: bool | None = None) -> None:
+        if retryable is not None:
+            self.retryable = retryable
+        super().__init__(*args)
+
 
 class TemplateError(VmschedError):
     """A template (or sched.conf) that does not parse; carries where."""
@@ -58,16 +63,10 @@ class ActionError(VmschedError):
     """An operation refused in the object's current state; ``retryable`` when that state may change by
     itself or by an operator's ordinary action (a VM not yet deployed, in the middle of another operation)."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        self.retryable = retryable
-        super().__init__(message)
-
 
 class DriverError(VmschedError):
     """Something failed on a host; ``retryable`` says whether trying again may help."""
 
     def __init__(self, message: str, *, host: str | None = None, retryable: bool | None = None) -> None:
         self.host = host
-        if retryable is not None:
-            self.retryable = retryable
-        super().__init__(message)
+        super().__init__(message, retryable=retryable)

@@ -1,10 +1,11 @@
 """How a run ended, as data, and what the engine does next: the pure outcome policy.
 
 An action's exception is classified once, here: an error vmsched raises on purpose says itself
-whether trying again may help (``retryable``: a driver's transient failure, a VM not yet deployed or
-busy); the others are refusals that the same attempt would meet again; a programming error (``TypeError``, ``AttributeError``...) is an internal
-error, logged with its traceback by the engine and never retried; anything else (an ``OSError``
-from a dropped connection, a timeout) is treated as transient, as before this policy existed.
+whether trying again may help (``retryable``: a driver's transient failure, a VM not yet deployed
+or busy); the others are refusals that the same attempt would meet again. A programming error
+(``TypeError``, ``AttributeError``...) is an internal error, logged with its traceback by the engine
+and never retried; anything else (an ``OSError`` from a dropped connection, a timeout) is treated
+as transient, as before this policy existed.
 """
 
 from __future__ import annotations
