@@ -24,12 +24,12 @@ import aiohttp
 import pyone
 
 from scheduler.api.context import build_codecs
-from scheduler.objects.common import Ownership
-from scheduler.objects.states import LcmState, VmState
-from scheduler.objects.vm import History, Vm
-from scheduler.state import State
-from scheduler.store import Store
-from scheduler.template import Template, Vector
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.objects.vm import History, Vm
+from scheduler.model.template import Template, Vector
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 from tests.conftest import start_daemon
 
 COMMAND = ".venv/bin/python -m benchmarks.bench_api"
@@ -58,8 +58,8 @@ async def populate(state_dir: Path, count: int) -> None:
     store = await Store.open(state_dir / "vmsched.db")
     state = State(store, build_codecs())
     await state.load()
-    from scheduler.bootstrap import ensure_admin
-    from scheduler.clock import SystemClock
+    from scheduler.daemon.bootstrap import ensure_admin
+    from scheduler.engine.clock import SystemClock
 
     await ensure_admin(state, state_dir, SystemClock())
     batch = 1000

@@ -11,7 +11,7 @@ import json
 import random
 import time
 
-from scheduler.template import Template
+from scheduler.model.template import Template
 
 COMMAND = ".venv/bin/python -m benchmarks.bench_templates"
 TARGET_SECONDS = 2.0

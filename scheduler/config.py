@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from scheduler.errors import ConfigError, TemplateError
-from scheduler.template import Template, Value, Vector, quote
+from scheduler.model.template import Template, Value, Vector, quote
 
 # ---- kinds of values ----------------------------------------------------------------------------
 

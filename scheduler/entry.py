@@ -52,7 +52,7 @@ def apply_warning_policy(debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     apply_warning_policy(debug_requested(args, os.environ))
-    from scheduler.cli import main as cli_main  # after the policy: its imports are what warn
+    from scheduler.cli import main as cli_main  # after the warning policy: its imports are what warn
 
     return cli_main(args)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 class VmschedError(Exception):
     """Base of every error vmsched raises on purpose; ``retryable`` says whether trying again may help
-    (read by the engine's outcome policy, scheduler/outcome.py)."""
+    (read by the engine's outcome policy, scheduler/engine/outcome.py)."""
 
     retryable = False
 

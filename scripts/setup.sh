@@ -58,6 +58,6 @@ if ! installed "$lock" && ! { [[ $lock == requirements.txt ]] && installed requi
     # (setuptools' notice that an editable install is one is not for the user's screen)
     PYTHONWARNINGS=ignore quiet_pip --no-deps --no-build-isolation -e .
     "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null
-    "$VENV/bin/python" -W ignore -c "import scheduler.cli, scheduler.service, libvirt, asyncssh, aiosqlite, lxml, croniter, aiohttp"
+    "$VENV/bin/python" -W ignore -c "import scheduler.cli, scheduler.daemon.service, libvirt, asyncssh, aiosqlite, lxml, croniter, aiohttp"
     touch "$VENV/.installed-$lock"
 fi

@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scheduler.admission import Limits
 from scheduler.api.context import build_codecs
-from scheduler.engine import Engine, EngineSettings
+from scheduler.engine.admission import Limits
+from scheduler.engine.journal import Journal, Run
+from scheduler.engine.loop import Engine, EngineSettings
+from scheduler.engine.simclock import VirtualClock, VirtualTimeLoop
 from scheduler.errors import DriverError
-from scheduler.journal import Journal, Run
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.host import Host
-from scheduler.objects.states import DatastoreType, HostState
-from scheduler.objects.vm import History, Vm
-from scheduler.schedule import EndType, Repeat, SchedAction
-from scheduler.simclock import VirtualClock, VirtualTimeLoop
-from scheduler.state import State
-from scheduler.store import Store
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.states import DatastoreType, HostState
+from scheduler.model.objects.vm import History, Vm
+from scheduler.model.schedule import EndType, Repeat, SchedAction
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 
 START = 1_767_225_600  # 2026-01-01 00:00:00 UTC, a Thursday
 HOUR, DAY = 3600, 86_400

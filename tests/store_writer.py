@@ -14,7 +14,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from scheduler.store import Row, Store, Txn
+from scheduler.store.sqlite import Row, Store, Txn
 
 COUNTER = ("host", 0)
 DELETE_EVERY = 7

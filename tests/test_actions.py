@@ -12,15 +12,15 @@ from scheduler.actions import ACTIONS, WITHOUT_MEANING, check_action, is_backup,
 from scheduler.actions.backup import BackupArgs, parse_args
 from scheduler.actions.base import RunContext
 from scheduler.api.context import build_codecs
-from scheduler.clock import ManualClock
+from scheduler.engine.clock import ManualClock
 from scheduler.errors import ActionError, ValidationError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType
-from scheduler.objects.vm import Vm
-from scheduler.schedule import VM_ACTIONS, SchedAction, parse_sched_action
-from scheduler.state import State
-from scheduler.store import Store
-from scheduler.template import Vector
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType
+from scheduler.model.objects.vm import Vm
+from scheduler.model.schedule import VM_ACTIONS, SchedAction, parse_sched_action
+from scheduler.model.template import Vector
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 
 POWER = ("poweroff", "poweroff-hard", "reboot", "reboot-hard", "suspend", "resume")
 SNAPSHOT = (

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.admission import Candidate, Limits, Running, admit, blocking_limit
+from scheduler.engine.admission import Candidate, Limits, Running, admit, blocking_limit
 
 
 def cand(run_id: int, due: float, host: int, ds: int = 100, priority: int = 0, blocked: str = "") -> Candidate:

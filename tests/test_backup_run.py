@@ -17,20 +17,20 @@ from drivers.local import LocalRunner
 from drivers.ssh import SshSettings, SshTarget
 from drivers.tm import DiskSource
 from drivers.vmm.domainxml import Disk
-from scheduler import backup_run as br
-from scheduler.api import build_codecs
+from scheduler.api.context import build_codecs
+from scheduler.backup import run as br
+from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, ValidationError
-from scheduler.hostlinks import HostLinks
-from scheduler.journal import Run
-from scheduler.objects.common import Ownership
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.host import Host
-from scheduler.objects.image import Image
-from scheduler.objects.states import DatastoreType, ImageType, LcmState, VmState
-from scheduler.objects.vm import History, Vm
-from scheduler.state import State
-from scheduler.store import Store
-from scheduler.template import Template, Vector
+from scheduler.hosts.links import HostLinks
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import DatastoreType, ImageType, LcmState, VmState
+from scheduler.model.objects.vm import History, Vm
+from scheduler.model.template import Template, Vector
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 from tests.realenv.model import RealEnv
 
 UTC = ZoneInfo("UTC")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler import backup_urls
-from scheduler.backup_urls import BackupUrl, disk_urls, expected_sha256, locate, parse_url, url_vectors, with_urls
+from scheduler.backup import urls as backup_urls
+from scheduler.backup.urls import BackupUrl, disk_urls, expected_sha256, locate, parse_url, url_vectors, with_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.image import Image, Increment
-from scheduler.objects.states import DatastoreType, ImageType
-from scheduler.template import Template, Vector
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.image import Image, Increment
+from scheduler.model.objects.states import DatastoreType, ImageType
+from scheduler.model.template import Template, Vector
 
 SPEC_RSYNC = "rsync://100/3/0:8a3454,1:f6e63e//var/lib/one/datastores/100/6/8a3454/disk.0.0"
 SPEC_RESTIC = "restic://100//0:25f4b298,1:6968545c//var/lib/one/datastores/0/0/backup/disk.0.1"

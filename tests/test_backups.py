@@ -1,4 +1,4 @@
-"""BACKUP_CONFIG / BACKUP_IDS semantics (scheduler/backups.py): spec §4.4, §6.1-6.3, §7.1, §10.5."""
+"""BACKUP_CONFIG / BACKUP_IDS semantics (scheduler/model/backup_config.py): spec §4.4, §6.1-6.3, §7.1, §10.5."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from scheduler import backups
-from scheduler.backups import (
+from scheduler.errors import ValidationError
+from scheduler.model import backup_config as backups
+from scheduler.model.backup_config import (
     BACKUP_CONFIG_ORDER,
     READ_ONLY_KEYS,
     REFUSED_DISKS,
@@ -24,8 +25,7 @@ from scheduler.backups import (
     remove_last,
     reset_chain,
 )
-from scheduler.errors import ValidationError
-from scheduler.template import Template, Vector
+from scheduler.model.template import Template, Vector
 from tests import xsd
 
 VM_XSD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opennebula-7.0-xsd" / "vm.xsd"

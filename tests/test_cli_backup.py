@@ -34,8 +34,8 @@ from scheduler.cli.progress import (
     plain_line,
     show_fields,
 )
-from scheduler.schedule import SchedAction
-from scheduler.template import Template
+from scheduler.model.schedule import SchedAction
+from scheduler.model.template import Template
 from tests.conftest import Daemon
 from tests.test_cli import Result, created_id
 from tests.test_cli import vmsched as cli_vmsched

@@ -20,7 +20,7 @@ from scheduler.config import (
     parse_config,
 )
 from scheduler.errors import ConfigError, TemplateError
-from scheduler.template import Template, Vector
+from scheduler.model.template import Template, Vector
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "sched.conf.example"
 TOP_KEYS = (

@@ -25,9 +25,9 @@ from drivers.datastore.rsync import RsyncDatastore
 from drivers.local import LocalRunner
 from drivers.ssh import SshPool, SshSettings, SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType
-from scheduler.template import Template
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType
+from scheduler.model.template import Template
 from tests.realenv.model import RealEnv
 
 VM_ID = 6

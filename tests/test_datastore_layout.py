@@ -9,9 +9,9 @@ from drivers.datastore.base import apply_limit, file_progress, parse_df, parse_d
 from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import rsync_options, server_target
 from scheduler.errors import DriverError, ValidationError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType
-from scheduler.template import Template
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType
+from scheduler.model.template import Template
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import libvirt
 import pytest
 from lxml import etree
 
-from scheduler import demo
+from scheduler.daemon import demo
 from tests.conftest import REPO, Daemon, _wait_for_listening, start_daemon
 
 pytestmark = pytest.mark.realenv

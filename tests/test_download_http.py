@@ -19,15 +19,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from drivers.ssh import SshSettings
-from scheduler.backup_urls import disk_urls
-from scheduler.download import download_handler
+from scheduler.api.download import download_handler
+from scheduler.api.permissions import Caller
+from scheduler.backup.urls import disk_urls
 from scheduler.errors import AuthError
-from scheduler.objects.common import Ownership
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.image import Image
-from scheduler.objects.states import DatastoreType, ImageType
-from scheduler.permissions import Caller
-from scheduler.template import Template
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import DatastoreType, ImageType
+from scheduler.model.template import Template
 
 USERS = {"admin:pw": Caller(0, "oneadmin", 0, frozenset({0})), "alice:pw": Caller(5, "alice", 1, frozenset({1})),
          "bob:pw": Caller(6, "bob", 1, frozenset({1}))}

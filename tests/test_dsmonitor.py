@@ -1,4 +1,4 @@
-"""Backup datastore monitoring (scheduler/dsmonitor.py): the pure recording, then a daemon probing an ``fs``
+"""Backup datastore monitoring (scheduler/hosts/dsmonitor.py): the pure recording, then a daemon probing an ``fs``
 datastore on this machine and an ``rsync`` one on the realenv backup server."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from lxml import etree
 
 from drivers.datastore import Capacity
-from scheduler.dsmonitor import ERROR_KEY, recorded
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType
+from scheduler.hosts.dsmonitor import ERROR_KEY, recorded
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType
 from tests.conftest import start_daemon
 from tests.realenv.model import RealEnv
 from tests.test_hosts_real import free_port

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from scheduler.engine import EngineSettings
-from scheduler.journal import Run
-from scheduler.metrics import render
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType, HostState
-from scheduler.schedule import EndType, Repeat, is_pending
+from scheduler.engine.journal import Run
+from scheduler.engine.loop import EngineSettings
+from scheduler.engine.metrics import render
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType, HostState
+from scheduler.model.schedule import EndType, Repeat, is_pending
 from tests.engine_harness import (
     BACKUP_DS,
     DAY,
@@ -454,7 +454,7 @@ def test_a_programming_error_is_internal_logged_with_its_traceback_and_not_retri
         assert await outcome_columns(h) == [("given_up", 1, "internal", "TypeError", message)]
         assert h.sched(sa.id).message == f"{stamp(T0 + 10)} : {message}"
 
-    with caplog.at_level("ERROR", logger="scheduler.engine"):
+    with caplog.at_level("ERROR", logger="scheduler.engine.loop"):
         simulate(tmp_path, body, settings(retry_max=3, retry_backoff=60),
                  Script(failing={1: 99}, error="unsupported operand", raises=TypeError))
     [record] = [r for r in caplog.records if "hit an internal error" in r.getMessage()]

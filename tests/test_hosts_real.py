@@ -75,7 +75,7 @@ def vmsched(daemon: Daemon, *argv: str) -> Cli:
 def create(daemon: Daemon, name: str, port: int, *extra: str) -> Cli:
     """``host create`` without ``--key``: the daemons' ``SSH = [ KEY ]`` is the realenv client key.
 
-    (``--key`` sets SSH_KEY, which ``scheduler.hostlinks.ssh_target`` cannot read yet: it indexes the
+    (``--key`` sets SSH_KEY, which ``scheduler.hosts.links.ssh_target`` cannot read yet: it indexes the
     Template like a dict.)"""
     return vmsched(daemon, "host", "create", name, "--ssh", f"root@127.0.0.1:{port}", *extra)
 

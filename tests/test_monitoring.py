@@ -16,11 +16,11 @@ import pytest
 from drivers import hostkeys
 from drivers.commands import CommandFailed, HostKeyMismatch, HostKeyUnknown, HostUnreachable, Result
 from drivers.vmm.kvm import Versions, version_text
-from scheduler.api import Context, build_codecs
-from scheduler.clock import ManualClock
+from scheduler.api.context import Context, build_codecs
 from scheduler.config import parse_config
+from scheduler.engine.clock import ManualClock
 from scheduler.errors import DriverError
-from scheduler.monitoring import (
+from scheduler.hosts.monitor import (
     MONITOR_KEYS,
     TOOLS,
     DiskSpace,
@@ -35,11 +35,11 @@ from scheduler.monitoring import (
     tool_key,
     tools_argv,
 )
-from scheduler.objects.host import Host
-from scheduler.objects.states import HostState
-from scheduler.state import State
-from scheduler.store import Store
-from scheduler.template import Template
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.states import HostState
+from scheduler.model.template import Template
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 
 DF_HEADER = "Filesystem     1048576-blocks   Used Available Capacity Mounted on\n"
 
@@ -305,7 +305,7 @@ async def test_hosts_are_monitored_at_start_and_on_change_without_waiting_a_roun
 
 
 async def test_an_unreachable_host_goes_to_error_and_back(ctx: Context, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="scheduler.monitoring")
+    caplog.set_level(logging.INFO, logger="scheduler.hosts.monitor")
     await put_host(ctx, new_host(0, "10.0.0.1"))
     monitor, task = await running_monitor(ctx)
     fake = ctx.links.at("10.0.0.1")

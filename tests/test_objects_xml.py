@@ -9,10 +9,10 @@ from lxml import etree
 from xmlschema.validators import XsdAnyElement
 
 from scheduler.errors import ValidationError
-from scheduler.objects import Datastore, History, Host, Image, Increment, User, Vm, pool_element, pool_xml
-from scheduler.objects.common import BACKUP_IMAGE_PERMISSIONS, Ownership, Permissions
-from scheduler.objects.datastore import BASE_PATH_ROOT
-from scheduler.objects.states import (
+from scheduler.model.objects import Datastore, History, Host, Image, Increment, User, Vm, pool_element, pool_xml
+from scheduler.model.objects.common import BACKUP_IMAGE_PERMISSIONS, Ownership, Permissions
+from scheduler.model.objects.datastore import BASE_PATH_ROOT
+from scheduler.model.objects.states import (
     DatastoreType,
     HostState,
     ImageState,
@@ -21,8 +21,8 @@ from scheduler.objects.states import (
     VmState,
     parse_code,
 )
-from scheduler.objects.user import LoginToken
-from scheduler.objects.vm import (
+from scheduler.model.objects.user import LoginToken
+from scheduler.model.objects.vm import (
     BACKUP_CONFIG_KEYS,
     MONITORING_SLOTS,
     SCHED_ACTION_KEYS,
@@ -31,7 +31,7 @@ from scheduler.objects.vm import (
     TEMPLATE_SLOTS,
     split_vm_template,
 )
-from scheduler.template import Template, Vector
+from scheduler.model.template import Template, Vector
 from tests.xsd import compiled, require_schemas, validate
 
 # ---- sample objects -----------------------------------------------------------------------------

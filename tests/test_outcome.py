@@ -1,12 +1,12 @@
-"""The outcome policy (scheduler/outcome.py): an exception's kind, and whether and when to try again."""
+"""The outcome policy (scheduler/engine/outcome.py): an exception's kind, and whether and when to try again."""
 
 from __future__ import annotations
 
 import pytest
 
 from drivers.vmm.errors import VmmError
+from scheduler.engine.outcome import CANCELLED, Outcome, OutcomeKind, RetryPolicy, failed, succeeded
 from scheduler.errors import ActionError, DriverError, NotFound
-from scheduler.outcome import CANCELLED, Outcome, OutcomeKind, RetryPolicy, failed, succeeded
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
-"""Backup progress as the API and /metrics report it (scheduler/progress.py, scheduler/metrics.py)."""
+"""Backup progress as the API and /metrics report it (scheduler/engine/progress.py, scheduler/engine/metrics.py)."""
 
 from __future__ import annotations
 
-from scheduler.metrics import progress_lines
-from scheduler.progress import CAPTURE, UPLOAD, ProgressBoard
+from scheduler.engine.metrics import progress_lines
+from scheduler.engine.progress import CAPTURE, UPLOAD, ProgressBoard
 
 MIB = 1024 * 1024
 

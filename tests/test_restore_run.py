@@ -10,22 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import restore_disk as rd
-from scheduler import restore_run as rr
 from scheduler.actions import ACTIONS, is_backup, validate_action
 from scheduler.actions.restore import RestoreArgs, parse_args
-from scheduler.api import build_codecs
+from scheduler.api.context import build_codecs
+from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, NotFound, ValidationError
-from scheduler.hostlinks import HostLinks
-from scheduler.journal import Run
-from scheduler.objects.host import Host
-from scheduler.objects.image import Image
-from scheduler.objects.states import ImageType, LcmState, VmState
-from scheduler.objects.vm import History, Vm
-from scheduler.schedule import parse_sched_action
-from scheduler.state import State
-from scheduler.store import Store
-from scheduler.template import Template, Vector
+from scheduler.hosts.links import HostLinks
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import ImageType, LcmState, VmState
+from scheduler.model.objects.vm import History, Vm
+from scheduler.model.schedule import parse_sched_action
+from scheduler.model.template import Template, Vector
+from scheduler.restore import disk as rd
+from scheduler.restore import in_place as rr
+from scheduler.store.sqlite import Store
+from scheduler.store.state import State
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 from tests.test_restore_real import leave_metadata

@@ -6,8 +6,8 @@ import pytest
 from lxml import etree
 
 from scheduler.errors import ValidationError
-from scheduler.restore_template import backed_up_template, clean_vm_template, restored_domain_xml
-from scheduler.template import Template
+from scheduler.model.template import Template
+from scheduler.restore.template import backed_up_template, clean_vm_template, restored_domain_xml
 
 NEW_UUID = "3f2b8c1e-0d4a-4c55-9a7e-2b1d6e0f9a10"
 

@@ -11,8 +11,8 @@ import pytest
 
 from scheduler.api.context import build_codecs
 from scheduler.api.render import XmlCache
-from scheduler.schedule import SchedAction
-from scheduler.store import Row
+from scheduler.model.schedule import SchedAction
+from scheduler.store.sqlite import Row
 from tests import xsd
 from tests.conftest import Daemon, start_daemon
 

@@ -1,4 +1,4 @@
-"""SCHED_ACTION validation and next-time maths (scheduler/schedule.py): spec §2, §12 items 5-8."""
+"""SCHED_ACTION validation and next-time maths (scheduler/model/schedule.py): spec §2, §12 items 5-8."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from scheduler.errors import ValidationError
-from scheduler.schedule import (
+from scheduler.model.schedule import (
     MAX_MISSED_RUNS,
     VM_ACTIONS,
     XML_ORDER,
@@ -30,7 +30,7 @@ from scheduler.schedule import (
     skip_missed,
     upcoming,
 )
-from scheduler.template import Vector
+from scheduler.model.template import Vector
 from tests import xsd
 
 SHARED_XSD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opennebula-7.0-xsd" / "shared.xsd"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.state import Codec, State
-from scheduler.store import Row, Store
+from scheduler.store.sqlite import Row, Store
+from scheduler.store.state import Codec, State
 
 
 @dataclass(frozen=True)

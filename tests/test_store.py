@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import store as store_module
 from scheduler.errors import StoreError
-from scheduler.store import KINDS, SCHEMA_VERSION, Row, Store
+from scheduler.store import sqlite as store_module
+from scheduler.store.sqlite import KINDS, SCHEMA_VERSION, Row, Store
 from tests.store_writer import DELETE_EVERY, body_for, parse_counter
 
 TESTS = Path(__file__).resolve().parent

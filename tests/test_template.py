@@ -11,7 +11,16 @@ from lxml import etree
 from pyone.util import cast2one
 
 from scheduler.errors import TemplateError
-from scheduler.template import CDATA_GUARD, Template, Vector, _Parser, from_element, from_xml, quote, top_level_name
+from scheduler.model.template import (
+    CDATA_GUARD,
+    Template,
+    Vector,
+    _Parser,
+    from_element,
+    from_xml,
+    quote,
+    top_level_name,
+)
 
 
 def T(*attributes: tuple[str, str | dict[str, str]]) -> Template:
@@ -405,7 +414,7 @@ def test_text_round_trip(t: Template) -> None:
 @FAST
 @given(TEMPLATES)
 def test_text_round_trip_or_clear_refusal(t: Template) -> None:
-    from scheduler.template import _BARE_WORD
+    from scheduler.model.template import _BARE_WORD
 
     if all(not v.endswith("\\") or _BARE_WORD.match(v) for v in all_values(t)):
         assert Template.parse(t.render()) == t

@@ -22,7 +22,7 @@ DOMAIN_XML = (f"<domain type='qemu'>\n  <name>web-restored</name>\n  <uuid>{UUID
 
 
 def template_text(name: str = "web-restored", domain_xml: str | None = DOMAIN_XML) -> str:
-    from scheduler.template import Template, Vector
+    from scheduler.model.template import Template, Vector
 
     template = Template([("NAME", name), ("MEMORY", "64"), ("DISK", Vector({"IMAGE_ID": "7"})),
                          ("CONTEXT", Vector({"NETWORK": "YES"}))])
@@ -192,7 +192,7 @@ def test_cli_instantiate_reports_the_refusal(daemon: Daemon, tmp_path: Path, mon
 
 def test_what_an_instantiated_vm_takes_from_its_template() -> None:
     from scheduler.api.templates import settings_of
-    from scheduler.template import Template
+    from scheduler.model.template import Template
 
     settings = settings_of(Template.parse(
         template_text() + 'CPU = "2"\nNIC = [ MODEL = "virtio" ]\nOS = [ UUID = "x", BOOT = "disk0" ]\n'

@@ -15,8 +15,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from scheduler.restore_template import restored_domain_xml
-from scheduler.template import Template, Vector
+from scheduler.model.template import Template, Vector
+from scheduler.restore.template import restored_domain_xml
 from tests.conftest import REPO
 from tests.realenv.domains import Hypervisor, TinyDomain, disk_sources, new_name
 from tests.realenv.model import RealEnv

@@ -13,13 +13,13 @@ import pytest
 from drivers.datastore.check import ImageCheck, read_check
 from drivers.datastore.stream import open_stream, reader_argv, size_then
 from drivers.ssh import SshSettings
-from scheduler.download import session_from
+from scheduler.api.download import session_from
+from scheduler.backup.verify import NO_QEMU_IMG, Verification, files_to_read, recorded_on, verdict
 from scheduler.errors import ActionError, AuthError, NotFound, ValidationError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.image import Image
-from scheduler.objects.states import DatastoreType, ImageType
-from scheduler.template import Template
-from scheduler.verification import NO_QEMU_IMG, Verification, files_to_read, recorded_on, verdict
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import DatastoreType, ImageType
+from scheduler.model.template import Template
 
 OK_REPORT = b'{"image-end-offset": 262144, "total-clusters": 256, "check-errors": 0, "format": "qcow2"}'
 CORRUPT_REPORT = b'{"total-clusters": 256, "corruptions": 3, "check-errors": 0}'

@@ -1,4 +1,4 @@
-"""scheduler.vmimport and scheduler.imageinfo: a domain XML becomes VM template pieces (pure)."""
+"""scheduler.hosts.vmimport and scheduler.hosts.imageinfo: a domain XML becomes VM template pieces (pure)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import pytest
 
 from drivers.vmm import Disk, DomainState, NetworkHost
 from scheduler.errors import DriverError, ValidationError
-from scheduler.imageinfo import InternalSnapshot, parse_image_info
-from scheduler.objects.states import LcmState, VmState
-from scheduler.template import Template, Vector
-from scheduler.vmimport import (
+from scheduler.hosts.imageinfo import InternalSnapshot, parse_image_info
+from scheduler.hosts.vmimport import (
     assign_disk_ids,
     disk_vector,
     import_template,
@@ -20,6 +18,8 @@ from scheduler.vmimport import (
     unique_name,
     vm_states,
 )
+from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.template import Template, Vector
 
 UUID = "6F1C1D52-6B7A-4E3B-9C55-0A1B2C3D4E5F"
 DOMAIN = f"""<domain type='kvm'>

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from drivers.vmm.states import DomainState
-from scheduler.objects.states import LcmState, VmState
-from scheduler.objects.vm import History, Vm
-from scheduler.template import Template, Vector
-from scheduler.vmsync import state_updates
+from scheduler.hosts.vmsync import state_updates
+from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.objects.vm import History, Vm
+from scheduler.model.template import Template, Vector
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 

@@ -28,7 +28,7 @@ def vmsched(argv: list[str], home: Path, **env: str) -> subprocess.CompletedProc
 
 def library_warnings() -> list[str]:
     """What the CLI's imports warn about when Python shows everything (empty once the libraries stop)."""
-    done = subprocess.run([sys.executable, "-W", "default", "-c", "import scheduler.cli, scheduler.service"],
+    done = subprocess.run([sys.executable, "-W", "default", "-c", "import scheduler.cli, scheduler.daemon.service"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     return [line for line in done.stderr.splitlines() if "Warning: " in line]
 

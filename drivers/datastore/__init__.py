@@ -14,7 +14,7 @@ from drivers.datastore.restic import ResticDatastore, sftp_target
 from drivers.datastore.rsync import RsyncDatastore, RunnerFactory, server_target
 from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 __all__ = ["BackupDatastore", "Capacity", "UploadResult", "DRIVERS", "open_datastore", "server_of"]
 

@@ -23,7 +23,7 @@ from drivers.datastore import layout
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from scheduler.errors import DriverError, NotFound, ValidationError
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 log = logging.getLogger(__name__)
 

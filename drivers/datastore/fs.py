@@ -32,7 +32,7 @@ from drivers.datastore.base import (
 from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, priority, remote, rsync_options
 from drivers.local import LocalRunner
 from drivers.ssh import SshTarget
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 
 class FsDatastore(TreeDatastore):

@@ -120,7 +120,7 @@ def tmp_backup_id(dir_name: str) -> str | None:
     return rest if _BACKUP_ID.match(rest) else None
 
 
-# --- increment chains of backup URLs (spec §5.3; the URLs: scheduler/backup_urls.py) ----------------------------------------------------------------------------------
+# --- increment chains of backup URLs (spec §5.3; the URLs: scheduler/backup/urls.py) ----------------------------------------------------------------------------------
 
 Chain = tuple[tuple[int, str], ...]
 

@@ -65,7 +65,7 @@ from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
 from drivers.ssh import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 log = logging.getLogger(__name__)
 

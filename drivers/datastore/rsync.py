@@ -32,7 +32,7 @@ from drivers.datastore.base import (
 )
 from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 DEFAULT_USER = "oneadmin"
 DEFAULT_ARGS = "-aS"

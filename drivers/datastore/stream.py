@@ -30,7 +30,7 @@ from drivers.datastore.restic import ResticDatastore
 from drivers.datastore.rsync import RunnerFactory
 from drivers.ssh import SshSettings
 from scheduler.errors import ActionError, DriverError, NotFound
-from scheduler.objects.datastore import Datastore
+from scheduler.model.objects.datastore import Datastore
 
 CHUNK = 1 << 20
 IDLE_TIMEOUT = 120.0  # seconds without a byte from the reader before the stream is given up

@@ -10,9 +10,9 @@ from __future__ import annotations
 from scheduler.actions import backup, power, restore, snapshot
 from scheduler.actions.base import ActionSpec, RunContext
 from scheduler.errors import ValidationError
-from scheduler.objects.vm import Vm
-from scheduler.schedule import VM_ACTIONS
-from scheduler.state import State
+from scheduler.model.objects.vm import Vm
+from scheduler.model.schedule import VM_ACTIONS
+from scheduler.store.state import State
 
 ACTIONS: dict[str, ActionSpec] = {spec.name: spec for spec in (*backup.SPECS, *power.SPECS, *snapshot.SPECS, *restore.SPECS)}
 # OpenNebula's actions that vmsched gives no meaning.

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler.actions.base import ActionSpec, RunContext, bool_token, int_token, malformed, split_args
-from scheduler.backup_run import perform
+from scheduler.backup.run import perform
 from scheduler.errors import ValidationError
-from scheduler.objects.states import DatastoreType
-from scheduler.objects.vm import Vm
-from scheduler.state import State
+from scheduler.model.objects.states import DatastoreType
+from scheduler.model.objects.vm import Vm
+from scheduler.store.state import State
 
 NAME = "backup"
 ARGS_FORMAT = "ds_id[,reset]"
@@ -52,7 +52,7 @@ def check(state: State, vm: Vm, args: str) -> None:
 
 
 async def run(ctx: RunContext) -> str | None:
-    """A full backup into the datastore of ARGS (``scheduler.backup_run``). ``reset`` only matters to
+    """A full backup into the datastore of ARGS (``scheduler.backup.run``). ``reset`` only matters to
     increment chains, which this version does not make: every backup is FULL."""
     return await perform(ctx, parse_args(ctx.args).ds_id)
 

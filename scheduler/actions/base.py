@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.clock import Clock
+from scheduler.engine.clock import Clock
 from scheduler.errors import ActionError, ValidationError
-from scheduler.objects.vm import Vm
-from scheduler.schedule import SchedAction
-from scheduler.state import State
+from scheduler.model.objects.vm import Vm
+from scheduler.model.schedule import SchedAction
+from scheduler.store.state import State
 
 _INT_RE = re.compile(r"[+-]?\d+")
 
@@ -37,14 +37,14 @@ class RunContext:
     clock: Clock
     log: logging.LoggerAdapter[Any]
     cancelled: asyncio.Event
-    links: Any = None  # scheduler.hostlinks.HostLinks: the VM's host's runner and libvirt connection
+    links: Any = None  # scheduler.hosts.links.HostLinks: the VM's host's runner and libvirt connection
     # Appends a step to the run's journaled steps and returns once it is durable (before the artifact exists).
     journal_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     config: Any = None  # scheduler.config.Config: sched.conf as it is when the run starts
-    # Stages the run's success into the action's own transaction (a scheduler.state.Mutation), so the
+    # Stages the run's success into the action's own transaction (a scheduler.store.state.Mutation), so the
     # result and the run's completion commit together.
     complete: Callable[[Any], None] | None = None
-    progress: Any = None  # scheduler.progress.BackupProgress of a backup run: what the API and /metrics show
+    progress: Any = None  # scheduler.engine.progress.BackupProgress of a backup run: what the API and /metrics show
 
 
 ArgsCheck = Callable[[str], None]

@@ -1,6 +1,6 @@
 """Power actions (poweroff, reboot, suspend, ...): no ARGS; run on the VM's domain through libvirt.
 
-Every run first locates the domain (``scheduler.placement``: a domain moved to another registered host
+Every run first locates the domain (``scheduler.hosts.placement``: a domain moved to another registered host
 is followed), checks that the domain is in a state the action applies to, asks libvirt once (never
 retried here: power actions run at most once), then sets the VM's STATE/LCM_STATE from the state the
 domain is in afterwards.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from drivers.vmm import DomainState, KvmHost
 from scheduler.actions.base import ActionSpec, ArgsCheck, RunContext, malformed
 from scheduler.errors import ActionError
-from scheduler.placement import Placement, locate_for_run, sync_state
+from scheduler.hosts.placement import Placement, locate_for_run, sync_state
 
 NAMES = ("poweroff", "poweroff-hard", "reboot", "reboot-hard", "suspend", "resume")
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0

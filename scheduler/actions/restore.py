@@ -43,7 +43,7 @@ def validate(args: str) -> None:
 
 
 async def run(ctx: RunContext) -> str | None:
-    from scheduler.restore_run import perform  # the run builds on the backup modules: imported when used
+    from scheduler.restore.in_place import perform  # the run builds on the backup modules: imported when used
 
     return await perform(ctx, parse_args(ctx.args))
 

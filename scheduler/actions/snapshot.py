@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 from drivers.vmm.domainxml import disk_by_target
 from scheduler.actions.base import ActionSpec, ArgsCheck, RunContext, int_token, malformed, split_args
 from scheduler.errors import ActionError, ValidationError
-from scheduler.imageinfo import ImageInfo, image_info
-from scheduler.objects.vm import Vm
-from scheduler.placement import Placement, locate_for_run, sync_state
-from scheduler.template import Vector
+from scheduler.hosts.imageinfo import ImageInfo, image_info
+from scheduler.hosts.placement import Placement, locate_for_run, sync_state
+from scheduler.model.objects.vm import Vm
+from scheduler.model.template import Vector
 
 Token = Callable[[str], bool]
 HYPERVISOR_PREFIX = "vmsched-snap-"

@@ -3,7 +3,7 @@
 ``one.vm.backup`` checks the request as OpenNebula does (the VM, its backup job, the datastore's type and
 free space, the VM's state, its disks) and queues a one-shot run through the engine, so a direct backup
 passes the same admission limits as a scheduled one. The backup itself runs later
-(``scheduler.backup_run``); ``vmsched.vm.backupstatus`` tells how the VM's last one-shot backup went.
+(``scheduler.backup.run``); ``vmsched.vm.backupstatus`` tells how the VM's last one-shot backup went.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from drivers.datastore import Capacity
-from scheduler import backups
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
-from scheduler.backup_run import (
+from scheduler.api.rpc import Param
+from scheduler.backup.run import (
     backup_state,
     capacity_check_on,
     check_space,
@@ -23,9 +24,8 @@ from scheduler.backup_run import (
     target_datastore,
 )
 from scheduler.errors import ActionError, NotFound, ValidationError
-from scheduler.objects.vm import Vm
-from scheduler.permissions import Caller, Right, require
-from scheduler.rpc import Param
+from scheduler.model import backup_config as backups
+from scheduler.model.objects.vm import Vm
 
 ACTION = "backup"
 

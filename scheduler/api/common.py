@@ -6,9 +6,9 @@ from typing import Any
 
 from lxml import etree
 
+from scheduler.api.permissions import Caller, visible
 from scheduler.errors import ValidationError
-from scheduler.permissions import Caller, visible
-from scheduler.template import Template
+from scheduler.model.template import Template
 
 MAX_NAME = 128
 

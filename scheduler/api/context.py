@@ -9,21 +9,21 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
+from scheduler.api.auth import SessionCache, split_session, verify_password
+from scheduler.api.permissions import Caller
 from scheduler.api.render import XmlCache
-from scheduler.auth import SessionCache, split_session, verify_password
-from scheduler.clock import Clock
 from scheduler.config import Config
+from scheduler.engine.clock import Clock
 from scheduler.errors import AuthError
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.host import Host
-from scheduler.objects.image import Image
-from scheduler.objects.user import User
-from scheduler.objects.vm import Vm
-from scheduler.permissions import Caller
-from scheduler.schedule import SchedAction
-from scheduler.state import Codec, State
-from scheduler.store import Row
-from scheduler.template import NOT_XML, Vector
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.user import User
+from scheduler.model.objects.vm import Vm
+from scheduler.model.schedule import SchedAction
+from scheduler.model.template import NOT_XML, Vector
+from scheduler.store.sqlite import Row
+from scheduler.store.state import Codec, State
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ class Context:
     config: Config
     clock: Clock
     state_dir: Path
-    engine: Any = None  # scheduler.engine.Engine once the daemon runs one
-    links: Any = None  # scheduler.hostlinks.HostLinks: runners and libvirt connections per host
-    progress: Any = None  # scheduler.progress.ProgressBoard: how far the running backups are
+    engine: Any = None  # scheduler.engine.loop.Engine once the daemon runs one
+    links: Any = None  # scheduler.hosts.links.HostLinks: runners and libvirt connections per host
+    progress: Any = None  # scheduler.engine.progress.ProgressBoard: how far the running backups are
     xml: XmlCache = field(default_factory=XmlCache)
 
     def __post_init__(self) -> None:
@@ -106,7 +106,7 @@ def _sched_action_from_row(row: Row) -> SchedAction:
 def build_codecs() -> dict[str, Codec]:
     from lxml import etree
 
-    from scheduler.objects.vmtemplate import VmTemplate
+    from scheduler.model.objects.vmtemplate import VmTemplate
 
     def decoder(cls: Any) -> Callable[[Row], Any]:
         return lambda row: cls.from_element(etree.fromstring(row.body.encode()))

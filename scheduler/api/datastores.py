@@ -6,15 +6,15 @@ from drivers.datastore import server_of
 from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
+from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, ValidationError
-from scheduler.objects import pool_element
-from scheduler.objects.common import Ownership
-from scheduler.objects.datastore import Datastore
-from scheduler.objects.states import DatastoreType, parse_code
-from scheduler.permissions import Caller, require_admin
-from scheduler.rpc import Param
-from scheduler.template import Template
+from scheduler.model.objects import pool_element
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.states import DatastoreType, parse_code
+from scheduler.model.template import Template
 
 KIND = "datastore"
 BACKUP_DRIVERS = ("fs", "rsync", "restic")
@@ -48,7 +48,7 @@ def check_datastore_template(template: Template, ds_type: DatastoreType) -> None
 
 async def first_contact(ctx: Context, datastore: Datastore) -> None:
     """``ACCEPT_HOSTKEY = "YES"``: record the key the backup server presents now (scheduler.api.firstcontact).
-    The hypervisors get it from vmsched before each upload (scheduler.backup_run)."""
+    The hypervisors get it from vmsched before each upload (scheduler.backup.run)."""
     if not take_acceptance(datastore.template):
         return
     target = server_of(datastore)

@@ -15,8 +15,8 @@ from drivers.commands import HostKeyMismatch
 from drivers.ssh import SshTarget
 from scheduler.api.context import Context
 from scheduler.errors import ValidationError
-from scheduler.monitoring import REPLACE_HINT
-from scheduler.template import Template
+from scheduler.hosts.monitor import REPLACE_HINT
+from scheduler.model.template import Template
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ import logging
 from scheduler.api.common import check_name, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
+from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, ValidationError
-from scheduler.hostlinks import is_local, ssh_target
-from scheduler.objects import pool_element
-from scheduler.objects.host import Host
-from scheduler.objects.states import HostState
-from scheduler.permissions import Caller, require_admin
-from scheduler.rpc import Param
-from scheduler.template import Template
+from scheduler.hosts.links import is_local, ssh_target
+from scheduler.model.objects import pool_element
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.states import HostState
+from scheduler.model.template import Template
 
 log = logging.getLogger(__name__)
 

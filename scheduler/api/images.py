@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 
 from drivers.datastore import open_datastore
-from scheduler import image_restore
 from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
-from scheduler.backup_run import forget_image
-from scheduler.backup_urls import with_urls
+from scheduler.api.rpc import Param
+from scheduler.backup.run import forget_image
+from scheduler.backup.urls import with_urls
 from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
-from scheduler.image_restore import this_machine
-from scheduler.imageds import bridge_host, is_image_datastore
-from scheduler.objects import pool_element
-from scheduler.objects.image import Image
-from scheduler.objects.states import ImageType, LcmState
-from scheduler.permissions import Caller, Right, require
-from scheduler.rpc import Param
+from scheduler.hosts.imageds import bridge_host, is_image_datastore
+from scheduler.model.objects import pool_element
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import ImageType, LcmState
+from scheduler.restore import to_images as image_restore
+from scheduler.restore.to_images import this_machine
 
 KIND = "image"
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bo
 @registry.method("one.image.restore", Param("id", int), Param("ds_id", int), Param("options", str, ""))
 async def restore(ctx: Context, caller: Caller, image_id: int, ds_id: int, options: str) -> str:
     """New images (and a VM template, unless DISK_ID) from a backup (spec §8.1-8.3):
-    ``"<template_id> <image_id> ..."``. See scheduler.image_restore."""
+    ``"<template_id> <image_id> ..."``. See scheduler.restore.to_images."""
     image = ctx.state.get(KIND, image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "restore")
     datastore = ctx.state.get("datastore", ds_id)

@@ -8,7 +8,7 @@ reported there and the others are imported anyway. Admin only.
 
 A domain whose UUID is already a VM's refreshes that VM (template, DEPLOY_ID, STATE, host) and keeps
 its id, NAME, BACKUP_CONFIG, BACKUP_IDS, scheduled actions and USER_TEMPLATE. What a domain becomes is
-``scheduler.vmimport``; disk sizes come from ``qemu-img info`` on the host (file and block disks) or
+``scheduler.hosts.vmimport``; disk sizes come from ``qemu-img info`` on the host (file and block disks) or
 libvirt's block info (RBD disks).
 """
 
@@ -20,19 +20,19 @@ from typing import Any
 
 from drivers.vmm import DomainState, KvmHost
 from drivers.vmm.domainxml import Disk
-from scheduler import backups
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, DriverError, ValidationError, VmschedError
-from scheduler.imageinfo import image_info
-from scheduler.objects.common import Ownership
-from scheduler.objects.host import Host
-from scheduler.objects.vm import Vm
-from scheduler.permissions import Caller, require_admin
-from scheduler.placement import bind, set_states
-from scheduler.rpc import Param
-from scheduler.vmimport import DomainFacts, import_template, read_domain, size_mb, unique_name, vm_states
+from scheduler.hosts.imageinfo import image_info
+from scheduler.hosts.placement import bind, set_states
+from scheduler.hosts.vmimport import DomainFacts, import_template, read_domain, size_mb, unique_name, vm_states
+from scheduler.model import backup_config as backups
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.vm import Vm
 
 log = logging.getLogger(__name__)
 

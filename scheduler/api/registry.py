@@ -1,5 +1,5 @@
 """The one method registry every API module adds to."""
 
-from scheduler.rpc import Registry
+from scheduler.api.rpc import Registry
 
 registry = Registry()

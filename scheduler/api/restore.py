@@ -1,6 +1,6 @@
 """one.vm.restore (spec §8.4, §10.1, §10.3) and vmsched's way of following the restore it queued.
 
-``one.vm.restore`` checks the request as the run will (``scheduler.restore_run.check_request``: VM powered
+``one.vm.restore`` checks the request as the run will (``scheduler.restore.in_place.check_request``: VM powered
 off, a BACKUP image of this VM, the increment, the disk) and queues a one-shot ``restore`` run through the
 engine, serialised with the VM's other actions; ``vmsched.vm.restorestatus`` tells how the VM's last one
 went.
@@ -13,11 +13,11 @@ from typing import Any
 from scheduler.actions.restore import NAME as ACTION
 from scheduler.actions.restore import RestoreArgs
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, NotFound
-from scheduler.permissions import Caller, Right, require
-from scheduler.restore_run import check_request
-from scheduler.rpc import Param
+from scheduler.restore.in_place import check_request
 
 
 @registry.method("one.vm.restore", Param("id", int), Param("image_id", int), Param("increment_id", int, -1),

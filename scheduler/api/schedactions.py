@@ -14,15 +14,15 @@ from dataclasses import replace
 from scheduler.actions import check_action, validate_action
 from scheduler.api.common import parse_request_template
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, NotFound, ValidationError
-from scheduler.objects.states import VmState
-from scheduler.objects.vm import Vm
-from scheduler.permissions import Caller, Right, require
-from scheduler.rpc import Param
-from scheduler.schedule import SchedAction, parse_sched_action
-from scheduler.state import Mutation, State
-from scheduler.template import Template, Value, Vector
+from scheduler.model.objects.states import VmState
+from scheduler.model.objects.vm import Vm
+from scheduler.model.schedule import SchedAction, parse_sched_action
+from scheduler.model.template import Template, Value, Vector
+from scheduler.store.state import Mutation, State
 
 KIND = "schedaction"
 VM_KIND = "vm"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller
 from scheduler.api.registry import registry
-from scheduler.permissions import Caller
 
 # The OpenNebula API level vmsched implements; clients such as pyone compare against it.
 API_VERSION = "7.0.0"

@@ -3,7 +3,7 @@
 Templates are owned objects: anybody may create one, its owner (and administrators) may read it (USE)
 and delete it (MANAGE). NAME is required and unique among one owner's templates; it becomes the
 object's NAME and leaves the TEMPLATE, as in OpenNebula. A template made by a restore carries the
-restored domain's libvirt XML in ``VMSCHED_DOMAIN_XML`` (scheduler.objects.vmtemplate).
+restored domain's libvirt XML in ``VMSCHED_DOMAIN_XML`` (scheduler.model.objects.vmtemplate).
 
 ``vmsched.template.instantiate(session, template_id: int, host_id: int, start: bool = False)`` (admin
 only, as it places a domain on a host) defines that domain on the host, starts it with ``start``, and
@@ -23,25 +23,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.vmm import KvmHost
-from scheduler import backups
 from scheduler.api.common import check_name, parse_request_template, pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.imports import read_host_domain, store_domain, vm_of_domain
+from scheduler.api.permissions import Caller, Right, require, require_admin
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.api.schedactions import parse_actions, store_actions
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, DriverError, ValidationError
-from scheduler.objects import pool_element
-from scheduler.objects.common import Ownership
-from scheduler.objects.host import Host
-from scheduler.objects.vm import Vm, split_vm_template
-from scheduler.objects.vmtemplate import DOMAIN_XML_KEY, VmTemplate
-from scheduler.permissions import Caller, Right, require, require_admin
-from scheduler.rpc import Param
-from scheduler.schedule import SchedAction
-from scheduler.state import State
-from scheduler.template import Template, Value, Vector
-from scheduler.vmimport import IMPORTED_NAMES, read_domain
+from scheduler.hosts.vmimport import IMPORTED_NAMES, read_domain
+from scheduler.model import backup_config as backups
+from scheduler.model.objects import pool_element
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.vm import Vm, split_vm_template
+from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY, VmTemplate
+from scheduler.model.schedule import SchedAction
+from scheduler.model.template import Template, Value, Vector
+from scheduler.store.state import State
 
 KIND = "template"
 log = logging.getLogger(__name__)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from scheduler.api.auth import hash_password
 from scheduler.api.common import check_name, xml_string
 from scheduler.api.context import Context
+from scheduler.api.permissions import ADMIN_GROUP, Caller, require_admin
 from scheduler.api.registry import registry
-from scheduler.auth import hash_password
+from scheduler.api.rpc import Param
 from scheduler.errors import PermissionDenied, ValidationError
-from scheduler.objects import pool_element
-from scheduler.objects.user import User
-from scheduler.permissions import ADMIN_GROUP, Caller, require_admin
-from scheduler.rpc import Param
+from scheduler.model.objects import pool_element
+from scheduler.model.objects.user import User
 
 KIND = "user"
 USERS_GROUP = 1

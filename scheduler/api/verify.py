@@ -2,7 +2,7 @@
 
 The files are read on the datastore's server (the backup server over the pooled SSH connection for
 ``rsync``, out of the repository by ``restic dump`` on the SFTP server for ``restic``, this machine for ``fs``): their sha256 against the image's ``TEMPLATE/CHECKSUMS``, and ``qemu-img
-check`` of each disk file (:mod:`scheduler.verification` says what the answers mean). Nothing is restored.
+check`` of each disk file (:mod:`scheduler.backup.verify` says what the answers mean). Nothing is restored.
 The outcome is recorded on the image (``VERIFIED``, ``VERIFY_TIME``, ``VERIFY_MESSAGE``) and returned as
 ``{OK, MESSAGE, FILES: [{FILE, SHA256_OK, CHECK}]}``; a failed verification is a result, not an error.
 """
@@ -14,13 +14,14 @@ from typing import Any
 
 from drivers.commands import HostUnreachable
 from drivers.datastore import open_datastore
-from scheduler import backup_urls, verification
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
+from scheduler.backup import urls as backup_urls
+from scheduler.backup import verify as verification
 from scheduler.errors import ActionError, DriverError, NotFound
-from scheduler.objects.image import Image
-from scheduler.permissions import Caller, Right, require
-from scheduler.rpc import Param
+from scheduler.model.objects.image import Image
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from scheduler import backups
 from scheduler.api.common import check_name, parse_request_template, pool_slice
 from scheduler.api.context import Context
+from scheduler.api.permissions import Caller, Right, require, require_admin
 from scheduler.api.registry import registry
+from scheduler.api.rpc import Param
 from scheduler.api.schedactions import actions_of, delete_actions, parse_actions, store_actions
 from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, ValidationError
-from scheduler.objects.common import Ownership
-from scheduler.objects.states import LcmState, VmState
-from scheduler.objects.vm import History, Vm, split_vm_template
-from scheduler.permissions import Caller, Right, require, require_admin
-from scheduler.rpc import Param
-from scheduler.template import Template, Vector
+from scheduler.model import backup_config as backups
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.objects.vm import History, Vm, split_vm_template
+from scheduler.model.template import Template, Vector
 
 KIND = "vm"
 # What one.vm.updateconf may change (OpenNebula's list, plus BACKUP_CONFIG).

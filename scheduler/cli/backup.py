@@ -27,9 +27,9 @@ from scheduler.cli.tables import (
     to_json,
 )
 from scheduler.cli.vms import BACKUP_LCM_STATES, VMS, backup_progress, number_of
-from scheduler.clock import SystemClock
+from scheduler.engine.clock import SystemClock
 from scheduler.errors import ValidationError
-from scheduler.schedule import (
+from scheduler.model.schedule import (
     MAX_EPOCH,
     EndType,
     Repeat,
@@ -40,7 +40,7 @@ from scheduler.schedule import (
     parse_sched_action,
     parse_time,
 )
-from scheduler.template import Template, Vector
+from scheduler.model.template import Template, Vector
 
 FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 

@@ -15,7 +15,7 @@ from lxml import etree
 from scheduler.cli.client import Client, UsageError
 from scheduler.cli.tables import Column, parse_xml, pretty_xml, render_table, to_json
 from scheduler.errors import NotFound, VmschedError
-from scheduler.template import Template
+from scheduler.model.template import Template
 
 UPDATE_REPLACE, UPDATE_MERGE = 0, 1
 

@@ -13,7 +13,7 @@ from scheduler.cli.context import UPDATE_MERGE, Context, Kind, add_id_command, a
 from scheduler.cli.states import HOST_STATE_SHORT, HOST_STATES, name_of
 from scheduler.cli.tables import Column, field, ids, join_sections, render_fields, render_template
 from scheduler.errors import VmschedError
-from scheduler.template import Template
+from scheduler.model.template import Template
 
 HOSTS = Kind("host", "one.hostpool.info", "HOST_POOL", "HOST")
 HOST_ENABLED, HOST_DISABLED = 0, 1

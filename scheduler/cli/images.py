@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from lxml import etree
 
-from scheduler.backup_urls import IMAGE_HEADER, parse_url
+from scheduler.backup.urls import IMAGE_HEADER, parse_url
 from scheduler.cli.client import DEFAULT_TIMEOUT, UsageError
 from scheduler.cli.context import Context, Kind, add_id_command
 from scheduler.cli.datastores import DATASTORES
@@ -33,7 +33,7 @@ from scheduler.cli.tables import (
     render_template,
 )
 from scheduler.errors import ValidationError, VmschedError
-from scheduler.template import Template
+from scheduler.model.template import Template
 
 FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 IMAGES = Kind("image", "one.imagepool.info", "IMAGE_POOL", "IMAGE", (FILTER_ALL, -1, -1))

@@ -48,7 +48,7 @@ def config_check(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def serve(ctx: Context, args: argparse.Namespace) -> int:
-    from scheduler.service import run_daemon  # keep the CLI's start-up light
+    from scheduler.daemon.service import run_daemon  # keep the CLI's start-up light
 
     state_dir = Path(args.state_dir or os.environ.get("VMSCHED_STATE_DIR") or DEFAULT_STATE_DIR)
     config = Path(args.config) if args.config else None

@@ -16,8 +16,8 @@ from scheduler.actions import validate_action
 from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context
 from scheduler.errors import ValidationError
-from scheduler.schedule import SchedAction, parse_sched_action, upcoming
-from scheduler.template import Template, Vector
+from scheduler.model.schedule import SchedAction, parse_sched_action, upcoming
+from scheduler.model.template import Template, Vector
 
 EXIT_INVALID = 2
 DEFAULT_COUNT = 5

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from lxml import etree
 
 from scheduler.errors import VmschedError
-from scheduler.template import from_element
+from scheduler.model.template import from_element
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=True)
 _LABEL_WIDTH = 20

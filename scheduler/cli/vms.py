@@ -29,7 +29,7 @@ from scheduler.cli.tables import (
     render_template,
     time_until,
 )
-from scheduler.clock import SystemClock
+from scheduler.engine.clock import SystemClock
 from scheduler.errors import VmschedError
 
 FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1

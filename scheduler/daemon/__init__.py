@@ -1,0 +1,1 @@
+"""The daemon: service wiring, systemd notification, the demo and first-start bootstrap."""

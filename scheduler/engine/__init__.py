@@ -1,0 +1,1 @@
+"""The engine: timetable, dispatch, admission, queues, the run journal, outcomes, clocks, simulation."""

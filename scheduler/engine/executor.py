@@ -1,0 +1,90 @@
+"""How the daemon carries out a run: the action registry, or (tests only) a simulated action.
+
+``VMSCHED_SIMULATE_ACTIONS="backup=2.5,reboot=0"`` makes the named actions only wait that many
+seconds and succeed. It exists for the daemon crash tests and is logged loudly when set; it is never
+read from sched.conf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from scheduler.actions import check_action, spec_of
+from scheduler.actions.base import RunContext
+from scheduler.engine.clock import Clock
+from scheduler.engine.journal import Journal, Run
+from scheduler.engine.progress import ProgressBoard
+from scheduler.errors import ActionError, ValidationError
+from scheduler.store.state import State
+
+log = logging.getLogger(__name__)
+
+SIMULATE_ENV = "VMSCHED_SIMULATE_ACTIONS"
+
+
+def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, float]:
+    text = (os.environ if environ is None else environ).get(SIMULATE_ENV, "")
+    durations: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, seconds = item.partition("=")
+        try:
+            durations[name.strip()] = float(seconds)
+        except ValueError:
+            raise ValidationError(f"{SIMULATE_ENV}: bad item {item!r}; expected ACTION=SECONDS") from None
+    return durations
+
+
+def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: Any = None,
+                  journal: Journal | None = None,
+                  config: Callable[[], Any] | None = None,
+                  complete: Callable[[Run, Any], None] | None = None,
+                  progress: ProgressBoard | None = None) -> Callable[[Run], Awaitable[str | None]]:
+    """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf;
+    ``complete``: the engine's ``stage_success`` (a run's success committed with the action's result);
+    ``progress``: where running backups report how far they are."""
+    if simulate:
+        log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
+
+    async def execute(run: Run) -> str | None:
+        vm = state.find("vm", run.vm_id)
+        if vm is None:
+            raise ActionError(f"VM {run.vm_id} does not exist any more")
+        if run.action in simulate:
+            await asyncio.sleep(simulate[run.action])
+            return f"simulated {run.action}"
+        spec = spec_of(run.action)
+        check_action(state, vm, run.action, run.args)
+        action = state.find("schedaction", run.action_id) if run.action_id is not None else None
+        tracked = progress is not None and spec.is_backup
+        context = RunContext(
+            run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
+            log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
+            cancelled=asyncio.Event(), links=links, journal_step=_step_journal(journal, run),
+            config=config() if config is not None else None,
+            complete=(lambda m: complete(run, m)) if complete is not None else None,
+            progress=progress.open(run.id, run.vm_id, clock.now()) if tracked and progress is not None else None,
+        )  # fmt: skip
+        try:
+            return await spec.run(context)
+        finally:
+            if progress is not None:
+                progress.close(run.id)
+
+    return execute
+
+
+def _step_journal(journal: Journal | None, run: Run) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+    """Append a step to the run and return once it is on disk."""
+    if journal is None:
+        return None
+
+    async def journal_step(entry: dict[str, Any]) -> None:
+        run.steps.append(entry)
+        journal.save(run)
+        await journal.durable()
+
+    return journal_step

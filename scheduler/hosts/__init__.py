@@ -1,0 +1,1 @@
+"""Hypervisor hosts and datastores: connections, monitors, placement, VM sync and import, image datastores."""

@@ -1,0 +1,83 @@
+"""VM STATE/LCM_STATE kept in step with libvirt: lifecycle events, and every monitoring round.
+
+Whether a backup is live or cold depends on the VM's state, so it must follow what happens outside
+vmsched (an admin's ``virsh suspend``, a guest shutting itself down). Events give it within
+moments; the monitoring round's poll repairs anything an event missed (events are lost while a
+connection is down). VMs in the middle of a vmsched operation (BACKUP, BACKUP_POWEROFF, RESTORE) are
+left alone: the operation owns their state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from drivers.vmm.states import DomainState, StateChange
+from scheduler.hosts.vmimport import vm_states
+from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.objects.vm import Vm
+
+log = logging.getLogger(__name__)
+
+OWNED_BY_OPERATION = frozenset({LcmState.BACKUP, LcmState.BACKUP_POWEROFF, LcmState.RESTORE})
+
+
+def state_updates(vms: Iterable[Vm], host_id: int, domains: Mapping[str, DomainState]
+                  ) -> list[tuple[Vm, VmState, LcmState]]:
+    """The VMs bound to ``host_id`` whose state differs from their domain's (pure)."""
+    updates = []
+    for vm in vms:
+        bound = vm.host
+        uuid = (vm.uuid or "").lower()
+        if bound is None or bound[0] != host_id or not uuid or uuid not in domains:
+            continue
+        if vm.lcm_state in OWNED_BY_OPERATION:
+            continue
+        state, lcm = vm_states(domains[uuid])
+        if (vm.state, vm.lcm_state) != (state, lcm):
+            updates.append((vm, state, lcm))
+    return updates
+
+
+class VmStateSync:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self._watched: dict[int, Any] = {}  # host id -> the KvmHost we subscribed to
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def poll(self, host: Any) -> None:
+        """Read every domain's state on the host and correct the VMs bound to it."""
+        states = await self.ctx.links.vmm(host).poll_states()
+        await self._apply(host, {uuid.lower(): st for uuid, st in states.items()})
+        await self._watch(host)
+
+    async def _watch(self, host: Any) -> None:
+        kvm = self.ctx.links.vmm(host)
+        if self._watched.get(host.id) is kvm:
+            return
+        host_id = host.id
+
+        def on_change(change: StateChange) -> None:
+            current = self.ctx.state.find("host", host_id)
+            if current is not None:
+                task = asyncio.get_running_loop().create_task(self._apply(current, {change.uuid.lower(): change.state}))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        await kvm.watch_states(on_change)
+        self._watched[host.id] = kvm
+
+    async def _apply(self, host: Any, domains: Mapping[str, DomainState]) -> None:
+        state = self.ctx.state
+        async with state.lock:
+            for vm, new_state, new_lcm in state_updates(state.pools["vm"].values(), host.id, domains):
+                changed = copy.deepcopy(vm)
+                changed.prev_state, changed.prev_lcm_state = vm.state, vm.lcm_state
+                changed.state, changed.lcm_state = new_state, new_lcm
+                state.update_soon("vm", changed)
+                log.info("VM %s (%s) on host %s is now %s/%s (was %s/%s)", vm.id, vm.name, host.name,
+                         new_state.name, new_lcm.name, vm.state.name, vm.lcm_state.name)
+        await state.durable()

@@ -1,0 +1,235 @@
+"""One disk of a backup image brought onto a hypervisor, verified before it appears (spec §8.2, §8.4).
+
+:func:`fetch_disk` copies ``disk.<disk_id>.0`` of a BACKUP image to ``<target>.vmsched-fetch-<run>.part``
+next to the target file on the hypervisor, checks its sha256 against the one the image recorded at backup
+time (``TEMPLATE/CHECKSUMS``) and runs ``qemu-img check`` on it; a raw target is then converted on the
+hypervisor (into ``<target>.vmsched-raw-<run>.part``). Only then is the result renamed to the target path.
+On any failure (cancellation included) the temporary files go and nothing else has changed.
+
+The data goes between the backup server and the hypervisor directly:
+
+* ``rsync`` datastore: the hypervisor pulls with rsync over its ssh to the backup server (the key and the
+  verified known_hosts of the upload: :func:`scheduler.backup.run.upload_ssh`);
+* ``fs`` datastore (a directory on the scheduler's machine): the scheduler pushes, ``cp`` when the
+  hypervisor is this machine, else rsync over ssh with sched.conf's SSH settings.
+
+Every temporary file is journaled (``{"restore": "temp", "host": id, "path": ...}``) before it exists; its
+path names the run, so :func:`remove_temps` and the process killer (``drivers.processes``) find it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from drivers.commands import CommandFailed, shielded
+from drivers.datastore import open_datastore, server_of
+from drivers.datastore.base import hash_files, on_side, rsync_ssh, streamed_digest, streamed_to
+from drivers.datastore.layout import Layout, check_path, disk_file_name
+from drivers.datastore.restic import ResticDatastore, labelled_password_files, remove_password_files
+from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
+from scheduler.backup.run import upload_ssh
+from scheduler.errors import ActionError, ValidationError
+from scheduler.hosts.links import is_local, ssh_target
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import ImageType
+from scheduler.store.state import State
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT = 6 * 3600.0  # seconds: the copy, the hash, the check and the convert of one disk
+COMMAND_TIMEOUT = 120.0
+STEP = "restore"  # the key of the journal steps of a restore
+FORMATS = ("qcow2", "raw")
+STORED_FORMAT = "qcow2"  # what a backup's disk.<id>.<inc> file is
+TEMP_KINDS = ("fetch", "raw")
+QEMU_IMG_CHECK_OK = (0, 3)  # 3: leaked clusters only, which lose no data
+
+StepJournal = Callable[[dict[str, Any]], Awaitable[None]]
+# Told each heavy command's process group: ("host" for the hypervisor, "local" for this machine, pgid).
+ProcessStarted = Callable[[str, int], Awaitable[None]]
+
+
+# ---- pure: names, checks, argv ----------------------------------------------------------------------
+
+
+def temp_path(target_path: str, kind: str, run_id: int) -> str:
+    """A temporary file next to ``target_path``: its name carries vmsched, the kind and the run id, and
+    ends with ``.part`` so that run 5's name is no prefix of run 53's."""
+    if kind not in TEMP_KINDS:
+        raise ValueError(f"unknown temporary file kind {kind!r}")
+    return f"{target_path}.vmsched-{kind}-{int(run_id)}.part"
+
+
+def temp_paths(target_path: str, run_id: int) -> list[str]:
+    return [temp_path(target_path, kind, run_id) for kind in TEMP_KINDS]
+
+
+def backup_file(image: Image, disk_id: int) -> str:
+    """``disk.<disk_id>.0`` of a BACKUP image; an error naming the image's disks when it has no such disk."""
+    if image.type != ImageType.BACKUP:
+        raise ActionError(f"image {image.id} is not a backup image (TYPE {image.type.name})")
+    if disk_id not in image.backup_disk_ids:
+        known = ", ".join(map(str, image.backup_disk_ids)) or "none"
+        raise ActionError(f"backup image {image.id} has no disk {disk_id} (its disks: {known})")
+    return disk_file_name(disk_id, 0)
+
+
+def recorded_sha256(image: Image, name: str) -> str:
+    """The sha256 the backup recorded for file ``name``; without one nothing can be verified: an error."""
+    for vector in image.template.vectors("CHECKSUMS"):
+        if vector.get("FILE") == name and len((vector.get("SHA256") or "").strip()) == 64:
+            return str(vector["SHA256"]).strip().lower()
+    raise ActionError(f"backup image {image.id} records no sha256 for {name}: it cannot be verified, "
+                      "so it is not restored")
+
+
+def backup_vm_id(image: Image) -> int:
+    """The VM whose directory holds the backup's files (the image's VMS)."""
+    if not image.vms:
+        raise ActionError(f"backup image {image.id} names no VM (VMS is empty): its files cannot be found")
+    return int(image.vms[0])
+
+
+def source_datastore(state: State, image: Image) -> Datastore:
+    datastore = state.find("datastore", image.datastore_id)
+    if datastore is None:
+        raise ActionError(f"datastore {image.datastore_id} of backup image {image.id} does not exist")
+    if datastore.ds_mad not in ("rsync", "fs", "restic"):
+        raise ActionError(f"restoring from a {datastore.ds_mad!r} datastore (image {image.id}, datastore "
+                          f"{datastore.id}) is not supported by this version; rsync, restic and fs are")
+    return datastore
+
+
+def stream_argv(datastore: Datastore, ssh: list[str], source: str, destination: str) -> list[str]:
+    """On the hypervisor: ``ssh <server> cat <source>`` into ``destination``, hashing the bytes on the way."""
+    target = server_target(datastore)
+    return streamed_to(destination, [*ssh, "-p", str(target.port), f"{target.user}@{target.host}",
+                                     "cat -- " + shlex.quote(source)])
+
+
+def push_argv(datastore: Datastore, ssh: list[str] | None, host: Any, source: str, destination: str) -> list[str]:
+    """On this machine, copying ``source`` of an fs datastore to the hypervisor ``host``: cp when the host is
+    this machine, else rsync over ssh (``ssh``: the scheduler's own ssh to the host)."""
+    if is_local(host.template):
+        return ["cp", "--sparse=always", "--", source, destination]
+    target = ssh_target(host.name, host.template)
+    return ["rsync", *rsync_options(datastore, "FS"), "-e", rsync_ssh(ssh or list(DEFAULT_SSH), target.port), "--",
+            source, f"{remote(target)}:{destination}"]
+
+
+def checked_target(target_path: str, target_format: str) -> str:
+    if target_format not in FORMATS:
+        raise ValidationError(f"restore target format must be one of {', '.join(FORMATS)}, got {target_format!r}")
+    return check_path(target_path, "restore target path")
+
+
+def step(name: str, **fields: Any) -> dict[str, Any]:
+    return {STEP: name, **fields}
+
+
+# ---- the fetch -----------------------------------------------------------------------------------------
+
+
+async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host: Any, target_path: str,
+                     target_format: str, *, run_id: int, journal: StepJournal | None = None,
+                     started: ProcessStarted | None = None) -> None:
+    """Put disk ``disk_id`` of backup ``image`` at ``target_path`` on ``host``, in ``target_format``
+    (``qcow2`` as stored, or ``raw``), verified against the image's recorded sha256 and by ``qemu-img
+    check``; an existing ``target_path`` is replaced only once all of that succeeded. ``journal`` is told
+    each temporary file before it exists; ``started`` each heavy command's process group."""
+    target = checked_target(target_path, target_format)
+    name = backup_file(image, disk_id)
+    expected = recorded_sha256(image, name)
+    datastore = source_datastore(state, image)
+    source = Layout(datastore.base_path).file_path(backup_vm_id(image), image.source, name)
+    runner = links.runner(host)
+    fetched = temp_path(target, "fetch", run_id)
+    try:
+        await _journal(journal, step("temp", host=host.id, path=fetched))
+        try:
+            digest = await _copy(links, datastore, host, runner, source, fetched, started,
+                                 restic_file=(backup_vm_id(image), image.source, name, run_id))
+        except CommandFailed as exc:
+            server = server_of(datastore)
+            raise ActionError(f"copying {name} of backup image {image.id} from "
+                              f"{f'backup server {server}' if server else 'this machine'} (datastore {datastore.id}) "
+                              f"to {host.name}:{fetched} failed: {exc}; nothing was restored") from exc
+        await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started, digest)
+        final = fetched
+        if target_format == "raw":
+            final = temp_path(target, "raw", run_id)
+            await _journal(journal, step("temp", host=host.id, path=final))
+            await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", "raw", fetched, final],
+                       started, FETCH_TIMEOUT)
+        await runner.run(["mv", "-f", "-T", "--", final, target], timeout=COMMAND_TIMEOUT)
+    finally:
+        await shielded(remove_temps(runner, target, run_id))
+    log.info("disk %s of backup image %s restored to %s:%s (%s, sha256 verified)", disk_id, image.id,
+             host.name, target, target_format)
+
+
+async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
+                started: ProcessStarted | None, *, restic_file: tuple[int, str, str, int]) -> str | None:
+    """Bring ``source`` to ``fetched`` on the host; from an rsync or restic datastore the sha256 of the bytes
+    written is computed by the same command (``ssh cat`` or ``restic dump`` into the file, then ``openssl``
+    reading it back) and returned; else None (hashed after). ``restic_file``: (VM id, backup id, file name, run id)."""
+    nice, ionice = priority(datastore, datastore.ds_mad.upper())
+    ssh = await upload_ssh(links, host, runner, datastore)
+    if datastore.ds_mad == "restic":
+        vm_id, backup_id, name, run_id = restic_file
+        store = open_datastore(datastore, links.pool)
+        assert isinstance(store, ResticDatastore)
+        return await store.fetch_to(runner, vm_id, backup_id, name, fetched, ssh_command=ssh, timeout=FETCH_TIMEOUT,
+                                    label=restore_label(run_id), started=on_side(started, "host"))
+    if datastore.ds_mad == "rsync":
+        result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
+                                  ionice=ionice, started=on_side(started, "host"))
+        return streamed_digest(result.stdout)
+    await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
+                          ionice=ionice, started=on_side(started, "local"))
+    return None
+
+
+async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, what: str,
+                  started: ProcessStarted | None, digest: str | None = None) -> None:
+    """The copy's sha256 (``digest`` when the copy computed it) must be the recorded one, and qemu-img must
+    find the qcow2 sound."""
+    nice, ionice = priority(datastore, datastore.ds_mad.upper())
+    if digest is None:
+        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, on_side(started, "host")))[path]
+    if digest != expected:
+        raise ActionError(f"{what}: sha256 of the copy is {digest}, the backup recorded {expected}: the backup "
+                          "file is damaged or was changed; nothing was restored")
+    argv = ["qemu-img", "check", "-q", "-f", STORED_FORMAT, path]
+    result = await runner.run(argv, timeout=FETCH_TIMEOUT, check=False, started=on_side(started, "host"))
+    if result.exit_status not in QEMU_IMG_CHECK_OK:
+        raise CommandFailed(argv, result.exit_status, result.stderr + result.stdout,
+                            host=getattr(runner, "host", None))
+
+
+async def _run(runner: Any, argv: list[str], started: ProcessStarted | None, timeout: float) -> None:  # noqa: ASYNC109
+    await runner.run(argv, timeout=timeout, started=on_side(started, "host"))
+
+
+async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
+    """``rm -f`` the run's temporary files next to ``target_path``; logged, never raised."""
+    try:
+        await runner.run(["rm", "-f", "--", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
+        # and the password file a killed restic dump of this run left
+        await remove_password_files(runner, labelled_password_files(restore_label(run_id)), COMMAND_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - a leftover is reported; recovery removes it later
+        log.warning("cannot remove the temporary files of run %s next to %s: %s", run_id, target_path, exc)
+
+
+def restore_label(run_id: int) -> str:
+    """What names the password files of a restore's restic commands."""
+    return f"restore{int(run_id)}"
+
+
+async def _journal(journal: StepJournal | None, entry: dict[str, Any]) -> None:
+    if journal is not None:
+        await journal(entry)

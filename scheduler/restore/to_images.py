@@ -1,0 +1,301 @@
+"""``one.image.restore`` (spec §8.1-8.2): a backup becomes new images in an image datastore and, unless one
+disk was asked for, a VM template with a libvirt domain ready to instantiate.
+
+For each backed-up disk (or only ``DISK_ID``): an image record (OS for disk 0, DATABLOCK otherwise, LOCKED
+while its data arrives) named ``<base>-disk-<disk_id>`` with ``PATH`` = the disk's backup URL and
+``FROM_BACKUP_DS``; the data goes from the backup datastore straight to the image datastore's host,
+verified against the checksums recorded at backup time (scheduler.restore.disk), then the image is READY.
+Then the template: the backed-up ``vm.xml`` cleaned by spec §8.3 (scheduler.restore.template), and the
+backed-up ``domain.xml`` re-pointed at the new files. Any failure removes what this restore created
+(files and records), and the error says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from drivers.commands import shielded
+from drivers.datastore import open_datastore
+from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_size_mb
+from drivers.processes import kill_marked
+from scheduler.backup.urls import disk_urls
+from scheduler.errors import ActionError, NotFound, ValidationError
+from scheduler.faults import crash_point
+from scheduler.hosts import imageds
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.states import ImageState, ImageType
+from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY
+from scheduler.model.template import Template
+from scheduler.restore.disk import fetch_disk, remove_temps, temp_path
+from scheduler.restore.template import clean_vm_template, restored_domain_xml
+
+log = logging.getLogger(__name__)
+
+YES_NO = ("YES", "NO")
+COMMAND_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """The ``options`` template of ``one.image.restore`` (spec §8.1)."""
+
+    no_nic: bool = False
+    no_ip: bool = False
+    name: str = ""
+    increment: int = -1
+    disk_id: int | None = None
+
+
+def _flag(template: Template, key: str) -> bool:
+    value = (template.get(key) or "NO").strip().upper()
+    if value not in YES_NO:
+        raise ValidationError(f"restore option {key} must be YES or NO, got {value!r}")
+    return value == "YES"
+
+
+def _number(template: Template, key: str, default: int | None) -> int | None:
+    value = (template.get(key) or "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValidationError(f"restore option {key} must be an integer, got {value!r}") from None
+
+
+def parse_options(text: str) -> RestoreOptions:
+    """``NO_NIC``, ``NO_IP``, ``NAME``, ``INCREMENT_ID``, ``DISK_ID`` from template text (pure)."""
+    template = Template.parse(text or "", source="restore options")
+    name = (template.get("NAME") or "").strip()
+    if any(ch in name for ch in "\n\r\0/"):
+        raise ValidationError(f"restore option NAME {name!r} may not hold line breaks or '/'")
+    increment = _number(template, "INCREMENT_ID", -1)
+    return RestoreOptions(_flag(template, "NO_NIC"), _flag(template, "NO_IP"), name,
+                          -1 if increment is None else increment, _number(template, "DISK_ID", None))
+
+
+def check_request(state: Any, backup: Image, target: Datastore, options: RestoreOptions) -> list[int]:
+    """OpenNebula's checks (spec §8.1) and ours; the disk ids to restore."""
+    if backup.type != ImageType.BACKUP:
+        raise ActionError(f"Image {backup.id} is not a backup image")
+    if state.find("datastore", backup.datastore_id) is None:
+        raise ActionError(f"the backup datastore {backup.datastore_id} of image {backup.id} does not exist")
+    if not imageds.is_image_datastore(target):
+        raise ActionError("Destination can be only an image datastore")
+    if options.increment not in (-1, 0):
+        raise ActionError(f"backup image {backup.id} has no increment {options.increment} (full backups only: "
+                          "use -1 or 0)")
+    if options.disk_id is None:
+        return list(backup.backup_disk_ids)
+    if options.disk_id not in backup.backup_disk_ids:
+        raise ActionError(f"disk {options.disk_id} is not in backup image {backup.id} (disks: "
+                          f"{', '.join(map(str, backup.backup_disk_ids)) or 'none'})")
+    return [options.disk_id]
+
+
+def base_name(backup: Image, options: RestoreOptions) -> str:
+    """``NAME``, else ``<vm_id>-<backup id>`` (spec §8.2)."""
+    vm_id = backup.vms[0] if backup.vms else -1
+    return options.name or f"{vm_id}-{backup.source}"
+
+
+def new_image(image_id: int, name: str, disk_id: int, owner: Ownership, target: Datastore, size_mb: int,
+              url: str, backup: Image, now: int) -> Image:
+    """The record of one restored disk, LOCKED until its data is in place (pure)."""
+    image = Image(id=image_id, name=name, ownership=owner, type=ImageType.OS if disk_id == 0 else ImageType.DATABLOCK,
+                  regtime=now, modtime=now, source=imageds.image_path(target, image_id, "qcow2"), path=url,
+                  format="qcow2", size=size_mb, state=ImageState.LOCKED, prev_state=ImageState.LOCKED,
+                  datastore_id=target.id, datastore=target.name)
+    image.template.set("FROM_BACKUP_DS", str(backup.datastore_id))
+    image.template.set("RESTORED_FROM", f"{backup.id}:{disk_id}")
+    return image
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+async def read_backup(state: Any, links: Any, backup: Image) -> tuple[str, str]:
+    """(vm.xml, domain.xml) of the backup, from its datastore."""
+    datastore = state.get("datastore", backup.datastore_id)
+    store = open_datastore(datastore, links.pool)
+    vm_id = backup.vms[0] if backup.vms else -1
+    try:
+        vm_xml = (await store.read_file(vm_id, backup.source, VM_XML)).decode()
+        domain_xml = (await store.read_file(vm_id, backup.source, DOMAIN_XML)).decode()
+    except NotFound as exc:
+        raise ActionError(f"backup image {backup.id}: {exc}") from exc
+    return vm_xml, domain_xml
+
+
+def disk_sizes(vm_xml: str, disk_ids: list[int]) -> dict[int, int]:
+    return {disk_id: disk_size_mb(vm_xml.encode(), disk_id) for disk_id in disk_ids}
+
+
+def disk_targets(vm_xml: str) -> dict[int, str]:
+    """DISK_ID -> TARGET of the backed-up VM's disks (pure)."""
+    root = etree.fromstring(vm_xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
+    return {int(disk.findtext("DISK_ID") or -1): disk.findtext("TARGET") or ""
+            for disk in root.iter("DISK") if (disk.findtext("DISK_ID") or "").strip().isdigit()}
+
+
+def this_machine() -> Host:
+    """The scheduler's own machine as a host (no SSH_HOST): where an image datastore without BRIDGE_LIST is."""
+    return Host(id=-1, name="localhost")
+
+
+async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_text: str) -> str:
+    """``one.image.restore``: ``"<template_id> <image_id> ..."`` (template -1 with ``DISK_ID``)."""
+    from scheduler.api import templates  # the API module that owns VM templates (imported late: it imports us)
+
+    state = ctx.state
+    backup = state.get("image", backup_id)
+    target = state.get("datastore", ds_id)
+    options = parse_options(options_text)
+    disk_ids = check_request(state, backup, target, options)
+    if ctx.links is None:
+        raise ActionError("this daemon has no host connections; restores cannot run")
+    vm_xml, domain_xml = await read_backup(state, ctx.links, backup)
+    sizes = disk_sizes(vm_xml, disk_ids)
+    if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
+        raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
+                          f"{target.free_mb} MB free")
+    host = imageds.bridge_host(state, target) or this_machine()
+    urls = disk_urls(backup, state.get("datastore", backup.datastore_id))
+    base = base_name(backup, options)
+    owner = Ownership(caller.user_id, caller.gid, caller.name, "oneadmin" if caller.gid == 0 else "users")
+    created = await _records(ctx, disk_ids, base, owner, target, sizes, urls, backup)
+    try:
+        template = None  # (NAME, the rest), checked before any data moves
+        if options.disk_id is None:
+            template = templates.checked_request(_template(vm_xml, domain_xml, base, created, target, options).render())
+            templates.require_free_name(state, caller, template[0])
+        runner = ctx.links.runner(host)
+        await runner.run(["mkdir", "-p", "--", target.base_path], timeout=COMMAND_TIMEOUT)
+        for disk_id, image_id in created.items():
+            await fetch_disk(ctx.links, state, backup, disk_id, host, imageds.image_path(target, image_id, "qcow2"),
+                             "qcow2", run_id=image_id, started=_fetch_started)
+        crash_point("image-restore-fetched")
+        template_id = await _finish(ctx, caller, created, template)
+    except BaseException as exc:
+        removed = await shielded_forget(ctx, host, target, created)
+        raise ActionError(f"restore of backup image {backup.id} failed: {exc}; images created before the failure "
+                          f"were removed: {', '.join(map(str, removed)) or 'none'}") from exc
+    log.info("backup image %s restored into datastore %s: images %s, template %s", backup.id, target.id,
+             ", ".join(map(str, created.values())), template_id)
+    return " ".join(map(str, [template_id, *created.values()]))
+
+
+async def _fetch_started(side: str, pgid: int) -> None:
+    crash_point("image-restore-fetch")
+
+
+async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
+                   sizes: dict[int, int], urls: dict[int, str], backup: Image) -> dict[int, int]:
+    """The LOCKED image records, in one transaction: {disk_id: image_id}."""
+    created: dict[int, int] = {}
+    async with ctx.state.mutation() as m:
+        for disk_id in disk_ids:
+            image_id = await m.new_id("image")
+            m.put("image", new_image(image_id, f"{base}-disk-{disk_id}", disk_id, owner, target, sizes[disk_id],
+                                     urls.get(disk_id, ""), backup, ctx.now()))
+            created[disk_id] = image_id
+        datastore = ctx.state.editable("datastore", target.id)
+        datastore.images = sorted({*datastore.images, *created.values()})
+        m.put("datastore", datastore)
+    return created
+
+
+async def _finish(ctx: Any, caller: Any, created: dict[int, int], template: tuple[str, Template] | None) -> int:
+    """One transaction: every image READY and the template (if any) created; the template id, or -1. A
+    daemon that dies before it finds only LOCKED images at start-up (:func:`recover_interrupted`)."""
+    from scheduler.api import templates
+
+    template_id = -1
+    async with ctx.state.mutation() as m:
+        if template is not None:
+            template_id = await templates.add(ctx, m, caller, *template)
+        for image_id in created.values():
+            image = ctx.state.editable("image", image_id)
+            image.state = image.prev_state = ImageState.READY
+            m.put("image", image)
+    return template_id
+
+
+def _template(vm_xml: str, domain_xml: str, base: str, created: dict[int, int], target: Datastore,
+              options: RestoreOptions) -> Template:
+    """The VM template of the restore: the backed-up vm.xml cleaned, plus the re-pointed domain (pure)."""
+    cleaned = clean_vm_template(vm_xml, name=base, image_ids=created, no_nic=options.no_nic, no_ip=options.no_ip)
+    targets = disk_targets(vm_xml)
+    paths = {targets[d]: imageds.image_path(target, image_id, "qcow2") for d, image_id in created.items()}
+    domain = restored_domain_xml(domain_xml, name=base, uuid=new_uuid(), disk_paths=paths,
+                                 disk_formats=dict.fromkeys(paths, "qcow2"), no_nic=options.no_nic,
+                                 no_ip=options.no_ip)
+    cleaned.set(DOMAIN_XML_KEY, domain)
+    return cleaned
+
+
+async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict[int, int]) -> list[int]:
+    """Remove what a failed restore created: the files on the datastore's host, then the records."""
+    removed: list[int] = []
+    runner = ctx.links.runner(host)
+    for image_id in created.values():
+        try:
+            await runner.run(["rm", "-f", "--", imageds.image_path(target, image_id, "qcow2")], timeout=COMMAND_TIMEOUT)
+            await _forget_record(ctx.state, image_id, target.id)
+            removed.append(image_id)
+        except Exception as exc:  # noqa: BLE001 - every image is tried; what is left is logged
+            log.error("restore cleanup: cannot remove image %s: %s", image_id, exc)
+    return removed
+
+
+# ---- recovery after a crash of the daemon -----------------------------------------------------------
+
+
+def interrupted(state: Any) -> list[Image]:
+    """Images a restore created and never finished: LOCKED, with RESTORED_FROM (pure)."""
+    return [image for image in state.all("image")
+            if image.state == ImageState.LOCKED and image.template.get("RESTORED_FROM")]
+
+
+async def recover_interrupted(state: Any, links: Any) -> list[int]:
+    """At start-up, before the API listens: for each image of a restore the daemon died in, the copy it left
+    running is killed, its temporary and final files go, then its record; the ids removed. An image whose
+    host cannot be reached stays LOCKED, logged, and is tried again at the next start."""
+    removed: list[int] = []
+    for image in interrupted(state):
+        try:
+            target = state.get("datastore", image.datastore_id)
+            host = imageds.bridge_host(state, target) or this_machine()
+            runner = links.runner(host)
+            killed = await kill_marked(runner, temp_path(image.source, "fetch", image.id))
+            await remove_temps(runner, image.source, image.id)
+            await runner.run(["rm", "-f", "--", image.source], timeout=COMMAND_TIMEOUT)
+            await shielded(_forget_record(state, image.id, image.datastore_id))
+        except Exception as exc:  # noqa: BLE001 - one image's trouble must not stop the daemon
+            log.error("image %s of an interrupted restore (from backup %s) is left LOCKED: %s", image.id,
+                      image.template.get("RESTORED_FROM"), exc)
+            continue
+        removed.append(image.id)
+        log.warning("image %s of a restore interrupted by the daemon's death was removed (from backup %s; "
+                    "processes killed: %s)", image.id, image.template.get("RESTORED_FROM"),
+                    ", ".join(map(str, killed)) or "none")
+    return removed
+
+
+async def _forget_record(state: Any, image_id: int, datastore_id: int) -> None:
+    """The image's record goes, and its id from its datastore's IMAGES."""
+    async with state.mutation() as m:
+        m.delete("image", image_id)
+        if state.find("datastore", datastore_id) is not None:
+            datastore = state.editable("datastore", datastore_id)
+            datastore.images = [i for i in datastore.images if i != image_id]
+            m.put("datastore", datastore)

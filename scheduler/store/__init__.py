@@ -1,0 +1,1 @@
+"""Persistence: the SQLite store and the in-memory State written through it."""
