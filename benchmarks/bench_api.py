@@ -23,11 +23,11 @@ from pathlib import Path
 import aiohttp
 import pyone
 
-from scheduler.api.context import build_codecs
 from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.states import LcmState, VmState
 from scheduler.model.objects.vm import History, Vm
 from scheduler.model.template import Template, Vector
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 from tests.conftest import start_daemon

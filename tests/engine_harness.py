@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scheduler.api.context import build_codecs
 from scheduler.engine.admission import Limits
 from scheduler.engine.journal import Journal, Run
 from scheduler.engine.loop import Engine, EngineSettings
@@ -29,6 +28,7 @@ from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import DatastoreType, HostState
 from scheduler.model.objects.vm import History, Vm
 from scheduler.model.schedule import EndType, Repeat, SchedAction
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 

@@ -11,7 +11,6 @@ import pytest
 from scheduler.actions import ACTIONS, WITHOUT_MEANING, check_action, is_backup, spec_of, validate_action
 from scheduler.actions.backup import BackupArgs, parse_args
 from scheduler.actions.base import RunContext
-from scheduler.api.context import build_codecs
 from scheduler.engine.clock import ManualClock
 from scheduler.errors import ActionError, ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -19,6 +18,7 @@ from scheduler.model.objects.states import DatastoreType
 from scheduler.model.objects.vm import Vm
 from scheduler.model.schedule import VM_ACTIONS, SchedAction, parse_sched_action
 from scheduler.model.template import Vector
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 

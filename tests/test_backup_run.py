@@ -17,7 +17,6 @@ from drivers.local import LocalRunner
 from drivers.ssh import SshSettings, SshTarget
 from drivers.tm import DiskSource
 from drivers.vmm.domainxml import Disk
-from scheduler.api.context import build_codecs
 from scheduler.backup import run as br
 from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, ValidationError
@@ -29,6 +28,7 @@ from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import DatastoreType, ImageType, LcmState, VmState
 from scheduler.model.objects.vm import History, Vm
 from scheduler.model.template import Template, Vector
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 from tests.realenv.model import RealEnv

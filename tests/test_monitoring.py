@@ -16,7 +16,7 @@ import pytest
 from drivers import hostkeys
 from drivers.commands import CommandFailed, HostKeyMismatch, HostKeyUnknown, HostUnreachable, Result
 from drivers.vmm.kvm import Versions, version_text
-from scheduler.api.context import Context, build_codecs
+from scheduler.api.context import Context
 from scheduler.config import parse_config
 from scheduler.engine.clock import ManualClock
 from scheduler.errors import DriverError
@@ -38,6 +38,7 @@ from scheduler.hosts.monitor import (
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import HostState
 from scheduler.model.template import Template
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 

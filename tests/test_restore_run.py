@@ -12,7 +12,6 @@ import pytest
 
 from scheduler.actions import ACTIONS, is_backup, validate_action
 from scheduler.actions.restore import RestoreArgs, parse_args
-from scheduler.api.context import build_codecs
 from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.hosts.links import HostLinks
@@ -24,6 +23,7 @@ from scheduler.model.schedule import parse_sched_action
 from scheduler.model.template import Template, Vector
 from scheduler.restore import disk as rd
 from scheduler.restore import in_place as rr
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 from tests.realenv.domains import Hypervisor, TinyDomain

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pyone
 import pytest
 
-from scheduler.api.context import build_codecs
 from scheduler.api.render import XmlCache
 from scheduler.model.schedule import SchedAction
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Row
 from tests import xsd
 from tests.conftest import Daemon, start_daemon

@@ -8,23 +8,11 @@ increment, every disk), written by the API and read back here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from scheduler.actions.base import ActionSpec, RunContext, int_token, malformed, split_args
+from scheduler.restore.in_place import LAST, RestoreArgs, perform
 
 NAME = "restore"
 ARGS_FORMAT = "image_id,increment_id,disk_id"
-LAST = -1  # increment_id: the last one; disk_id: every disk
-
-
-@dataclass(frozen=True)
-class RestoreArgs:
-    image_id: int
-    increment_id: int = LAST
-    disk_id: int = LAST
-
-    def text(self) -> str:
-        return f"{self.image_id},{self.increment_id},{self.disk_id}"
 
 
 def parse_args(args: str) -> RestoreArgs:
@@ -43,8 +31,6 @@ def validate(args: str) -> None:
 
 
 async def run(ctx: RunContext) -> str | None:
-    from scheduler.restore.in_place import perform  # the run builds on the backup modules: imported when used
-
     return await perform(ctx, parse_args(ctx.args))
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.actions.restore import NAME as ACTION
-from scheduler.actions.restore import RestoreArgs
 from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, NotFound
-from scheduler.restore.in_place import check_request
+from scheduler.restore.in_place import RestoreArgs, check_request
 
 
 @registry.method("one.vm.restore", Param("id", int), Param("image_id", int), Param("increment_id", int, -1),

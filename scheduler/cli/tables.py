@@ -133,3 +133,8 @@ def _json_value(element: etree._Element, list_tags: frozenset[str]) -> object:
         else:
             value[child.tag] = [existing, item]
     return value
+
+
+def number_of(action: etree._Element, name: str) -> int | None:
+    text = field(action, name).strip()
+    return int(text) if text.lstrip("-").isdigit() else None

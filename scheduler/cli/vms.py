@@ -9,8 +9,9 @@ from typing import Any
 
 from lxml import etree
 
+from scheduler.cli import backup
 from scheduler.cli.client import UsageError
-from scheduler.cli.context import Context, Kind, add_id_command, add_update_command, update_type
+from scheduler.cli.context import Context, add_id_command, add_update_command, update_type
 from scheduler.cli.hosts import HOSTS
 from scheduler.cli.images import IMAGES
 from scheduler.cli.progress import Progress, show_fields
@@ -22,6 +23,7 @@ from scheduler.cli.tables import (
     ids,
     join_sections,
     last_host,
+    number_of,
     parse_xml,
     pretty_xml,
     render_fields,
@@ -29,12 +31,16 @@ from scheduler.cli.tables import (
     render_template,
     time_until,
 )
+from scheduler.cli.vmpool import (
+    ANY_BUT_DONE,
+    BACKUP_LCM_STATES,
+    FILTER_ALL,
+    FILTER_MINE_AND_GROUPS,
+    VMS,
+    backup_progress,
+)
 from scheduler.engine.clock import SystemClock
-from scheduler.errors import VmschedError
 
-FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
-ANY_BUT_DONE = -1
-VMS = Kind("VM", "one.vmpool.info", "VM_POOL", "VM", (FILTER_ALL, -1, -1, ANY_BUT_DONE))
 RECOVER_DELETE = 3
 _REPEAT = {"0": "Weekly", "1": "Monthly", "2": "Yearly", "3": "Hourly", "4": "Cron"}
 
@@ -58,11 +64,6 @@ def _end(action: etree._Element) -> str:
     if end_type == "1":
         return f"after {value} times"
     return format_time(value) if end_type == "2" else "none"
-
-
-def number_of(action: etree._Element, name: str) -> int | None:
-    text = field(action, name).strip()
-    return int(text) if text.lstrip("-").isdigit() else None
 
 
 def _status(action: etree._Element, now: int) -> str:
@@ -127,18 +128,6 @@ def render_vm(vm: etree._Element, now: int, progress: Progress | None = None) ->
 
 
 # -- handlers --------------------------------------------------------------------------------------
-
-
-BACKUP_LCM_STATES = frozenset({"BACKUP", "BACKUP_POWEROFF"})
-
-
-def backup_progress(ctx: Context, vm_id: int) -> Progress | None:
-    """The PROGRESS of the VM's running backup; None when none runs or the daemon cannot tell."""
-    try:
-        return Progress.from_struct(ctx.call("vmsched.vm.backupprogress", vm_id))
-    except VmschedError:  # a daemon without the method, or the run ended meanwhile
-        return None
-
 
 
 def create(ctx: Context, args: argparse.Namespace) -> int:
@@ -302,8 +291,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domain name or UUID")
     p.add_argument("--all", action="store_true", help="every domain of the host")
     p.set_defaults(handler=import_domains)
-
-    from scheduler.cli import backup  # it builds on this module (VMS, backup_progress): imported late
 
     backup.add_commands(sub, common)
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from drivers.ssh import SshSettings
 from scheduler import faults
 from scheduler.actions import is_backup
+from scheduler.actions.executor import make_executor, simulated_durations
 from scheduler.api.auth import SessionCache
 from scheduler.api.methods import Context, build_codecs, make_authenticator, registry
 from scheduler.api.server import Dispatcher, make_app
@@ -28,7 +29,6 @@ from scheduler.daemon.demo import provision as provision_demo
 from scheduler.daemon.systemd import Notifier
 from scheduler.engine.admission import Limits
 from scheduler.engine.clock import Clock, SystemClock
-from scheduler.engine.executor import make_executor, simulated_durations
 from scheduler.engine.journal import Journal
 from scheduler.engine.loop import Engine, EngineSettings
 from scheduler.engine.metrics import render as render_metrics

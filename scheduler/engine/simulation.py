@@ -31,6 +31,8 @@ from scheduler.engine.simclock import VirtualClock, VirtualTimeLoop
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import DatastoreType, HostState
+from scheduler.model.schedule import EndType, Repeat, SchedAction
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Row, Store
 from scheduler.store.state import Codec, State
 
@@ -111,8 +113,6 @@ class Recorder:
 
 def _memory_codecs() -> dict[str, Codec]:
     """VMs, hosts and datastores of the simulation live in memory; actions and runs are stored."""
-    from scheduler.api.context import build_codecs
-
     codecs = build_codecs()
     keep = {kind: codecs[kind] for kind in ("schedaction",) if kind in codecs}
     never = Codec("object", lambda obj: Row(obj.id, "", 0, 0, ""), lambda row: None)
@@ -134,8 +134,6 @@ async def _setup(state: State, args: BenchArgs, rng: random.Random) -> dict[int,
 
 
 def _add_daily_actions(state: State, args: BenchArgs, start: float, rng: random.Random) -> None:
-    from scheduler.model.schedule import EndType, Repeat, SchedAction
-
     for vm_id in range(args.vms):
         when = int(start + rng.uniform(0, args.spread))
         ds = 100 + vm_id % args.datastores

@@ -29,7 +29,6 @@ from drivers.commands import CommandFailed, shielded
 from drivers.processes import kill_marked
 from drivers.vmm import DomainState
 from drivers.vmm.domainxml import parse_disks
-from scheduler.actions.restore import LAST, RestoreArgs
 from scheduler.backup.run import state_name
 from scheduler.errors import ActionError, NotFound
 from scheduler.faults import crash_point
@@ -42,6 +41,21 @@ from scheduler.restore.disk import STEP, fetch_disk, remove_temps, step
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
+
+LAST = -1  # increment_id: the last one; disk_id: every disk
+
+
+@dataclass(frozen=True)
+class RestoreArgs:
+    """What to restore in place: ARGS ``image_id,increment_id,disk_id`` of the ``restore`` run."""
+
+    image_id: int
+    increment_id: int = LAST
+    disk_id: int = LAST
+
+    def text(self) -> str:
+        return f"{self.image_id},{self.increment_id},{self.disk_id}"
+
 
 COMMAND_TIMEOUT = 120.0
 FULL_INCREMENT = 0  # the only increment of a full backup
