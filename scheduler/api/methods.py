@@ -9,6 +9,5 @@ from __future__ import annotations
 from scheduler.api import backup, datastores, hosts, images, imports, restore, schedactions, system, templates, users, verify, vms  # noqa: F401  isort: skip
 from scheduler.api.context import Context, make_authenticator
 from scheduler.api.registry import registry
-from scheduler.store.codecs import build_codecs
 
-__all__ = ["Context", "build_codecs", "make_authenticator", "registry"]
+__all__ = ["Context", "make_authenticator", "registry"]

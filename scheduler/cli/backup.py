@@ -43,8 +43,6 @@ from scheduler.model.schedule import (
 )
 from scheduler.model.template import Template, Vector
 
-FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
-
 WAIT_POLL = 0.5  # seconds between two looks at a waited-for backup
 FINISHED = {"done": True, "given_up": False, "failed": False, "cancelled": False, "interrupted": False}
 REPEAT_OPTIONS = (("weekly", Repeat.WEEKLY), ("monthly", Repeat.MONTHLY), ("yearly", Repeat.YEARLY),

@@ -24,6 +24,9 @@ def update_type(append: bool) -> int:
     """The ``type`` argument of OpenNebula's update methods."""
     return UPDATE_MERGE if append else UPDATE_REPLACE
 
+# OpenNebula pool filters: every object, or the caller's and their groups'.
+FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
+
 
 @dataclass(frozen=True)
 class Kind:

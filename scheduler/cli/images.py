@@ -17,7 +17,7 @@ from lxml import etree
 
 from scheduler.backup.urls import IMAGE_HEADER, parse_url
 from scheduler.cli.client import DEFAULT_TIMEOUT, UsageError
-from scheduler.cli.context import Context, Kind, add_id_command
+from scheduler.cli.context import FILTER_ALL, FILTER_MINE_AND_GROUPS, Context, Kind, add_id_command
 from scheduler.cli.datastores import DATASTORES
 from scheduler.cli.states import IMAGE_STATE_SHORT, IMAGE_STATES, IMAGE_TYPE_SHORT, IMAGE_TYPES, name_of
 from scheduler.cli.tables import (
@@ -35,7 +35,6 @@ from scheduler.cli.tables import (
 from scheduler.errors import ValidationError, VmschedError
 from scheduler.model.template import Template
 
-FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 IMAGES = Kind("image", "one.imagepool.info", "IMAGE_POOL", "IMAGE", (FILTER_ALL, -1, -1))
 
 COLUMNS = (

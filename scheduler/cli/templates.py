@@ -6,14 +6,13 @@ import argparse
 
 from lxml import etree
 
-from scheduler.cli.context import Context, Kind, add_id_command
+from scheduler.cli.context import FILTER_ALL, FILTER_MINE_AND_GROUPS, Context, Kind, add_id_command
 from scheduler.cli.hosts import HOSTS
 from scheduler.cli.offline import add_template_format
 from scheduler.cli.tables import Column, field, format_time, join_sections, parse_xml, render_fields
 from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY
 from scheduler.model.template import from_element
 
-FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 TEMPLATES = Kind("VM template", "one.templatepool.info", "VMTEMPLATE_POOL", "VMTEMPLATE", (FILTER_ALL, -1, -1))
 
 COLUMNS = (

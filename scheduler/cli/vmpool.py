@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from scheduler.cli.context import Context, Kind
+from scheduler.cli.context import FILTER_ALL, Context, Kind
 from scheduler.cli.progress import Progress
 from scheduler.errors import VmschedError
 
-FILTER_ALL, FILTER_MINE_AND_GROUPS = -2, -1
 ANY_BUT_DONE = -1
 VMS = Kind("VM", "one.vmpool.info", "VM_POOL", "VM", (FILTER_ALL, -1, -1, ANY_BUT_DONE))
 

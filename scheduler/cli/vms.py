@@ -11,7 +11,14 @@ from lxml import etree
 
 from scheduler.cli import backup
 from scheduler.cli.client import UsageError
-from scheduler.cli.context import Context, add_id_command, add_update_command, update_type
+from scheduler.cli.context import (
+    FILTER_ALL,
+    FILTER_MINE_AND_GROUPS,
+    Context,
+    add_id_command,
+    add_update_command,
+    update_type,
+)
 from scheduler.cli.hosts import HOSTS
 from scheduler.cli.images import IMAGES
 from scheduler.cli.progress import Progress, show_fields
@@ -34,8 +41,6 @@ from scheduler.cli.tables import (
 from scheduler.cli.vmpool import (
     ANY_BUT_DONE,
     BACKUP_LCM_STATES,
-    FILTER_ALL,
-    FILTER_MINE_AND_GROUPS,
     VMS,
     backup_progress,
 )

@@ -20,7 +20,7 @@ from scheduler import faults
 from scheduler.actions import is_backup
 from scheduler.actions.executor import make_executor, simulated_durations
 from scheduler.api.auth import SessionCache
-from scheduler.api.methods import Context, build_codecs, make_authenticator, registry
+from scheduler.api.methods import Context, make_authenticator, registry
 from scheduler.api.server import Dispatcher, make_app
 from scheduler.backup.run import make_recoverer
 from scheduler.config import Config, load_config
@@ -40,6 +40,7 @@ from scheduler.hosts.monitor import HostMonitor
 from scheduler.logs import setup_logging
 from scheduler.restore import in_place as restore_run
 from scheduler.restore import to_images as image_restore
+from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
 
