@@ -27,10 +27,12 @@ endif
 
 test: setup-test
 	$(VENV)/bin/ruff check scheduler drivers tests benchmarks
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check scheduler drivers tests benchmarks
+	$(VENV)/bin/mypy
 
 realenv-up: setup-test
 	$(VENV)/bin/python -m tests.realenv up

@@ -199,7 +199,7 @@ class SshPool:
         return DriverError(f"{target}: cannot open a channel: {exc}", host=target.host, retryable=True)
 
     async def _communicate(
-        self, target: SshTarget, link: _Link, process: asyncssh.SSHClientProcess,
+        self, target: SshTarget, link: _Link, process: asyncssh.SSHClientProcess[bytes],
         words: list[str], input: bytes | None, deadline: float, limit: float, started: Started | None,
     ) -> tuple[int, bytes, bytes]:
         pgid = asyncio.ensure_future(_read_pgid(process))
@@ -227,7 +227,7 @@ class SshPool:
             raise HostUnreachable(f"{target}: connection lost while running a command", host=target.host)
         return process.returncode, stdout, stderr
 
-    async def _stop(self, target: SshTarget, link: _Link, process: asyncssh.SSHClientProcess,
+    async def _stop(self, target: SshTarget, link: _Link, process: asyncssh.SSHClientProcess[bytes],
                     pgid: asyncio.Future[int | None]) -> None:
         """Kill the command's process group on the host, then close its channel."""
         try:
@@ -325,7 +325,7 @@ class SshPool:
             f"--accept-hostkey", host=target.host, fingerprint=fingerprint)
 
 
-async def _read_pgid(process: asyncssh.SSHClientProcess) -> int | None:
+async def _read_pgid(process: asyncssh.SSHClientProcess[bytes]) -> int | None:
     """The process group id the wrapper prints first; None when the wrapper failed before printing it."""
     line = await process.stdout.readline()
     text = line.decode("ascii", "replace").strip()

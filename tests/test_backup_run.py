@@ -106,7 +106,11 @@ def test_check_space() -> None:
 
 def test_target_datastore_messages() -> None:
     class Objects:
-        def find(self, kind: str, obj_id: int) -> Datastore | None:
+        @property
+        def datastores(self) -> Objects:
+            return self
+
+        def find(self, obj_id: int) -> Datastore | None:
             return {1: Datastore(id=1, name="imgs"), 2: Datastore(id=2, name="b", type=DatastoreType.BACKUP_DS,
                                                                    ds_mad="rsync")}.get(obj_id)
 

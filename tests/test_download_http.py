@@ -34,12 +34,17 @@ USERS = {"admin:pw": Caller(0, "oneadmin", 0, frozenset({0})), "alice:pw": Calle
 DISK = os.urandom(2 * (1 << 20) + 7)
 
 
+class Pool:
+    def __init__(self, objects: list[object]) -> None:
+        self.objects = objects
+
+    def all(self) -> list[object]:
+        return list(self.objects)
+
+
 class Pools:
     def __init__(self, images: list[Image], datastores: list[Datastore]) -> None:
-        self.pools = {"image": images, "datastore": datastores}
-
-    def all(self, kind: str) -> list[object]:
-        return list(self.pools[kind])
+        self.images, self.datastores = Pool(images), Pool(datastores)
 
 
 async def authenticate(session: str) -> Caller:

@@ -56,10 +56,11 @@ class Pools:
     """Enough of a State for the pure checks: ``find`` over a few objects."""
 
     def __init__(self, *images: Image) -> None:
-        self.images = {i.id: i for i in images}
+        self.images = self  # state.images.find(id)
+        self._images = {i.id: i for i in images}
 
-    def find(self, kind: str, obj_id: int) -> Image | None:
-        return self.images.get(obj_id) if kind == "image" else None
+    def find(self, obj_id: int) -> Image | None:
+        return self._images.get(obj_id)
 
 
 # ---- ARGS and the registry ------------------------------------------------------------------------------

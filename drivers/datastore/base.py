@@ -95,6 +95,7 @@ class BackupDatastore(Protocol):
     """What the backup action and the image operations call; one object per datastore."""
 
     datastore: Datastore
+    server: Runner  # the machine holding the backups: the backup server over SSH, or this one
 
     async def monitor(self) -> Capacity: ...
 

@@ -75,8 +75,9 @@ def _network_source(source: etree._Element) -> dict[str, object]:
     name = source.get("name") or ""
     pool, _, image = name.partition("/")
     auth = source.find("auth")
-    if auth is None:
-        auth = source.getparent().find("auth")  # libvirt accepts <auth> beside <source> too
+    parent = source.getparent()
+    if auth is None and parent is not None:
+        auth = parent.find("auth")  # libvirt accepts <auth> beside <source> too
     secret = auth.find("secret") if auth is not None else None
     return {
         "protocol": source.get("protocol"),

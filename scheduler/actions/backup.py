@@ -41,7 +41,7 @@ def validate(args: str) -> None:
 
 def check(state: State, vm: Vm, args: str) -> None:
     ds_id = parse_args(args).ds_id
-    datastore = state.find("datastore", ds_id)
+    datastore = state.datastores.find(ds_id)
     if datastore is None:
         raise ValidationError(f"Error getting datastore [{ds_id}]")
     if datastore.type != DatastoreType.BACKUP_DS:

@@ -18,6 +18,7 @@ from typing import Any
 
 from scheduler.engine.clock import Clock
 from scheduler.errors import ActionError, ValidationError
+from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.vm import Vm
 from scheduler.model.schedule import SchedAction
 from scheduler.store.state import State
@@ -37,7 +38,7 @@ class RunContext:
     clock: Clock
     log: logging.LoggerAdapter[Any]
     cancelled: asyncio.Event
-    links: Any = None  # scheduler.hosts.links.HostLinks: the VM's host's runner and libvirt connection
+    links: HostLinks | None = None  # the VM's host's runner and libvirt connection
     # Appends a step to the run's journaled steps and returns once it is durable (before the artifact exists).
     journal_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     config: Any = None  # scheduler.config.Config: sched.conf as it is when the run starts

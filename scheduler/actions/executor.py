@@ -19,6 +19,7 @@ from scheduler.engine.clock import Clock
 from scheduler.engine.journal import Journal, Run
 from scheduler.engine.progress import ProgressBoard
 from scheduler.errors import ActionError, ValidationError
+from scheduler.hosts.links import HostLinks
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
     return durations
 
 
-def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: Any = None,
+def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: HostLinks | None = None,
                   journal: Journal | None = None,
                   config: Callable[[], Any] | None = None,
                   complete: Callable[[Run, Any], None] | None = None,
@@ -50,7 +51,7 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
     async def execute(run: Run) -> str | None:
-        vm = state.find("vm", run.vm_id)
+        vm = state.vms.find(run.vm_id)
         if vm is None:
             raise ActionError(f"VM {run.vm_id} does not exist any more")
         if run.action in simulate:
@@ -58,7 +59,7 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
             return f"simulated {run.action}"
         spec = spec_of(run.action)
         check_action(state, vm, run.action, run.args)
-        action = state.find("schedaction", run.action_id) if run.action_id is not None else None
+        action = state.schedactions.find(run.action_id) if run.action_id is not None else None
         tracked = progress is not None and spec.is_backup
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,

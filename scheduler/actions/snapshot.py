@@ -77,7 +77,7 @@ def next_snapshot_id(vm: Vm) -> int:
 
 async def _change_template(ctx: RunContext, change: Callable[[Vm], None]) -> None:
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable("vm", ctx.vm.id)
+        vm = ctx.state.vms.editable(ctx.vm.id)
         change(vm)
         m.put("vm", vm)
 
@@ -138,7 +138,7 @@ async def _disk_image(ctx: RunContext, where: Placement, disk_id: int) -> tuple[
     if disk.type != "file" or not disk.path:
         raise ActionError(f"VM {where.vm.id}: disk {disk_id} ({target}) is not a file disk; "
                           "internal disk snapshots need a qcow2 file")
-    info = await image_info(ctx.links.runner(where.host), disk.path, where.host.name)
+    info = await image_info(where.runner, disk.path, where.host.name)
     return target, disk.path, info
 
 
@@ -160,7 +160,7 @@ async def disk_snapshot_create(ctx: RunContext, where: Placement) -> str:
     if info.named(name):
         raise ActionError(f"VM {where.vm.id}: disk {disk_id} ({target}) already has a snapshot named {name!r}")
     await where.kvm.create_disk_snapshot(where.ref, target, name)
-    created = (await image_info(ctx.links.runner(where.host), path, where.host.name)).named(name)
+    created = (await image_info(where.runner, path, where.host.name)).named(name)
     snap = f"snapshot {created[0].id}" if created else "a snapshot"
     return f"disk {disk_id} ({target}): {snap} {name!r} created"
 

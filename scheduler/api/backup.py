@@ -33,7 +33,7 @@ ACTION = "backup"
 def default_datastore(ctx: Context, vm: Vm) -> int:
     """ds -1: the datastore of the VM's newest backup."""
     for image_id in reversed(vm.backup_ids):
-        image = ctx.state.find("image", image_id)
+        image = ctx.state.images.find(image_id)
         if image is not None:
             return int(image.datastore_id)
     raise ValidationError(f"VM {vm.id} has no earlier backup: give the backup datastore")
@@ -57,7 +57,7 @@ def check_request(ctx: Context, vm: Vm, ds_id: int) -> int:
 
 @registry.method("one.vm.backup", Param("id", int), Param("ds_id", int, -1), Param("reset", bool, False))
 async def backup(ctx: Context, caller: Caller, vm_id: int, ds_id: int, reset: bool) -> int:
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.ADMIN, "VM", vm_id, "backup")
     ds_id = check_request(ctx, vm, ds_id)
     if ctx.engine is None:
@@ -79,7 +79,7 @@ def run_status(ctx: Context, run: Any) -> dict[str, Any]:
 async def backup_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, Any]:
     """The VM's newest one-shot backup run: ID, STATE (queued, running, done, given_up...), ATTEMPT, MESSAGE,
     and while it runs PROGRESS (see ``vmsched.vm.backupprogress``)."""
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "backupstatus")
     if ctx.engine is None:
         raise ActionError("this daemon runs no engine")
@@ -98,7 +98,7 @@ async def backup_progress(ctx: Context, caller: Caller, vm_id: int) -> dict[str,
     """How far the VM's running backup (scheduled or one-shot) is: PHASE (capture, upload, record), DONE and
     TOTAL bytes of that phase, ELAPSED seconds, RUN_ID, and DISKS (DISK_ID, DONE, TOTAL); {} when none runs.
     Bytes are doubles (XML-RPC integers are 32-bit)."""
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "backupprogress")
     progress = ctx.progress.for_vm(vm_id) if ctx.progress is not None else None
     return progress.as_struct(ctx.clock.now()) if progress is not None else {}
@@ -107,7 +107,7 @@ async def backup_progress(ctx: Context, caller: Caller, vm_id: int) -> dict[str,
 @registry.method("one.vm.backupcancel", Param("id", int))
 async def backupcancel(ctx: Context, caller: Caller, vm_id: int) -> int:
     """Cancel the VM's running (or queued) backup; it is recorded as cancelled and not retried."""
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.ADMIN, "VM", vm_id, "backup-cancel")
     if ctx.engine is None or ctx.engine.cancel_backup(vm_id) is None:
         raise ActionError(f"VM {vm_id} has no backup in progress or waiting to cancel")

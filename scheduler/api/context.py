@@ -13,7 +13,8 @@ from scheduler.api.permissions import Caller
 from scheduler.api.render import XmlCache
 from scheduler.config import Config
 from scheduler.engine.clock import Clock
-from scheduler.errors import AuthError
+from scheduler.errors import ActionError, AuthError
+from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.user import User
 from scheduler.store.state import State
 
@@ -27,7 +28,7 @@ class Context:
     clock: Clock
     state_dir: Path
     engine: Any = None  # scheduler.engine.loop.Engine once the daemon runs one
-    links: Any = None  # scheduler.hosts.links.HostLinks: runners and libvirt connections per host
+    links: HostLinks | None = None  # runners and libvirt connections per host
     progress: Any = None  # scheduler.engine.progress.ProgressBoard: how far the running backups are
     xml: XmlCache = field(default_factory=XmlCache)
 
@@ -36,6 +37,12 @@ class Context:
 
     def now(self) -> int:
         return int(self.clock.now())
+
+    def connections(self, refused: str) -> HostLinks:
+        """The host connections; a daemon built without them (tests of the API alone) refuses with ``refused``."""
+        if self.links is None:
+            raise ActionError(f"this daemon has no host connections; {refused}")
+        return self.links
 
 
 def make_authenticator(ctx: Context, sessions: SessionCache) -> Callable[[Any], Awaitable[Caller]]:
@@ -57,7 +64,7 @@ def make_authenticator(ctx: Context, sessions: SessionCache) -> Callable[[Any], 
 
 
 def _user_named(state: State, name: str) -> User | None:
-    for user in state.pools["user"].values():
+    for user in state.users.all():
         if user.name == name:
             return user
     return None

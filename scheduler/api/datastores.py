@@ -78,7 +78,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, cluster_id: int) -> 
     )
     await first_contact(ctx, datastore)  # the key exchange happens before anything is stored
     async with ctx.state.mutation() as m:
-        taken = next((d for d in ctx.state.all(KIND) if d.name == name), None)
+        taken = next((d for d in ctx.state.datastores.all() if d.name == name), None)
         if taken is not None:
             raise ValidationError(f"NAME is already taken by DATASTORE {taken.id}.")
         datastore.id = await m.new_id(KIND)
@@ -92,14 +92,14 @@ def _group_name(gid: int) -> str:
 
 @registry.method("one.datastore.info", Param("id", int), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, ds_id: int, decrypt: bool) -> str:
-    return ctx.state.get(KIND, ds_id).to_xml(show_secrets=decrypt and caller.admin)
+    return ctx.state.datastores.get(ds_id).to_xml(show_secrets=decrypt and caller.admin)
 
 
 @registry.method("one.datastore.delete", Param("id", int))
 async def delete(ctx: Context, caller: Caller, ds_id: int) -> int:
     require_admin(caller, "delete datastores")
     async with ctx.state.mutation() as m:
-        datastore = ctx.state.get(KIND, ds_id)
+        datastore = ctx.state.datastores.get(ds_id)
         if datastore.images:
             raise ActionError(f"Cannot delete datastore [{ds_id}]: it holds images {', '.join(map(str, datastore.images))}.")
         m.delete(KIND, ds_id)
@@ -111,11 +111,11 @@ async def update(ctx: Context, caller: Caller, ds_id: int, text: str, merge: int
     """``ACCEPT_HOSTKEY = "YES"`` in ``text`` records the backup server's key (first contact) before the
     change commits, outside the state lock."""
     require_admin(caller, "update datastores")
-    wanted = ctx.state.editable(KIND, ds_id)
+    wanted = ctx.state.datastores.editable(ds_id)
     wanted.template = _updated(wanted, text, merge)
     await first_contact(ctx, wanted)
     async with ctx.state.mutation() as m:
-        datastore = ctx.state.editable(KIND, ds_id)
+        datastore = ctx.state.datastores.editable(ds_id)
         datastore.template = _updated(datastore, text, merge)
         take_acceptance(datastore.template)
         if FINGERPRINT_KEY in wanted.template:
@@ -136,4 +136,4 @@ def _updated(datastore: Datastore, text: str, merge: int) -> Template:
 
 @registry.method("one.datastorepool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
-    return xml_string(pool_element(KIND, ctx.state.all(KIND), show_secrets=False))
+    return xml_string(pool_element(KIND, ctx.state.datastores.all(), show_secrets=False))

@@ -78,7 +78,7 @@ def download_handler(authenticate: Callable[[Any], Awaitable[Caller]], ctx: Any)
 def _locate(ctx: Any, text: str) -> backup_urls.Located:
     if not text:
         raise ValidationError("give the backup URL: /download?url=<backup URL>")
-    return backup_urls.locate(text, ctx.state.all("image"), ctx.state.all("datastore"))
+    return backup_urls.locate(text, ctx.state.images.all(), ctx.state.datastores.all())
 
 
 async def _send(request: web.Request, ctx: Any, located: backup_urls.Located) -> web.StreamResponse:

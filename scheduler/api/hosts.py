@@ -40,7 +40,7 @@ async def allocate(ctx: Context, caller: Caller, name: str, im_mad: str, vm_mad:
     require_admin(caller, "create hosts")
     name = check_name(name, "host")
     async with ctx.state.mutation() as m:
-        if any(h.name == name for h in ctx.state.all(KIND)):
+        if any(h.name == name for h in ctx.state.hosts.all()):
             raise ValidationError(f"NAME is already taken by HOST {_named(ctx, name).id}.")
         host = Host(id=await m.new_id(KIND), name=name, im_mad=im_mad or "kvm", vm_mad=vm_mad or "kvm")
         m.put(KIND, host)
@@ -48,20 +48,20 @@ async def allocate(ctx: Context, caller: Caller, name: str, im_mad: str, vm_mad:
 
 
 def _named(ctx: Context, name: str) -> Host:
-    return next(h for h in ctx.state.all(KIND) if h.name == name)
+    return next(h for h in ctx.state.hosts.all() if h.name == name)
 
 
 @registry.method("one.host.info", Param("id", int), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, host_id: int, decrypt: bool) -> str:
     require_admin(caller, "see hosts")
-    return ctx.state.get(KIND, host_id).to_xml()
+    return ctx.state.hosts.get(host_id).to_xml()
 
 
 @registry.method("one.host.delete", Param("id", int))
 async def delete(ctx: Context, caller: Caller, host_id: int) -> int:
     require_admin(caller, "delete hosts")
     async with ctx.state.mutation() as m:
-        host = ctx.state.get(KIND, host_id)
+        host = ctx.state.hosts.get(host_id)
         if host.vms:
             raise ActionError(f"Cannot delete host [{host_id}]: it has VMs {', '.join(map(str, host.vms))}.")
         m.delete(KIND, host_id)
@@ -74,11 +74,11 @@ async def update(ctx: Context, caller: Caller, host_id: int, text: str, merge: i
     vmsched's known_hosts and its fingerprint in ``SSH_HOSTKEY_FINGERPRINT``; the attribute itself is never
     stored. The key exchange happens before the change commits, outside the state lock."""
     require_admin(caller, "update hosts")
-    host = ctx.state.get(KIND, host_id)
+    host = ctx.state.hosts.get(host_id)
     wanted = _updated(host.template, text, merge, host_id)
     fingerprint = await first_contact(ctx, host.name, wanted) if take_acceptance(wanted) else ""
     async with ctx.state.mutation() as m:
-        host = ctx.state.editable(KIND, host_id)
+        host = ctx.state.hosts.editable(host_id)
         host.template = _updated(host.template, text, merge, host_id)
         take_acceptance(host.template)
         if fingerprint:
@@ -107,7 +107,7 @@ async def status(ctx: Context, caller: Caller, host_id: int, wanted: int) -> int
     if wanted not in _STATUS:
         raise ValidationError(f"host status must be 0 (enabled), 1 (disabled) or 2 (offline), got {wanted}")
     async with ctx.state.mutation() as m:
-        host = ctx.state.editable(KIND, host_id)
+        host = ctx.state.hosts.editable(host_id)
         new_state = _STATUS[wanted]
         if new_state is None:
             new_state = HostState.INIT if host.state in (HostState.DISABLED, HostState.OFFLINE) else host.state
@@ -119,4 +119,4 @@ async def status(ctx: Context, caller: Caller, host_id: int, wanted: int) -> int
 @registry.method("one.hostpool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
     require_admin(caller, "see hosts")
-    return xml_string(pool_element(KIND, ctx.state.all(KIND)))
+    return xml_string(pool_element(KIND, ctx.state.hosts.all()))

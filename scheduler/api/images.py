@@ -26,22 +26,22 @@ log = logging.getLogger(__name__)
 
 @registry.method("one.image.info", Param("id", int), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, image_id: int, decrypt: bool) -> str:
-    image = ctx.state.get(KIND, image_id)
+    image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "info")
-    return with_urls(image, ctx.state.find("datastore", image.datastore_id)).to_xml()
+    return with_urls(image, ctx.state.datastores.find(image.datastore_id)).to_xml()
 
 
 @registry.method("one.image.delete", Param("id", int), Param("force", bool, False))
 async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> int:
     """A backup image's files go first, through its datastore's driver; then the record (OpenNebula's
     image delete path, spec §5.2 ``rm``). With ``force`` the record goes even if the files cannot."""
-    image = ctx.state.get(KIND, image_id)
+    image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.MANAGE, "IMAGE", image_id, "delete")
     vm_id = image.vms[0] if image.vms else -1
     if image.type in (ImageType.OS, ImageType.DATABLOCK):
         await _remove_image_file(ctx, image)
     if image.type == ImageType.BACKUP:
-        vm = ctx.state.find("vm", vm_id)
+        vm = ctx.state.vms.find(vm_id)
         if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
             raise ActionError(f"Active backup on the associated VM {vm_id}: delete image {image_id} when it has ended")
         await _remove_backup_files(ctx, image, vm_id, force)
@@ -51,10 +51,10 @@ async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> in
 
 async def _remove_image_file(ctx: Context, image: Image) -> None:
     """The file of an image in an image datastore, unless a VM's disk still is that file."""
-    datastore = ctx.state.find("datastore", image.datastore_id)
+    datastore = ctx.state.datastores.find(image.datastore_id)
     if datastore is None or not is_image_datastore(datastore) or not image.source or ctx.links is None:
         return
-    users = [vm.id for vm in ctx.state.all("vm") if any(disk.get("SOURCE") == image.source
+    users = [vm.id for vm in ctx.state.vms.all() if any(disk.get("SOURCE") == image.source
                                                         for disk in vm.template.vectors("DISK"))]
     if users:
         raise ActionError(f"Cannot delete image {image.id}: VM(s) {', '.join(map(str, users))} use its file "
@@ -65,7 +65,7 @@ async def _remove_image_file(ctx: Context, image: Image) -> None:
 
 async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bool) -> None:
     sources = [inc.source for inc in image.increments] or ([image.source] if image.source else [])
-    datastore = ctx.state.find("datastore", image.datastore_id)
+    datastore = ctx.state.datastores.find(image.datastore_id)
     if not sources or datastore is None or ctx.links is None:
         return
     try:
@@ -83,13 +83,13 @@ async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bo
 async def restore(ctx: Context, caller: Caller, image_id: int, ds_id: int, options: str) -> str:
     """New images (and a VM template, unless DISK_ID) from a backup (spec §8.1-8.3):
     ``"<template_id> <image_id> ..."``. See scheduler.restore.to_images."""
-    image = ctx.state.get(KIND, image_id)
+    image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "restore")
-    datastore = ctx.state.get("datastore", ds_id)
+    datastore = ctx.state.datastores.get(ds_id)
     require(caller, datastore.ownership.uid, Right.USE, "DATASTORE", ds_id, "restore into")
     return await image_restore.restore(ctx, caller, image_id, ds_id, options)
 
 
 @registry.method("one.imagepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))
 async def pool_info(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int) -> str:
-    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end)))
+    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.images.all(), pool_filter, start, end)))

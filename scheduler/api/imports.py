@@ -25,7 +25,7 @@ from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.api.users import GROUP_NAMES
-from scheduler.errors import ActionError, DriverError, ValidationError, VmschedError
+from scheduler.errors import DriverError, ValidationError, VmschedError
 from scheduler.hosts.imageinfo import image_info
 from scheduler.hosts.placement import bind, set_states
 from scheduler.hosts.vmimport import DomainFacts, import_template, read_domain, size_mb, unique_name, vm_states
@@ -69,7 +69,7 @@ async def read_host_domain(kvm: KvmHost, runner: Any, host: Host, ref: str) -> S
 
 
 def vm_of_domain(ctx: Context, uuid: str) -> Vm | None:
-    return next((vm for vm in ctx.state.all("vm") if (vm.uuid or "").lower() == uuid), None)
+    return next((vm for vm in ctx.state.vms.all() if (vm.uuid or "").lower() == uuid), None)
 
 
 async def store_domain(ctx: Context, caller: Caller, host: Host, seen: Seen) -> tuple[int, bool]:
@@ -80,17 +80,17 @@ async def store_domain(ctx: Context, caller: Caller, host: Host, seen: Seen) -> 
         if existing is None:
             vm = Vm(
                 id=await m.new_id("vm"),
-                name=unique_name(seen.facts.name, (other.name for other in ctx.state.all("vm"))),
+                name=unique_name(seen.facts.name, (other.name for other in ctx.state.vms.all())),
                 ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
                 stime=now,
                 backup_config=backups.default_backup_config(),
             )
         else:
-            vm = ctx.state.editable("vm", existing.id)
+            vm = ctx.state.vms.editable(existing.id)
         vm.template = import_template(seen.facts, seen.sizes, vm.template if existing else None)
         vm.deploy_id = seen.facts.name
         set_states(vm, *vm_states(seen.state))
-        bind(m, vm, ctx.state.get("host", host.id), now)
+        bind(m, vm, ctx.state.hosts.get(host.id), now)
         m.put("vm", vm)
     return vm.id, existing is None
 
@@ -100,7 +100,8 @@ def _result(name: str, uuid: str, vm_id: int, status: str, message: str = "") ->
 
 
 async def import_one(ctx: Context, caller: Caller, host: Host, ref: str) -> dict[str, Any]:
-    kvm, runner = ctx.links.vmm(host), ctx.links.runner(host)
+    links = ctx.connections("domains cannot be imported")
+    kvm, runner = links.vmm(host), links.runner(host)
     try:
         seen = await read_host_domain(kvm, runner, host, ref)
         vm_id, created = await store_domain(ctx, caller, host, seen)
@@ -114,14 +115,13 @@ async def import_one(ctx: Context, caller: Caller, host: Host, ref: str) -> dict
 
 
 @registry.method("one.host.importvm", Param("id", int), Param("domains", list, []), Param("all", bool, False))
-async def importvm(ctx: Context, caller: Caller, host_id: int, names: list, every: bool) -> list[dict[str, Any]]:
+async def importvm(ctx: Context, caller: Caller, host_id: int, names: list[str], every: bool) -> list[dict[str, Any]]:
     require_admin(caller, "import VMs")
     if any(not isinstance(name, str) or not name.strip() for name in names):
         raise ValidationError("domains must be an array of domain names or UUIDs")
     if bool(names) == every:
         raise ValidationError("name the domains to import, or ask for all of them (not both)")
-    if ctx.links is None:
-        raise ActionError("this daemon has no host connections; domains cannot be imported")
-    host = ctx.state.get("host", host_id)
-    refs = [info.uuid for info in await ctx.links.vmm(host).list_domains()] if every else [n.strip() for n in names]
+    links = ctx.connections("domains cannot be imported")
+    host = ctx.state.hosts.get(host_id)
+    refs = [info.uuid for info in await links.vmm(host).list_domains()] if every else [n.strip() for n in names]
     return [await import_one(ctx, caller, host, ref) for ref in refs]

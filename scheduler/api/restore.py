@@ -24,9 +24,9 @@ from scheduler.restore.in_place import RestoreArgs, check_request
 async def restore(ctx: Context, caller: Caller, vm_id: int, image_id: int, increment_id: int, disk_id: int) -> int:
     """Restore the powered-off VM's disks in place from its backup image; the VM id. The restore runs later
     (``vmsched.vm.restorestatus`` follows it); the VM is ACTIVE/RESTORE while it does."""
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.ADMIN, "VM", vm_id, "restore")
-    image = ctx.state.get("image", image_id)
+    image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "restore")
     check_request(ctx.state, vm, image_id, increment_id, disk_id)
     if ctx.engine is None:
@@ -41,7 +41,7 @@ async def restore(ctx: Context, caller: Caller, vm_id: int, image_id: int, incre
 async def restore_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, Any]:
     """The VM's newest restore run: ID, STATE (queued, running, done, failed, interrupted), MESSAGE, and
     IMAGE_ID, INCREMENT_ID, DISK_ID as requested."""
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "restorestatus")
     if ctx.engine is None:
         raise ActionError("this daemon runs no engine")

@@ -65,7 +65,7 @@ def delete_actions(m: Mutation, vm: Vm) -> None:
 
 def actions_of(state: State, vm: Vm) -> tuple[SchedAction, ...]:
     """The current action objects of ``vm``, by id."""
-    found = (state.find(KIND, sa_id) for sa_id in vm.sched_actions)
+    found = (state.schedactions.find(sa_id) for sa_id in vm.sched_actions)
     return tuple(action for action in found if action is not None)
 
 
@@ -80,7 +80,7 @@ def _one_vector(text: str, what: str) -> Vector:
 
 
 def _managed_vm(ctx: Context, caller: Caller, vm_id: int, operation: str) -> Vm:
-    vm = ctx.state.get(VM_KIND, vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.MANAGE, "VM", vm_id, operation)
     if vm.state == VmState.DONE:
         raise ActionError(f"VM {vm_id} is in state DONE: it has no scheduled actions")
@@ -88,7 +88,7 @@ def _managed_vm(ctx: Context, caller: Caller, vm_id: int, operation: str) -> Vm:
 
 
 def _action_of(ctx: Context, vm: Vm, sa_id: int) -> SchedAction:
-    action = ctx.state.find(KIND, sa_id)
+    action = ctx.state.schedactions.find(sa_id)
     if action is None or action.type != "VM" or action.parent_id != vm.id or sa_id not in vm.sched_actions:
         raise NotFound(f"Error getting scheduled action [{sa_id}] of virtual machine [{vm.id}].")
     return action
@@ -100,7 +100,7 @@ async def schedadd(ctx: Context, caller: Caller, vm_id: int, text: str) -> int:
     async with ctx.state.mutation() as m:
         vm = _managed_vm(ctx, caller, vm_id, "sched-action")
         action = _parse_one(ctx.state, vm, vector, vm.stime)
-        vm = ctx.state.editable(VM_KIND, vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         (sa_id,) = await store_actions(m, vm, [action])
         m.put(VM_KIND, vm)
     return sa_id
@@ -119,10 +119,10 @@ async def schedupdate(ctx: Context, caller: Caller, vm_id: int, sa_id: int, text
 @registry.method("one.vm.scheddelete", Param("id", int), Param("sched_id", int))
 async def scheddelete(ctx: Context, caller: Caller, vm_id: int, sa_id: int) -> int:
     async with ctx.state.mutation() as m:
-        vm = ctx.state.get(VM_KIND, vm_id)
+        vm = ctx.state.vms.get(vm_id)
         require(caller, vm.ownership.uid, Right.MANAGE, "VM", vm_id, "sched-action")
         _action_of(ctx, vm, sa_id)
-        vm = ctx.state.editable(VM_KIND, vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         vm.sched_actions = [i for i in vm.sched_actions if i != sa_id]
         m.delete(KIND, sa_id)
         m.put(VM_KIND, vm)

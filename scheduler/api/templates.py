@@ -75,7 +75,7 @@ def checked_request(text: str) -> tuple[str, Template]:
 
 def require_free_name(state: State, caller: Caller, name: str) -> None:
     """ValidationError when ``caller`` owns a template named ``name``."""
-    taken = next((t for t in state.all(KIND) if t.name == name and t.ownership.uid == caller.user_id), None)
+    taken = next((t for t in state.templates.all() if t.name == name and t.ownership.uid == caller.user_id), None)
     if taken is not None:
         raise ValidationError(f"NAME is already taken by TEMPLATE {taken.id}.")
 
@@ -97,7 +97,7 @@ async def add(ctx: Context, m: Any, caller: Caller, name: str, template: Templat
 
 @registry.method("one.template.info", Param("id", int), Param("extended", bool, False), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, template_id: int, extended: bool, decrypt: bool) -> str:
-    vm_template = ctx.state.get(KIND, template_id)
+    vm_template = ctx.state.templates.get(template_id)
     require(caller, vm_template.ownership.uid, Right.USE, "TEMPLATE", template_id, "info")
     return vm_template.to_xml()
 
@@ -109,7 +109,7 @@ async def delete(ctx: Context, caller: Caller, template_id: int, recursive: bool
         raise ActionError("recursive delete (the template's images too) is not supported: delete the template, "
                           "then each image with one.image.delete")
     async with ctx.state.mutation() as m:
-        vm_template = ctx.state.get(KIND, template_id)
+        vm_template = ctx.state.templates.get(template_id)
         require(caller, vm_template.ownership.uid, Right.MANAGE, "TEMPLATE", template_id, "delete")
         m.delete(KIND, template_id)
     return template_id
@@ -117,7 +117,7 @@ async def delete(ctx: Context, caller: Caller, template_id: int, recursive: bool
 
 @registry.method("one.templatepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))
 async def pool_info(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int) -> str:
-    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end)))
+    return xml_string(pool_element(KIND, pool_slice(caller, ctx.state.templates.all(), pool_filter, start, end)))
 
 
 # ---- instantiate ------------------------------------------------------------------------------------
@@ -189,10 +189,9 @@ async def _forget_domain(kvm: KvmHost, uuid: str, started: bool) -> None:
 @registry.method("vmsched.template.instantiate", Param("id", int), Param("host_id", int), Param("start", bool, False))
 async def instantiate(ctx: Context, caller: Caller, template_id: int, host_id: int, start: bool) -> int:
     require_admin(caller, "define domains on hosts")
-    vm_template = ctx.state.get(KIND, template_id)
-    host = ctx.state.get("host", host_id)
-    if ctx.links is None:
-        raise ActionError("this daemon has no host connections; templates cannot be instantiated")
+    vm_template = ctx.state.templates.get(template_id)
+    host = ctx.state.hosts.get(host_id)
+    ctx.connections("templates cannot be instantiated")
     xml = vm_template.domain_xml
     if xml is None:
         raise ActionError(f"VM template {template_id} has no libvirt domain ({DOMAIN_XML_KEY}); "
@@ -215,20 +214,21 @@ async def instantiate(ctx: Context, caller: Caller, template_id: int, host_id: i
 async def _instantiate(ctx: Context, caller: Caller, vm_template: VmTemplate, host: Host, settings: VmSettings,
                        start: bool) -> int:
     xml = vm_template.domain_xml or ""
-    kvm = ctx.links.vmm(host)
+    links = ctx.connections("templates cannot be instantiated")
+    kvm = links.vmm(host)
     defined = await kvm.define(xml)
     started = False
     try:
         if start:
             await kvm.start(defined.uuid)
             started = True
-        seen = await read_host_domain(kvm, ctx.links.runner(host), host, defined.uuid)
+        seen = await read_host_domain(kvm, links.runner(host), host, defined.uuid)
     except DriverError:
         await _forget_domain(kvm, defined.uuid, started)
         raise
     vm_id, _ = await store_domain(ctx, caller, host, seen)
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable("vm", vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         actions = apply_settings(ctx.state, vm, settings, ctx.now())
         m.put("vm", vm)  # before its actions: their rows take the VM's owner
         await store_actions(m, vm, actions)

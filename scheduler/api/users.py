@@ -41,7 +41,7 @@ def new_user(user_id: int, name: str, password: str, groups: list[int]) -> User:
 
 @registry.method("one.user.allocate", Param("name", str), Param("password", str), Param("driver", str, "core"),
                  Param("group_ids", list, []))
-async def allocate(ctx: Context, caller: Caller, name: str, password: str, driver: str, group_ids: list) -> int:
+async def allocate(ctx: Context, caller: Caller, name: str, password: str, driver: str, group_ids: list[int]) -> int:
     require_admin(caller, "create users")
     name = check_name(name, "user")
     if ":" in name or " " in name:
@@ -53,7 +53,7 @@ async def allocate(ctx: Context, caller: Caller, name: str, password: str, drive
             raise ValidationError(f"group {gid!r} does not exist (groups: 0 oneadmin, 1 users)")
     check_password(password)
     async with ctx.state.mutation() as m:
-        taken = next((u for u in ctx.state.all(KIND) if u.name == name), None)
+        taken = next((u for u in ctx.state.users.all() if u.name == name), None)
         if taken is not None:
             raise ValidationError(f"NAME is already taken by USER {taken.id}.")
         user = new_user(await m.new_id(KIND), name, password, list(group_ids))
@@ -71,7 +71,7 @@ def _self_or_admin(caller: Caller, user_id: int, operation: str) -> int:
 @registry.method("one.user.info", Param("id", int, -1), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, user_id: int, decrypt: bool) -> str:
     target = _self_or_admin(caller, user_id, "see")
-    return ctx.state.get(KIND, target).to_xml(show_secrets=False)
+    return ctx.state.users.get(target).to_xml(show_secrets=False)
 
 
 @registry.method("one.user.passwd", Param("id", int), Param("password", str))
@@ -79,7 +79,7 @@ async def passwd(ctx: Context, caller: Caller, user_id: int, password: str) -> i
     target = _self_or_admin(caller, user_id, "change the password of")
     check_password(password)
     async with ctx.state.mutation() as m:
-        user = ctx.state.editable(KIND, target)
+        user = ctx.state.users.editable(target)
         user.password = hash_password(password)
         m.put(KIND, user)
     return target
@@ -87,5 +87,5 @@ async def passwd(ctx: Context, caller: Caller, user_id: int, password: str) -> i
 
 @registry.method("one.userpool.info")
 async def pool_info(ctx: Context, caller: Caller) -> str:
-    users = [u for u in ctx.state.all(KIND) if caller.admin or u.id == caller.user_id]
+    users = [u for u in ctx.state.users.all() if caller.admin or u.id == caller.user_id]
     return xml_string(pool_element(KIND, users, show_secrets=False))

@@ -32,11 +32,11 @@ SERVER_KINDS = ("fs", "rsync", "restic")
 
 @registry.method("vmsched.image.verify", Param("id", int), Param("increment", int, -1))
 async def verify(ctx: Context, caller: Caller, image_id: int, increment: int) -> dict[str, Any]:
-    image = ctx.state.get(KIND, image_id)
+    image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "verify")
     backup_urls.check_backup_image(image)
     source = backup_urls.single_source(backup_urls.chain_up_to(backup_urls.image_chain(image), increment))
-    datastore = ctx.state.get("datastore", image.datastore_id)
+    datastore = ctx.state.datastores.get(image.datastore_id)
     if datastore.ds_mad not in SERVER_KINDS:
         raise ActionError(f"verifying backups in a {datastore.ds_mad!r} datastore is not supported yet "
                           f"({', '.join(SERVER_KINDS)} are)")
@@ -69,7 +69,7 @@ async def check_backup(store: Any, image: Image, source: str) -> verification.Ve
 
 async def _record(ctx: Context, image_id: int, result: verification.Verification) -> None:
     async with ctx.state.mutation() as m:
-        if ctx.state.find(KIND, image_id) is None:  # deleted while it was being read
+        if ctx.state.images.find(image_id) is None:  # deleted while it was being read
             return
-        image = ctx.state.editable(KIND, image_id)
+        image = ctx.state.images.editable(image_id)
         m.put(KIND, verification.recorded_on(image, result, ctx.now()))

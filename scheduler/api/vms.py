@@ -94,7 +94,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
 
 @registry.method("one.vm.info", Param("id", int), Param("decrypt", bool, False))
 async def info(ctx: Context, caller: Caller, vm_id: int, decrypt: bool) -> str:
-    vm = ctx.state.get(KIND, vm_id)
+    vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "info")
     return _full_body(ctx, vm)
 
@@ -105,7 +105,7 @@ async def update(ctx: Context, caller: Caller, vm_id: int, text: str, merge: int
         raise ValidationError(f"update type must be 0 (replace) or 1 (merge), got {merge}")
     incoming = parse_request_template(text, f"VM {vm_id} user template")
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable(KIND, vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         require(caller, vm.ownership.uid, Right.MANAGE, "VM", vm_id, "update")
         if merge:
             vm.user_template.merge(incoming)
@@ -126,7 +126,7 @@ async def updateconf(ctx: Context, caller: Caller, vm_id: int, text: str, merge:
             f"updateconf cannot change {', '.join(unknown)}; it changes {', '.join(UPDATECONF_VECTORS)}"
         )
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable(KIND, vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         require(caller, vm.ownership.uid, Right.MANAGE, "VM", vm_id, "updateconf")
         user_config = _backup_config_input(incoming)
         if user_config is not None:
@@ -158,7 +158,7 @@ def _apply_backup_config(vm: Vm, user_config: Vector, append: bool) -> None:
 async def rename(ctx: Context, caller: Caller, vm_id: int, name: str) -> int:
     name = check_name(name, "VM")
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable(KIND, vm_id)
+        vm = ctx.state.vms.editable(vm_id)
         require(caller, vm.ownership.uid, Right.MANAGE, "VM", vm_id, "rename")
         vm.name = name
         m.put(KIND, vm)
@@ -174,14 +174,14 @@ async def recover(ctx: Context, caller: Caller, vm_id: int, operation: int) -> i
             "keeping its backups and leaving its libvirt domain alone)"
         )
     async with ctx.state.mutation() as m:
-        vm = ctx.state.get(KIND, vm_id)
+        vm = ctx.state.vms.get(vm_id)
         if vm.lcm_state in _BACKING_UP:
             raise ActionError(f"VM {vm_id} is being backed up or restored; cancel or wait for it before deleting the VM")
         bound = vm.host
         if bound is not None:
-            host = ctx.state.find("host", bound[0])
+            host = ctx.state.hosts.find(bound[0])
             if host is not None and vm_id in host.vms:
-                host = ctx.state.editable("host", host.id)
+                host = ctx.state.hosts.editable(host.id)
                 host.vms = [i for i in host.vms if i != vm_id]
                 m.put("host", host)
         delete_actions(m, vm)
@@ -194,8 +194,8 @@ async def recover(ctx: Context, caller: Caller, vm_id: int, operation: int) -> i
 async def deploy(ctx: Context, caller: Caller, vm_id: int, host_id: int, enforce: bool, ds_id: int, nic: str) -> int:
     require_admin(caller, "bind VMs to hosts")
     async with ctx.state.mutation() as m:
-        vm = ctx.state.editable(KIND, vm_id)
-        host = ctx.state.editable("host", host_id)
+        vm = ctx.state.vms.editable(vm_id)
+        host = ctx.state.hosts.editable(host_id)
         if vm.history:
             raise ActionError(f"VM {vm_id} is already bound to host {vm.history[-1].hostname}")
         if vm.state not in (VmState.PENDING, VmState.HOLD):
@@ -221,7 +221,7 @@ def _state_matches(vm: Vm, state: int) -> bool:
 async def _pool(ctx: Context, caller: Caller, pool_filter: int, start: int, end: int, state: int, extended: bool) -> str:
     if state < -2:
         raise ValidationError(f"state filter must be -2 (any), -1 (any but DONE) or a VM state, got {state}")
-    vms = [vm for vm in pool_slice(caller, ctx.state.all(KIND), pool_filter, start, end) if _state_matches(vm, state)]
+    vms = [vm for vm in pool_slice(caller, ctx.state.vms.all(), pool_filter, start, end) if _state_matches(vm, state)]
     if not extended:
         return ctx.xml.pool("VM_POOL", KIND, vms, "short", _short)
     return ctx.xml.pool("VM_POOL", KIND, vms, "full", _full_builder(ctx), lambda vm: _deps(ctx, vm))

@@ -24,7 +24,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from drivers import hostkeys, tm
-from drivers.commands import shielded
+from drivers.commands import Runner, shielded
 from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore, server_of
 from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
@@ -37,7 +37,7 @@ from scheduler.backup.urls import url_vectors
 from scheduler.engine.progress import CAPTURE, RECORD, UPLOAD
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
-from scheduler.hosts.links import is_local
+from scheduler.hosts.links import HostLinks, is_local
 from scheduler.hosts.monitor import tool_key
 from scheduler.hosts.placement import Placement, locate_for_run, set_states
 from scheduler.model import backup_config as backups
@@ -77,7 +77,7 @@ class BackupSettings:
 
 
 def target_datastore(state: State, ds_id: int) -> Datastore:
-    datastore = state.find("datastore", ds_id)
+    datastore = state.datastores.find(ds_id)
     if datastore is None:
         raise ValidationError(f"Error getting datastore [{ds_id}].")
     if datastore.type != DatastoreType.BACKUP_DS:
@@ -200,7 +200,7 @@ def known_hosts_file(datastore: Datastore) -> str:
     return f"vmsched_known_hosts.{target.host}_{target.port}"
 
 
-def server_known_hosts(links: Any, datastore: Datastore) -> str:
+def server_known_hosts(links: HostLinks, datastore: Datastore) -> str:
     """The known_hosts lines vmsched trusts for the datastore's backup server; an error naming the fix when
     it has none (the server's key must be verified once: ``vmsched datastore accept-hostkey``)."""
     target = server_of(datastore)
@@ -213,7 +213,7 @@ def server_known_hosts(links: Any, datastore: Datastore) -> str:
     return lines
 
 
-async def upload_ssh(links: Any, host: Any, runner: Any, datastore: Datastore) -> list[str]:
+async def upload_ssh(links: HostLinks, host: Any, runner: Any, datastore: Datastore) -> list[str]:
     """How the upload reaches the other side.
 
     ``rsync`` and ``restic``: the hypervisor's ssh to the backup (SFTP) server. Its host key is the one vmsched verified (installed
@@ -320,7 +320,7 @@ class _Backup:
 async def perform(ctx: Any, ds_id: int) -> str:
     """The whole backup of ``ctx.vm`` into datastore ``ds_id``; the run's message."""
     settings = BackupSettings.from_config(getattr(ctx, "config", None))
-    vm = ctx.state.get("vm", ctx.vm.id)
+    vm = ctx.state.vms.get(ctx.vm.id)
     datastore = target_datastore(ctx.state, ds_id)
     backup_state(vm)
     disks = selected_disks(vm)
@@ -345,10 +345,10 @@ async def perform(ctx: Any, ds_id: int) -> str:
 
 
 async def _enter_backup_state(run: _Backup, lcm: LcmState) -> None:
-    vm = run.ctx.state.get("vm", run.vm_id)
+    vm = run.ctx.state.vms.get(run.vm_id)
     await run.journal(step("state", vm=vm.id, state=int(vm.state), lcm=int(vm.lcm_state)))
     async with run.ctx.state.mutation() as m:
-        vm = run.ctx.state.editable("vm", run.vm_id)
+        vm = run.ctx.state.vms.editable(run.vm_id)
         run.restore_to = (vm.state, vm.lcm_state)
         set_states(vm, VmState.ACTIVE, lcm)
         m.put("vm", vm)
@@ -364,9 +364,9 @@ async def _leave_backup_state(run: _Backup) -> None:
 
 async def restore_state(state: State, vm_id: int, to: tuple[VmState, LcmState]) -> None:
     async with state.mutation() as m:
-        vm = state.find("vm", vm_id)
+        vm = state.vms.find(vm_id)
         if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
-            vm = state.editable("vm", vm_id)
+            vm = state.vms.editable(vm_id)
             set_states(vm, *to)
             m.put("vm", vm)
 
@@ -432,7 +432,7 @@ async def _awaited(step: Awaitable[Any]) -> Any:
 
 async def _write_descriptions(run: _Backup) -> None:
     """``vm.xml`` (the VM as it is now) and ``domain.xml`` (libvirt's definition) beside the disks."""
-    vm = run.ctx.state.get("vm", run.vm_id)
+    vm = run.ctx.state.vms.get(run.vm_id)
     domain = await run.where.kvm.xml(run.where.ref, inactive=True)
     await _together(*(run.runner.run(["sh", "-c", 'cat > "$1"', "sh", f"{run.staging}/{name}"],
                                      timeout=COMMAND_TIMEOUT, input=text.encode())
@@ -465,9 +465,9 @@ async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image
     disk_ids = [int(d["DISK_ID"]) for d in run.disks]
     async with ctx.state.mutation() as m:
         image_id = await m.new_id("image")
-        vm = ctx.state.editable("vm", run.vm_id)
+        vm = ctx.state.vms.editable(run.vm_id)
         image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, ctx.clock.now(), tz)
-        datastore = ctx.state.editable("datastore", run.datastore.id)
+        datastore = ctx.state.datastores.editable(run.datastore.id)
         datastore.images = sorted({*datastore.images, image_id})
         vm.backup_ids = backups.add_backup_id(vm.backup_ids, image_id)
         if run.restore_to is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
@@ -484,10 +484,10 @@ async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image
 # ---- retention ---------------------------------------------------------------------------------------
 
 
-async def apply_keep_last(state: State, links: Any, vm_id: int) -> list[int]:
+async def apply_keep_last(state: State, links: HostLinks, vm_id: int) -> list[int]:
     """Delete the oldest backup images beyond KEEP_LAST (spec §7.1): the files, then the records.
     Errors are logged; an image whose files cannot be removed keeps its record."""
-    vm = state.get("vm", vm_id)
+    vm = state.vms.get(vm_id)
     doomed = backups.remove_last(vm.backup_ids, backups.keep_last(vm.backup_config))
     if doomed:
         log.info("VM %s: Removing backup snapshots: %s", vm_id, " ".join(map(str, doomed)))
@@ -501,10 +501,10 @@ async def apply_keep_last(state: State, links: Any, vm_id: int) -> list[int]:
     return removed
 
 
-async def _delete_backup(state: State, links: Any, vm_id: int, image_id: int) -> None:
-    image = state.find("image", image_id)
+async def _delete_backup(state: State, links: HostLinks, vm_id: int, image_id: int) -> None:
+    image = state.images.find(image_id)
     if image is not None and image.source:
-        datastore = state.get("datastore", image.datastore_id)
+        datastore = state.datastores.get(image.datastore_id)
         try:
             await open_datastore(datastore, links.pool).rm(vm_id, [image.source])
         except NotFound:
@@ -515,17 +515,17 @@ async def _delete_backup(state: State, links: Any, vm_id: int, image_id: int) ->
 async def forget_image(state: State, vm_id: int, image_id: int) -> None:
     """Remove an image record, from its datastore's IMAGES and from the VM's BACKUP_IDS."""
     async with state.mutation() as m:
-        image = state.find("image", image_id)
+        image = state.images.find(image_id)
         if image is not None:
-            datastore = state.find("datastore", image.datastore_id)
+            datastore = state.datastores.find(image.datastore_id)
             if datastore is not None and image_id in datastore.images:
-                datastore = state.editable("datastore", datastore.id)
+                datastore = state.datastores.editable(datastore.id)
                 datastore.images = [i for i in datastore.images if i != image_id]
                 m.put("datastore", datastore)
             m.delete("image", image_id)
-        vm = state.find("vm", vm_id)
+        vm = state.vms.find(vm_id)
         if vm is not None and image_id in vm.backup_ids:
-            vm = state.editable("vm", vm_id)
+            vm = state.vms.editable(vm_id)
             vm.backup_ids = backups.del_backup_id(vm.backup_ids, image_id)
             m.put("vm", vm)
 
@@ -533,7 +533,7 @@ async def forget_image(state: State, vm_id: int, image_id: int) -> None:
 # ---- recovery after a crash of the daemon -----------------------------------------------------------
 
 
-def make_recoverer(state: State, links: Any) -> Callable[[Any], Awaitable[None]]:
+def make_recoverer(state: State, links: HostLinks) -> Callable[[Any], Awaitable[None]]:
     """The engine's ``recoverer``: undo what an interrupted backup run journaled, then forget its steps."""
 
     async def recover(run: Any) -> None:
@@ -552,7 +552,7 @@ def make_recoverer(state: State, links: Any) -> Callable[[Any], Awaitable[None]]
     return recover
 
 
-async def _recover_processes(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> str:
+async def _recover_processes(state: State, links: HostLinks, run: Any, steps: list[dict[str, Any]]) -> str:
     """Kill the converts, copies and hashes the run left running: on every machine it journaled a process
     on, and on its hypervisor, every process group naming its staging directory (see drivers.processes)."""
     staged = steps_named(steps, "staging")
@@ -579,22 +579,22 @@ async def _recover_processes(state: State, links: Any, run: Any, steps: list[dic
 
 
 
-def _process_runner(state: State, links: Any, side: str, object_id: int) -> Any:
+def _process_runner(state: State, links: HostLinks, side: str, object_id: int) -> Runner | None:
     """The runner of the machine a run's process ran on: the hypervisor, or the datastore's server."""
     if side == "server":
-        datastore = state.find("datastore", object_id)
+        datastore = state.datastores.find(object_id)
         return open_datastore(datastore, links.pool).server if datastore is not None else None
-    host = state.find("host", object_id)
+    host = state.hosts.find(object_id)
     return links.runner(host) if host is not None else None
 
 
-async def _recover_host(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> str:
+async def _recover_host(state: State, links: HostLinks, run: Any, steps: list[dict[str, Any]]) -> str:
     """Guest resumed/thawed, overlays committed back, staged files and the staging dir removed."""
     staged = steps_named(steps, "staging")
     if not staged or links is None:
         return ""
     entry = staged[-1]
-    host = state.find("host", int(entry["host"]))
+    host = state.hosts.find(int(entry["host"]))
     if host is None:
         return f"host {entry['host']} of the staging dir {entry['path']} is not registered any more"
     runner = links.runner(host)
@@ -608,20 +608,20 @@ async def _recover_host(state: State, links: Any, run: Any, steps: list[dict[str
     return ""
 
 
-async def _recover_upload(state: State, links: Any, steps: list[dict[str, Any]]) -> str:
+async def _recover_upload(state: State, links: HostLinks, steps: list[dict[str, Any]]) -> str:
     """Partial uploads removed; a complete upload that no image records removed too."""
     uploads = steps_named(steps, "upload")
     if not uploads or links is None:
         return ""
     entry = uploads[-1]
-    datastore = state.find("datastore", int(entry["datastore"]))
+    datastore = state.datastores.find(int(entry["datastore"]))
     if datastore is None:
         return f"datastore {entry['datastore']} is not registered any more"
     store = open_datastore(datastore, links.pool)
     vm_id, backup_id = int(entry["vm"]), str(entry["backup_id"])
     try:
         await store.cleanup_partial(vm_id)
-        recorded = any(i.source == backup_id and i.datastore_id == datastore.id for i in state.all("image"))
+        recorded = any(i.source == backup_id and i.datastore_id == datastore.id for i in state.images.all())
         if not recorded and await store.exists(vm_id, backup_id):
             await store.rm(vm_id, [backup_id])
     except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     ctx = Context(connect=lambda: _connect(args), output=args.output)
     try:
-        return args.handler(ctx, args)
+        code: int = args.handler(ctx, args)
+        return code
     except ConfigError as exc:
         ctx.err.write("".join(f"{problem}\n" for problem in exc.problems))
         return EXIT_USAGE

@@ -339,7 +339,7 @@ def backup_cancel(ctx: Context, args: argparse.Namespace) -> int:
 
 
 
-def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """``vm backup`` and ``vm backup-cancel``, under the ``vm`` command's ``sub`` parsers."""
     p = add_id_command(
         sub, common, "backup", "back up a VM now (through the engine's limits), or schedule it", "vm", backup

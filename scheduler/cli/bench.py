@@ -36,7 +36,7 @@ def _count(text: str) -> int:
     return value
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("bench", help="benchmarks that need no daemon", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = sub.add_parser("scheduler", parents=[common],

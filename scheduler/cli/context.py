@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from lxml import etree
 
@@ -101,7 +101,8 @@ class Context:
             self.print(pretty_xml(pool))
         elif self.output == "json":
             data = to_json(pool, frozenset({kind.item_tag}))
-            body = data[pool.tag] if isinstance(data[pool.tag], dict) else {}  # an empty pool is ""
+            items = data[pool.tag]
+            body: dict[str, Any] = items if isinstance(items, dict) else {}  # an empty pool is ""
             data[pool.tag] = {kind.item_tag: [], **body}
             self.print(json.dumps(data, indent=2))
         else:
@@ -138,7 +139,7 @@ class Context:
 
 
 def add_id_command(
-    sub: argparse._SubParsersAction,
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
     name: str,
     text: str,
@@ -153,7 +154,7 @@ def add_id_command(
 
 
 def add_update_command(
-    sub: argparse._SubParsersAction,
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
     name: str,
     text: str,

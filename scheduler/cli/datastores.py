@@ -104,7 +104,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("datastore", help="backup datastores (onedatastore)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

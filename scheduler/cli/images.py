@@ -180,7 +180,7 @@ def verify(ctx: Context, args: argparse.Namespace) -> int:
     elif ctx.output == "xml":
         ctx.print(_verification_xml(result))
     else:
-        ctx.print(render_table(FILE_COLUMNS, result.get("FILES") or []))  # type: ignore[arg-type]
+        ctx.print(render_table(FILE_COLUMNS, result.get("FILES") or []))
         ctx.print(f"VERIFIED: {'YES' if result.get('OK') else 'NO'}: {result.get('MESSAGE', '')}")
     return 0 if result.get("OK") else 1
 
@@ -222,7 +222,7 @@ def restore(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("image", help="backup images (oneimage)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

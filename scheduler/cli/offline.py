@@ -16,7 +16,7 @@ from scheduler.config import load_config
 DEFAULT_STATE_DIR = "/var/lib/vmsched"
 
 
-def add_template_format(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_template_format(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """``vmsched template format FILE``, under the ``template`` command."""
     p = sub.add_parser("format", help="print a template file normalised (checks its syntax; no daemon needed)",
                        parents=[common])
@@ -54,7 +54,7 @@ def serve(ctx: Context, args: argparse.Namespace) -> int:
     return run_daemon(state_dir, config, demo=args.demo) or 0
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("serve", help="run the vmsched daemon", parents=[common])
     p.add_argument("--state-dir", metavar="DIR", help=f"$VMSCHED_STATE_DIR, else {DEFAULT_STATE_DIR}")
     p.add_argument("-c", "--config", metavar="FILE", help="sched.conf")

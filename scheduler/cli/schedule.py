@@ -72,7 +72,7 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("schedule", help="work on SCHED_ACTIONs offline", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     text = "list the next runs of each SCHED_ACTION of a template file"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from lxml import etree
 
@@ -76,11 +77,11 @@ def format_mb(megabytes: str) -> str:
 @dataclass(frozen=True)
 class Column:
     header: str
-    value: Callable[[etree._Element], str]
+    value: Callable[[Any], str]  # of one row: an element of a pool, or a dict of a JSON answer
     right: bool = False
 
 
-def render_table(columns: Sequence[Column], items: Iterable[etree._Element]) -> str:
+def render_table(columns: Sequence[Column], items: Iterable[Any]) -> str:
     rows = [[column.value(item) for column in columns] for item in items]
     widths = [max([len(c.header), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
 

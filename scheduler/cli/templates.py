@@ -80,7 +80,7 @@ def instantiate(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("template", help="VM templates (onetemplate) and template files", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     add_template_format(sub, common)

@@ -79,7 +79,7 @@ def _password_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stdin", action="store_true", help=_STDIN_HELP)
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("user", help="API users (oneuser)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

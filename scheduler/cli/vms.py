@@ -266,7 +266,7 @@ def restore(ctx: Context, args: argparse.Namespace) -> int:
         time.sleep(RESTORE_POLL)
 
 
-def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("vm", help="virtual machines (onevm)", parents=[common])
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 

@@ -121,7 +121,7 @@ def can_enter(mode: int, owner: int, group: int, uid: int, gids: set[int]) -> bo
 
 
 def admin(ctx: Context) -> Caller:
-    user = next((u for u in ctx.state.all("user") if u.name == "oneadmin"), None)
+    user = next((u for u in ctx.state.users.all() if u.name == "oneadmin"), None)
     user_id = user.id if user is not None else 0
     return Caller(user_id, "oneadmin", ADMIN_GROUP, frozenset([ADMIN_GROUP]))
 
@@ -136,17 +136,17 @@ async def call(ctx: Context, method: str, *args: Any) -> Any:
 
 
 def demo_host(ctx: Context) -> Host | None:
-    marked = (h for h in ctx.state.all("host") if h.template.get(MARK) in (SETTING_UP, DONE))
+    marked = (h for h in ctx.state.hosts.all() if h.template.get(MARK) in (SETTING_UP, DONE))
     return next((h for h in marked if h.name == HOST_NAME), None)
 
 
 def demo_vm(ctx: Context, host: Host, name: str) -> Vm | None:
-    return next((vm for vm in ctx.state.all("vm") if vm.deploy_id == name and vm.state != VmState.DONE
+    return next((vm for vm in ctx.state.vms.all() if vm.deploy_id == name and vm.state != VmState.DONE
                  and vm.host is not None and vm.host[0] == host.id), None)
 
 
 def has_backup_action(ctx: Context, vm: Vm) -> bool:
-    actions = (ctx.state.find("schedaction", sa_id) for sa_id in vm.sched_actions)
+    actions = (ctx.state.schedactions.find(sa_id) for sa_id in vm.sched_actions)
     return any(a is not None and a.action == "backup" for a in actions)
 
 
@@ -167,8 +167,8 @@ async def provision(ctx: Context) -> None:
 async def _provision(ctx: Context) -> None:
     host = demo_host(ctx)
     name = domain_name(ctx.state_dir)
-    if host is None and ctx.state.all("host"):
-        log.info("demo: skipped: the state already has hosts (%s)", ", ".join(h.name for h in ctx.state.all("host")))
+    if host is None and ctx.state.hosts.all():
+        log.info("demo: skipped: the state already has hosts (%s)", ", ".join(h.name for h in ctx.state.hosts.all()))
         return
     if host is not None and host.template.get(MARK) == DONE:
         await _check_existing(ctx, host, name)
@@ -200,11 +200,11 @@ async def _create_host(ctx: Context) -> Host:
     host_id = await call(ctx, "one.host.allocate", HOST_NAME, "kvm", "kvm", -1)
     await call(ctx, "one.host.update", host_id, f'{MARK} = "{SETTING_UP}"', 1)
     log.info("demo: host %s %s: this machine (commands run locally, libvirt %s)", host_id, HOST_NAME, LOCAL_URI)
-    return ctx.state.get("host", host_id)
+    return ctx.state.hosts.get(host_id)
 
 
 async def _datastore(ctx: Context) -> int:
-    existing = next((d for d in ctx.state.all("datastore") if d.name == DATASTORE_NAME), None)
+    existing = next((d for d in ctx.state.datastores.all() if d.name == DATASTORE_NAME), None)
     if existing is not None:
         return int(existing.id)
     base = ctx.state_dir / "backups"
@@ -231,7 +231,7 @@ async def _make_disks(ctx: Context, disks: dict[str, Path]) -> None:
         path = disks[target]
         if path.exists():
             continue
-        await ctx.links.local.run(["qemu-img", "create", "-q", "-f", fmt, str(path), f"{size}M"],
+        await ctx.connections("the demo needs them").local.run(["qemu-img", "create", "-q", "-f", fmt, str(path), f"{size}M"],
                                   timeout=STEP_TIMEOUT)
         log.info("demo: disk %s: %s, %s MiB %s", target, path, size, fmt)
 
@@ -291,10 +291,10 @@ async def _import(ctx: Context, host: Host, uuid: str, name: str) -> int:
 
 
 async def _schedule(ctx: Context, vm_id: int) -> None:
-    vm = ctx.state.get("vm", vm_id)
+    vm = ctx.state.vms.get(vm_id)
     if has_backup_action(ctx, vm):
         return
-    ds = next(d for d in ctx.state.all("datastore") if d.name == DATASTORE_NAME)
+    ds = next(d for d in ctx.state.datastores.all() if d.name == DATASTORE_NAME)
     await call(ctx, "one.vm.updateconf", vm_id, BACKUP_CONFIG, 1)
     now = ctx.now()
     sa_id = await call(ctx, "one.vm.schedadd", vm_id,

@@ -137,7 +137,7 @@ class Daemon:
                 await image_restore.recover_interrupted(state, links)
             if simulate:  # the hosts of a simulation are not real: nothing to monitor
                 log.warning("host monitoring is off while actions are simulated")
-                monitor_task: asyncio.Task[None] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")
+                monitor_task: asyncio.Task[object] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")
             else:
                 self.monitor = HostMonitor(context)
                 self.ds_monitor = DatastoreMonitor(context)
@@ -225,7 +225,9 @@ class Daemon:
         if listen.address:
             tcp = web.TCPSite(runner, listen.address, listen.port, reuse_address=True)
             await tcp.start()
-            port = tcp._server.sockets[0].getsockname()[1]  # the real port when PORT is 0
+            server = tcp._server
+            assert isinstance(server, asyncio.Server)
+            port = server.sockets[0].getsockname()[1]  # the real port when PORT is 0
             host = f"[{listen.address}]" if ":" in listen.address else listen.address
             lines.append(f"listening on http://{host}:{port}/RPC2")
         if listen.unix_socket:

@@ -187,7 +187,7 @@ class Engine:
 
     def _host_hold(self, host_id: int) -> str:
         """Why actions on this host wait ("" when they need not): ERROR, DISABLED, OFFLINE."""
-        host = self.state.find("host", host_id)
+        host = self.state.hosts.find(host_id)
         if host is not None and host.state in _HOST_HELD:
             return f"host {host.name} is {_HOST_HELD[host.state]}"
         return ""
@@ -224,7 +224,7 @@ class Engine:
         async with self.state.lock:
             while self._due and self._due[0][0] <= now:
                 due_time, sa_id = heapq.heappop(self._due)
-                sa = self.state.find("schedaction", sa_id)
+                sa = self.state.schedactions.find(sa_id)
                 if sa is None or sa.time != due_time or not schedule.is_due(sa, int(now)):
                     continue
                 if self._open_per_action[sa_id]:
@@ -271,7 +271,7 @@ class Engine:
         return run
 
     def _placement(self, vm_id: int, action: str, args: str) -> tuple[int, int]:
-        vm = self.state.find("vm", vm_id)
+        vm = self.state.vms.find(vm_id)
         bound = vm.host if vm is not None else None
         host_id = bound[0] if bound else -1
         datastore_id = -1
@@ -304,8 +304,8 @@ class Engine:
                     log.info("run %s: %s of VM %s %s", run.id, run.action, run.vm_id, reason)
 
     def _candidate(self, run: Run) -> Candidate:
-        host = self.state.find("host", run.host_id)
-        datastore = self.state.find("datastore", run.datastore_id)
+        host = self.state.hosts.find(run.host_id)
+        datastore = self.state.datastores.find(run.datastore_id)
         return Candidate(
             run.id, float(run.scheduled), run.host_id, host.name if host else str(run.host_id), run.datastore_id,
             datastore.name if datastore else "", run.priority, self._host_hold(run.host_id),
@@ -390,7 +390,7 @@ class Engine:
         commit together with it, so a crash can never leave a recorded result whose run is retried."""
         now = self.clock.now()
         m.statements.append(self.journal.done_statement(run, now))
-        sa = self.state.find("schedaction", run.action_id) if run.action_id is not None else None
+        sa = self.state.schedactions.find(run.action_id) if run.action_id is not None else None
         if sa is not None:
             m.put("schedaction", schedule.after_run(sa, now=int(now), tz=self.settings.tz, success=True))
         m.after_commit.append(lambda: self._completed.add(run.id))
@@ -471,7 +471,7 @@ class Engine:
 
     def _update_action(self, run: Run, success: bool, message: str) -> None:
         """After a run's last attempt: DONE/next TIME, or MESSAGE; caller holds the state lock."""
-        sa = self.state.find("schedaction", run.action_id) if run.action_id is not None else None
+        sa = self.state.schedactions.find(run.action_id) if run.action_id is not None else None
         if sa is None:
             return
         text = "" if success else self._message(message)
@@ -480,7 +480,7 @@ class Engine:
         self.state.update_soon("schedaction", updated)
 
     def _note_failure(self, run: Run, message: str) -> None:
-        sa = self.state.find("schedaction", run.action_id) if run.action_id is not None else None
+        sa = self.state.schedactions.find(run.action_id) if run.action_id is not None else None
         if sa is not None:
             self.state.update_soon("schedaction", replace(sa, message=self._message(message)))
 
@@ -489,7 +489,7 @@ class Engine:
         return f"{stamp} : {error}"
 
     def _next_wakeup(self, now: float) -> float | None:
-        times = []
+        times: list[float] = []
         if self._due:
             times.append(self._due[0][0])
         if self._retries:

@@ -73,7 +73,7 @@ class RetryPolicy:
         action is one that is retried at all (backups are; a reboot is not run twice)."""
         if outcome.kind is not OutcomeKind.RETRYABLE or not retried_action or attempt > self.max_retries:
             return None
-        return self.backoff * 2 ** (attempt - 1)
+        return self.backoff * 2.0 ** (attempt - 1)
 
 
 __all__ = ["CANCELLED", "Outcome", "OutcomeKind", "RetryPolicy", "failed", "succeeded"]

@@ -24,7 +24,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._virtual_now = 0.0
         self.busy = busy
         selector = self._selector  # type: ignore[attr-defined]
-        self._real_select = selector.select
+        self._real_select: Callable[[float | None], list[Any]] = selector.select
         selector.select = self._select
 
     def time(self) -> float:

@@ -226,7 +226,7 @@ def lower_bound(work: list[tuple[float, float, int, int]], start: float, limits:
         if limit:
             per: dict[int, float] = defaultdict(float)
             for job in work:
-                per[job[index]] += job[1]
+                per[int(job[index])] += job[1]  # a host or datastore id
             bound = max(bound, max(per.values()) / limit)
     return bound
 

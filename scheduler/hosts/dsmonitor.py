@@ -86,7 +86,7 @@ class DatastoreMonitor:
             while True:
                 if loop.time() >= last_round + self.interval:
                     last_round = loop.time()
-                    self._due.update(d.id for d in self.ctx.state.all(KIND) if watched(d))
+                    self._due.update(d.id for d in self.ctx.state.datastores.all() if watched(d))
                 due, self._due = sorted(self._due), set()
                 await asyncio.gather(*(self.probe(ds_id) for ds_id in due))
                 self._wake.clear()
@@ -111,7 +111,7 @@ class DatastoreMonitor:
 
     async def probe(self, ds_id: int) -> None:
         """Probe one datastore now and record the outcome."""
-        datastore = self.ctx.state.find(KIND, ds_id)
+        datastore = self.ctx.state.datastores.find(ds_id)
         if datastore is None or not watched(datastore) or self.ctx.links is None:
             return
         outcome: Capacity | str
@@ -135,11 +135,11 @@ class DatastoreMonitor:
     async def _record(self, probed: Datastore, outcome: Capacity | str) -> None:
         state = self.ctx.state
         async with state.lock:
-            current = state.find(KIND, probed.id)
+            current = state.datastores.find(probed.id)
             if current is None or reach_of(current) != reach_of(probed):
                 return  # deleted or changed since: this probe says nothing any more
             before = current.template.get(ERROR_KEY) or ""
-            new = recorded(state.editable(KIND, probed.id), outcome)
+            new = recorded(state.datastores.editable(probed.id), outcome)
             if new is None:
                 return
             self._written[new.id] = new

@@ -16,6 +16,7 @@ from drivers.datastore import Capacity
 from drivers.datastore.base import TreeDatastore
 from drivers.local import LocalRunner
 from scheduler.errors import ValidationError
+from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import DatastoreType
@@ -35,14 +36,14 @@ def bridge_host(state: State, datastore: Datastore) -> Host | None:
     names = (datastore.template.get("BRIDGE_LIST") or "").split()
     if not names:
         return None
-    host = next((h for h in state.all("host") if h.name == names[0] or str(h.id) == names[0]), None)
+    host = next((h for h in state.hosts.all() if h.name == names[0] or str(h.id) == names[0]), None)
     if host is None:
         raise ValidationError(f"datastore {datastore.id}: BRIDGE_LIST names {names[0]!r}, which is not a "
                               "registered host")
     return host
 
 
-def runner_of(state: State, links: Any, datastore: Datastore) -> Any:
+def runner_of(state: State, links: HostLinks, datastore: Datastore) -> Any:
     host = bridge_host(state, datastore)
     return links.runner(host) if host is not None else LocalRunner()
 
@@ -51,6 +52,6 @@ def image_path(datastore: Datastore, image_id: int, fmt: str) -> str:
     return f"{datastore.base_path}/{image_id}.{fmt}"
 
 
-async def monitor(state: State, links: Any, datastore: Datastore) -> Capacity:
+async def monitor(state: State, links: HostLinks, datastore: Datastore) -> Capacity:
     """Space where BASE_PATH lives on its host (created when missing), LIMIT_MB applied."""
     return await TreeDatastore(datastore, runner_of(state, links, datastore)).monitor()

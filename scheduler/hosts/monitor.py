@@ -182,7 +182,8 @@ def explain(exc: BaseException, host: Host, known_hosts: Any) -> str:
 
 
 def _text(result: Any) -> str:
-    return result.stdout.decode("utf-8", "replace")
+    stdout: bytes = result.stdout
+    return stdout.decode("utf-8", "replace")
 
 
 async def probe_host(runner: Any, vmm: Any, base_path: str, *, timeout: float) -> Probe:  # noqa: ASYNC109
@@ -240,7 +241,7 @@ class HostMonitor:
         self._wake.set()
 
     def monitor_all(self) -> None:
-        for host in self.ctx.state.all(KIND):
+        for host in self.ctx.state.hosts.all():
             if watched(host):
                 self.monitor(host.id)
 
@@ -282,7 +283,7 @@ class HostMonitor:
             self.monitor(obj_id)
 
     async def _probe_and_record(self, host_id: int) -> None:
-        host = self.ctx.state.find(KIND, host_id)
+        host = self.ctx.state.hosts.find(host_id)
         if host is None or not watched(host):
             return
         change = await self._probe(host)
@@ -319,7 +320,7 @@ class HostMonitor:
     async def _record(self, probed: Host, change: Callable[[Host], Host]) -> None:
         state = self.ctx.state
         async with state.lock:
-            current = state.find(KIND, probed.id)
+            current = state.hosts.find(probed.id)
             if current is None or not watched(current) or reach_of(current) != reach_of(probed):
                 return  # deleted, disabled or reached differently since: this probe says nothing any more
             new = change(current)

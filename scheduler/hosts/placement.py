@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from drivers.commands import Runner
 from drivers.vmm import DomainInfo, DomainNotFound, KvmHost
 from scheduler.errors import ActionError, DriverError
+from scheduler.hosts.links import HostLinks
 from scheduler.hosts.vmimport import vm_states
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.vm import History, Vm
@@ -33,6 +35,7 @@ class Placement:
     host: Host
     kvm: KvmHost
     domain: DomainInfo
+    runner: Runner  # commands on the host (qemu-img)
 
     @property
     def ref(self) -> str:
@@ -47,7 +50,7 @@ def domain_ref(vm: Vm) -> str:
     return ref
 
 
-async def _probe(links: Any, host: Host, ref: str) -> DomainInfo | DriverError | None:
+async def _probe(links: HostLinks, host: Host, ref: str) -> DomainInfo | DriverError | None:
     """The domain on ``host``; None when the host does not have it; the error when it cannot be asked."""
     try:
         return await links.vmm(host).find(ref)
@@ -57,7 +60,7 @@ async def _probe(links: Any, host: Host, ref: str) -> DomainInfo | DriverError |
         return exc
 
 
-async def locate(state: State, links: Any, vm: Vm, now: int) -> Placement:
+async def locate(state: State, links: HostLinks, vm: Vm, now: int) -> Placement:
     """Find the VM's domain, following it to another registered host when it moved there."""
     if links is None:
         raise ActionError("this daemon has no host connections; actions on domains cannot run")
@@ -65,20 +68,20 @@ async def locate(state: State, links: Any, vm: Vm, now: int) -> Placement:
     if bound is None:
         raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first)", retryable=True)
     ref = domain_ref(vm)
-    current = state.find("host", bound[0])
+    current = state.hosts.find(bound[0])
     if current is not None:
         found = await _probe(links, current, ref)
         if isinstance(found, DomainInfo):
-            return Placement(vm, current, links.vmm(current), found)
+            return Placement(vm, current, links.vmm(current), found, links.runner(current))
         home_error = found
     else:
         home_error = None
-    others = [h for h in state.all("host") if h.id != bound[0]]
+    others = [h for h in state.hosts.all() if h.id != bound[0]]
     answers = await asyncio.gather(*(_probe(links, host, ref) for host in others))
     for host, answer in zip(others, answers, strict=True):
         if isinstance(answer, DomainInfo):
             moved = await follow(state, vm.id, host, answer, now)
-            return Placement(moved, host, links.vmm(host), answer)
+            return Placement(moved, host, links.vmm(host), answer, links.runner(host))
     if home_error is not None:
         raise home_error
     unreachable = [f"{h.name} ({a})" for h, a in zip(others, answers, strict=True) if isinstance(a, DriverError)]
@@ -91,7 +94,7 @@ async def locate(state: State, links: Any, vm: Vm, now: int) -> Placement:
 async def follow(state: State, vm_id: int, host: Host, domain: DomainInfo, now: int) -> Vm:
     """Record that the VM's domain now lives on ``host`` (one transaction: the VM and both hosts)."""
     async with state.mutation() as m:
-        vm = state.editable("vm", vm_id)
+        vm = state.vms.editable(vm_id)
         was = vm.host
         bind(m, vm, host, now)
         vm.deploy_id = domain.name
@@ -111,14 +114,14 @@ def bind(m: Mutation, vm: Vm, host: Host, now: int) -> None:
         return
     if old is not None:
         old.etime = old.etime or now
-        previous = state.find("host", old.hid)
+        previous = state.hosts.find(old.hid)
         if previous is not None and vm.id in previous.vms:
-            previous = state.editable("host", old.hid)
+            previous = state.hosts.editable(old.hid)
             previous.vms = [i for i in previous.vms if i != vm.id]
             m.put("host", previous)
     vm.history.append(History(seq=len(vm.history), hostname=host.name, hid=host.id, stime=now,
                               ds_id=old.ds_id if old else 0))
-    target = state.editable("host", host.id)
+    target = state.hosts.editable(host.id)
     target.vms = sorted({*target.vms, vm.id})
     m.put("host", target)
 
@@ -135,7 +138,7 @@ def set_states(vm: Vm, state: Any, lcm_state: Any) -> bool:
 async def record_domain_state(state: State, vm_id: int, domain_state: Any) -> Vm:
     """Make the VM's STATE/LCM_STATE match its domain's state (a copy, put back; never in place)."""
     async with state.mutation() as m:
-        vm = state.editable("vm", vm_id)
+        vm = state.vms.editable(vm_id)
         if set_states(vm, *vm_states(domain_state)):
             m.put("vm", vm)
     return vm
@@ -144,7 +147,7 @@ async def record_domain_state(state: State, vm_id: int, domain_state: Any) -> Vm
 async def locate_for_run(ctx: Any) -> Placement:
     """:func:`locate` for an action's run (``scheduler.actions.base.RunContext``): the first thing a run
     that touches a domain does. The VM is read again: the one the run started with may be stale."""
-    vm = ctx.state.find("vm", ctx.vm.id) or ctx.vm
+    vm = ctx.state.vms.find(ctx.vm.id) or ctx.vm
     return await locate(ctx.state, ctx.links, vm, int(ctx.clock.now()))
 
 

@@ -73,7 +73,7 @@ def _memory_mb(element: etree._Element | None) -> int:
     unit = _MEMORY_UNITS.get((element.get("unit") or "KiB").lower())
     if unit is None:
         raise ValidationError(f"domain memory has an unknown unit {element.get('unit')!r}")
-    return int(element.text.strip()) * unit // MIB
+    return int((element.text or "").strip()) * unit // MIB
 
 
 def _nic(element: etree._Element) -> Nic:

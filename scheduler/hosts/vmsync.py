@@ -61,7 +61,7 @@ class VmStateSync:
         host_id = host.id
 
         def on_change(change: StateChange) -> None:
-            current = self.ctx.state.find("host", host_id)
+            current = self.ctx.state.hosts.find(host_id)
             if current is not None:
                 task = asyncio.get_running_loop().create_task(self._apply(current, {change.uuid.lower(): change.state}))
                 self._tasks.add(task)

@@ -40,7 +40,7 @@ from itertools import islice
 from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
 
-from croniter import CroniterBadDateError, croniter  # type: ignore[import-untyped]
+from croniter import CroniterBadDateError, croniter
 
 from scheduler.errors import ValidationError
 from scheduler.model.template import Vector

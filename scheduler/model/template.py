@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 from lxml import etree
 
@@ -347,6 +348,13 @@ _PAIR_FIND = re.compile(
 _OPEN_VECTOR = re.compile(r"\[" + _S + r"(\]?)")
 
 
+def _past(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    """Where ``pattern``, which also matches the empty string, ends when matched at ``pos``."""
+    match = pattern.match(text, pos)
+    assert match is not None
+    return match.end()
+
+
 def _describe(ch: str) -> str:
     if not ch:
         return "end of text"
@@ -402,7 +410,7 @@ class _Parser:
         while True:
             match = None if careful else _TOP.match(text, pos)
             if match is None:
-                pos = _SKIP.match(text, pos).end()
+                pos = _past(_SKIP, text, pos)
                 if pos >= end:
                     return Template(attributes)
                 self.starts.append(pos)
@@ -448,10 +456,10 @@ class _Parser:
         return name, value, pos
 
     def _equals(self, name: str, pos: int) -> int:
-        pos = _BLANKS.match(self.text, pos).end()
+        pos = _past(_BLANKS, self.text, pos)
         if self._peek(pos) != "=":
             raise self._fail(f"expected '=' after {name}, found {_describe(self._peek(pos))}", pos)
-        return _BLANKS.match(self.text, pos + 1).end()
+        return _past(_BLANKS, self.text, pos + 1)
 
     def _value(self, name: str, pos: int) -> tuple[str, int]:
         pattern = _QUOTED_RE if self._peek(pos) == '"' else _WORD_RE
@@ -468,6 +476,7 @@ class _Parser:
         """Read from the ``[`` to past the ``]``; first of two equal keys wins."""
         values: dict[str, str] = {}
         opened = _OPEN_VECTOR.match(self.text, pos)
+        assert opened is not None  # the caller saw the "["
         pos, closed = opened.end(), bool(opened.group(1))
         while not closed:
             key, value, pos, closed = self._pair(name, pos)
@@ -495,13 +504,13 @@ class _Parser:
         if ch in ("\n", ",", "]", "#", ""):
             raise self._fail(f'expected a value for {where} (write "" for an empty one)', pos)
         value, pos = self._value(where, pos)
-        pos = _SKIP.match(text, pos).end()
+        pos = _past(_SKIP, text, pos)
         ch = self._peek(pos)
         if ch not in (",", "]"):
             if not ch:
                 raise self._fail(f"vector {name} is not closed with ']'", pos)
             raise self._fail(f"expected ',' or ']' in vector {name}, found {_describe(ch)}", pos)
-        return key, value, _SKIP.match(text, pos + 1).end(), ch == "]"
+        return key, value, _past(_SKIP, text, pos + 1), ch == "]"
 
 
 _WORD_RE = re.compile(_WORD)
@@ -510,10 +519,15 @@ _QUOTED_RE = re.compile(_QUOTED)
 
 # ---- XML form -----------------------------------------------------------------------------------
 
-_XML_OPTIONS = dict(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, strip_cdata=True)
-_XML_PARSER = etree.XMLParser(**_XML_OPTIONS)
+def _xml_parser(encoding: str | None = None) -> etree.XMLParser:
+    return etree.XMLParser(
+        encoding=encoding, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, strip_cdata=True
+    )
+
+
+_XML_PARSER = _xml_parser()
 # A str was decoded already: whatever encoding its declaration names, its UTF-8 bytes are parsed.
-_XML_PARSER_UTF8 = etree.XMLParser(encoding="utf-8", **_XML_OPTIONS)
+_XML_PARSER_UTF8 = _xml_parser("utf-8")
 _XML_POSITION = re.compile(r", line \d+, column \d+\Z")
 
 
@@ -534,7 +548,7 @@ def from_xml(text: str | bytes, source: str = "<template>") -> Template:
         raise TemplateError(f"malformed XML: {message}", source=source, line=line, column=column) from None
     except (etree.LxmlError, ValueError) as exc:
         raise TemplateError(f"malformed XML: {exc}", source=source) from None
-    if root.getroottree().docinfo.doctype:
+    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]  # lxml-stubs 0.5 lacks DocInfo.doctype
         raise TemplateError("XML with a DOCTYPE is not accepted", source=source)
     return from_element(root, source)
 
@@ -576,7 +590,7 @@ def _element_name(element: etree._Element, pattern: re.Pattern[str], source: str
 
 
 def _xml_text(element: etree._Element, where: str, source: str) -> str:
-    value = "".join(element.itertext())
+    value = "".join(cast("Iterator[str]", element.itertext()))  # text, never bytes, from a parsed tree
     problem = _value_problem(value)
     if problem:
         raise TemplateError(f"value of {where} {problem}", source=source)

@@ -32,7 +32,7 @@ from drivers.datastore.restic import ResticDatastore, labelled_password_files, r
 from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
 from scheduler.backup.run import upload_ssh
 from scheduler.errors import ActionError, ValidationError
-from scheduler.hosts.links import is_local, ssh_target
+from scheduler.hosts.links import HostLinks, is_local, ssh_target
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType
@@ -95,7 +95,7 @@ def backup_vm_id(image: Image) -> int:
 
 
 def source_datastore(state: State, image: Image) -> Datastore:
-    datastore = state.find("datastore", image.datastore_id)
+    datastore = state.datastores.find(image.datastore_id)
     if datastore is None:
         raise ActionError(f"datastore {image.datastore_id} of backup image {image.id} does not exist")
     if datastore.ds_mad not in ("rsync", "fs", "restic"):
@@ -134,7 +134,7 @@ def step(name: str, **fields: Any) -> dict[str, Any]:
 # ---- the fetch -----------------------------------------------------------------------------------------
 
 
-async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host: Any, target_path: str,
+async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int, host: Any, target_path: str,
                      target_format: str, *, run_id: int, journal: StepJournal | None = None,
                      started: ProcessStarted | None = None) -> None:
     """Put disk ``disk_id`` of backup ``image`` at ``target_path`` on ``host``, in ``target_format``
@@ -172,7 +172,7 @@ async def fetch_disk(links: Any, state: State, image: Image, disk_id: int, host:
              host.name, target, target_format)
 
 
-async def _copy(links: Any, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
+async def _copy(links: HostLinks, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
                 started: ProcessStarted | None, *, restic_file: tuple[int, str, str, int]) -> str | None:
     """Bring ``source`` to ``fetched`` on the host; from an rsync or restic datastore the sha256 of the bytes
     written is computed by the same command (``ssh cat`` or ``restic dump`` into the file, then ``openssl``

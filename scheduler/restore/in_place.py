@@ -32,6 +32,7 @@ from drivers.vmm.domainxml import parse_disks
 from scheduler.backup.run import state_name
 from scheduler.errors import ActionError, NotFound
 from scheduler.faults import crash_point
+from scheduler.hosts.links import HostLinks
 from scheduler.hosts.placement import Placement, locate_for_run, set_states
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.image import Image
@@ -80,7 +81,7 @@ def check_request(state: State, vm: Vm, image_id: int, increment_id: int, disk_i
     """The image and the disk ids a restore of ``vm`` writes, after spec §8.4's checks; errors say why not."""
     if vm.state != VmState.POWEROFF:
         raise ActionError(f"VM {vm.id} must be powered off to be restored; it is {state_name(vm)}")
-    image = state.find("image", image_id)
+    image = state.images.find(image_id)
     if image is None:
         raise NotFound(f"Error getting image [{image_id}].")
     if image.type != ImageType.BACKUP:
@@ -171,7 +172,7 @@ class _Restore:
 
 async def perform(ctx: Any, args: RestoreArgs) -> str:
     """Restore ``ctx.vm`` in place from backup image ``args.image_id``; the run's message."""
-    vm = ctx.state.get("vm", ctx.vm.id)
+    vm = ctx.state.vms.get(ctx.vm.id)
     image, disk_ids = check_request(ctx.state, vm, args.image_id, args.increment_id, args.disk_id)
     if ctx.links is None:
         raise ActionError("this daemon has no host connections; restores cannot run")
@@ -199,10 +200,10 @@ async def _require_shut_off(where: Placement, why: str) -> None:
 
 
 async def _enter_restore_state(run: _Restore) -> None:
-    vm = run.ctx.state.get("vm", run.vm_id)
+    vm = run.ctx.state.vms.get(run.vm_id)
     await run.journal(step("state", vm=vm.id, state=int(vm.state), lcm=int(vm.lcm_state)))
     async with run.ctx.state.mutation() as m:
-        vm = run.ctx.state.editable("vm", run.vm_id)
+        vm = run.ctx.state.vms.editable(run.vm_id)
         run.restore_to = (vm.state, vm.lcm_state)
         set_states(vm, VmState.ACTIVE, LcmState.RESTORE)
         m.put("vm", vm)
@@ -286,9 +287,9 @@ async def finish_swap(state: State, runner: Any, kvm: Any, domain: str, vm_id: i
     snapshots = await kvm.drop_snapshot_metadata(domain)
     checkpoints = await kvm.drop_checkpoint_metadata(domain)
     async with state.mutation() as m:
-        vm = state.find("vm", vm_id)
+        vm = state.vms.find(vm_id)
         if vm is not None:
-            m.put("vm", restored_vm(state.editable("vm", vm_id), to))
+            m.put("vm", restored_vm(state.vms.editable(vm_id), to))
     return (f"libvirt snapshots dropped: {', '.join(snapshots) or 'none'}; "
             f"checkpoints dropped: {', '.join(checkpoints) or 'none'}")
 
@@ -296,9 +297,9 @@ async def finish_swap(state: State, runner: Any, kvm: Any, domain: str, vm_id: i
 async def restore_state(state: State, vm_id: int, to: tuple[VmState, LcmState]) -> None:
     """The VM's state before the restore, unless something else changed it since."""
     async with state.mutation() as m:
-        vm = state.find("vm", vm_id)
+        vm = state.vms.find(vm_id)
         if vm is not None and vm.lcm_state == LcmState.RESTORE:
-            vm = state.editable("vm", vm_id)
+            vm = state.vms.editable(vm_id)
             set_states(vm, *to)
             m.put("vm", vm)
 
@@ -316,7 +317,7 @@ async def _remove(runner: Any, paths: Sequence[str]) -> None:
 # ---- recovery after a crash of the daemon -----------------------------------------------------------
 
 
-def make_recoverer(state: State, links: Any) -> Recoverer:
+def make_recoverer(state: State, links: HostLinks) -> Recoverer:
     """The engine's ``recoverer`` for restore runs: undo (before the swap) or finish (after) what an
     interrupted restore journaled, then forget its steps."""
 
@@ -339,10 +340,10 @@ def make_recoverer(state: State, links: Any) -> Recoverer:
     return recover
 
 
-async def _recover_fetch(state: State, links: Any, run: Any, steps: list[dict[str, Any]]) -> None:
+async def _recover_fetch(state: State, links: HostLinks, run: Any, steps: list[dict[str, Any]]) -> None:
     """Kill the copies, hashes and converts the run left, remove its temporary files, put the state back."""
     for entry in steps_named(steps, "temp"):
-        host = state.find("host", int(entry["host"]))
+        host = state.hosts.find(int(entry["host"]))
         if host is None:
             raise ActionError(f"host {entry['host']} of the restore's file {entry['path']} is not registered any more")
         runner = links.runner(host)
@@ -356,10 +357,10 @@ async def _recover_fetch(state: State, links: Any, run: Any, steps: list[dict[st
         await restore_state(state, int(entry["vm"]), (VmState(int(entry["state"])), LcmState(int(entry["lcm"]))))
 
 
-async def _recover_swap(state: State, links: Any, steps: list[dict[str, Any]]) -> str:
+async def _recover_swap(state: State, links: HostLinks, steps: list[dict[str, Any]]) -> str:
     """Every new disk was verified before the swap began: finish it; what libvirt metadata went."""
     entry = steps_named(steps, "swap")[-1]
-    host = state.find("host", int(entry["host"]))
+    host = state.hosts.find(int(entry["host"]))
     if host is None:
         raise ActionError(f"host {entry['host']} of an interrupted restore is not registered any more")
     before = steps_named(steps, "state")[-1:]

@@ -67,7 +67,7 @@ def _root(xml: str, what: str) -> etree._Element:
         root = etree.fromstring(xml.encode(), _PARSER)
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise ValidationError(f"{what} does not parse: {exc}") from None
-    if root.getroottree().docinfo.doctype:
+    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]  # lxml-stubs 0.5 lacks DocInfo.doctype
         raise ValidationError(f"{what} has a DOCTYPE; it is not accepted")
     return root
 
@@ -249,7 +249,7 @@ def _free_graphics(devices: etree._Element) -> None:
     for graphics in devices.iterfind("graphics"):
         if graphics.get("port") or graphics.get("tlsPort"):
             for attribute in ("port", "tlsPort"):
-                graphics.attrib.pop(attribute, None)
+                graphics.attrib.pop(attribute, "")
             graphics.set("autoport", "yes")
 
 

@@ -27,6 +27,7 @@ from scheduler.backup.urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
 from scheduler.hosts import imageds
+from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
@@ -86,7 +87,7 @@ def check_request(state: Any, backup: Image, target: Datastore, options: Restore
     """OpenNebula's checks (spec §8.1) and ours; the disk ids to restore."""
     if backup.type != ImageType.BACKUP:
         raise ActionError(f"Image {backup.id} is not a backup image")
-    if state.find("datastore", backup.datastore_id) is None:
+    if state.datastores.find(backup.datastore_id) is None:
         raise ActionError(f"the backup datastore {backup.datastore_id} of image {backup.id} does not exist")
     if not imageds.is_image_datastore(target):
         raise ActionError("Destination can be only an image datastore")
@@ -123,9 +124,9 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-async def read_backup(state: Any, links: Any, backup: Image) -> tuple[str, str]:
+async def read_backup(state: Any, links: HostLinks, backup: Image) -> tuple[str, str]:
     """(vm.xml, domain.xml) of the backup, from its datastore."""
-    datastore = state.get("datastore", backup.datastore_id)
+    datastore = state.datastores.get(backup.datastore_id)
     store = open_datastore(datastore, links.pool)
     vm_id = backup.vms[0] if backup.vms else -1
     try:
@@ -157,8 +158,8 @@ async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_tex
     from scheduler.api import templates  # the API module that owns VM templates (imported late: it imports us)
 
     state = ctx.state
-    backup = state.get("image", backup_id)
-    target = state.get("datastore", ds_id)
+    backup = state.images.get(backup_id)
+    target = state.datastores.get(ds_id)
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
     if ctx.links is None:
@@ -169,7 +170,7 @@ async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_tex
         raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
                           f"{target.free_mb} MB free")
     host = imageds.bridge_host(state, target) or this_machine()
-    urls = disk_urls(backup, state.get("datastore", backup.datastore_id))
+    urls = disk_urls(backup, state.datastores.get(backup.datastore_id))
     base = base_name(backup, options)
     owner = Ownership(caller.user_id, caller.gid, caller.name, "oneadmin" if caller.gid == 0 else "users")
     created = await _records(ctx, disk_ids, base, owner, target, sizes, urls, backup)
@@ -208,7 +209,7 @@ async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, t
             m.put("image", new_image(image_id, f"{base}-disk-{disk_id}", disk_id, owner, target, sizes[disk_id],
                                      urls.get(disk_id, ""), backup, ctx.now()))
             created[disk_id] = image_id
-        datastore = ctx.state.editable("datastore", target.id)
+        datastore = ctx.state.datastores.editable(target.id)
         datastore.images = sorted({*datastore.images, *created.values()})
         m.put("datastore", datastore)
     return created
@@ -224,7 +225,7 @@ async def _finish(ctx: Any, caller: Any, created: dict[int, int], template: tupl
         if template is not None:
             template_id = await templates.add(ctx, m, caller, *template)
         for image_id in created.values():
-            image = ctx.state.editable("image", image_id)
+            image = ctx.state.images.editable(image_id)
             image.state = image.prev_state = ImageState.READY
             m.put("image", image)
     return template_id
@@ -262,18 +263,18 @@ async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict
 
 def interrupted(state: Any) -> list[Image]:
     """Images a restore created and never finished: LOCKED, with RESTORED_FROM (pure)."""
-    return [image for image in state.all("image")
+    return [image for image in state.images.all()
             if image.state == ImageState.LOCKED and image.template.get("RESTORED_FROM")]
 
 
-async def recover_interrupted(state: Any, links: Any) -> list[int]:
+async def recover_interrupted(state: Any, links: HostLinks) -> list[int]:
     """At start-up, before the API listens: for each image of a restore the daemon died in, the copy it left
     running is killed, its temporary and final files go, then its record; the ids removed. An image whose
     host cannot be reached stays LOCKED, logged, and is tried again at the next start."""
     removed: list[int] = []
     for image in interrupted(state):
         try:
-            target = state.get("datastore", image.datastore_id)
+            target = state.datastores.get(image.datastore_id)
             host = imageds.bridge_host(state, target) or this_machine()
             runner = links.runner(host)
             killed = await kill_marked(runner, temp_path(image.source, "fetch", image.id))
@@ -295,7 +296,7 @@ async def _forget_record(state: Any, image_id: int, datastore_id: int) -> None:
     """The image's record goes, and its id from its datastore's IMAGES."""
     async with state.mutation() as m:
         m.delete("image", image_id)
-        if state.find("datastore", datastore_id) is not None:
-            datastore = state.editable("datastore", datastore_id)
+        if state.datastores.find(datastore_id) is not None:
+            datastore = state.datastores.editable(datastore_id)
             datastore.images = [i for i in datastore.images if i != image_id]
             m.put("datastore", datastore)

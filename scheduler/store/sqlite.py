@@ -284,7 +284,7 @@ class Store:
         async with self._exclusive():
             try:
                 # The function runs to its end on the database thread whatever happens to the caller.
-                await self._conn._execute(_apply_batch, self._conn, ops)
+                await self._conn._execute(_apply_batch, self._conn, ops)  # type: ignore[no-untyped-call]
             except sqlite3.Error as e:
                 raise _store_error(self.path, e) from e
 

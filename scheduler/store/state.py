@@ -24,9 +24,16 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from scheduler.errors import NotFound
+from scheduler.model.objects.datastore import Datastore
+from scheduler.model.objects.host import Host
+from scheduler.model.objects.image import Image
+from scheduler.model.objects.user import User
+from scheduler.model.objects.vm import Vm
+from scheduler.model.objects.vmtemplate import VmTemplate
+from scheduler.model.schedule import SchedAction
 from scheduler.store.sqlite import Row, Store, delete_sql, put_sql, row_params, run_to_completion
 
 log = logging.getLogger(__name__)
@@ -71,11 +78,47 @@ Ops = list[tuple[str, list[tuple[Any, ...]]]]
 FlushHook = Callable[[], tuple[Ops, Callable[[bool], None]]]
 
 
+T = TypeVar("T")
+
+
+class Pool(Generic[T]):
+    """The objects of one kind, typed: ``state.vms.get(7)`` is a ``Vm`` (or NotFound)."""
+
+    __slots__ = ("_state", "kind")
+
+    def __init__(self, state: State, kind: str) -> None:
+        self._state = state
+        self.kind = kind
+
+    def get(self, obj_id: int) -> T:
+        return cast(T, self._state.get(self.kind, obj_id))
+
+    def find(self, obj_id: int) -> T | None:
+        return cast("T | None", self._state.pools[self.kind].get(obj_id))
+
+    def all(self) -> list[T]:
+        return cast("list[T]", self._state.all(self.kind))
+
+    def editable(self, obj_id: int) -> T:
+        """A private copy to change and put back."""
+        return cast(T, self._state.editable(self.kind, obj_id))
+
+    def __len__(self) -> int:
+        return len(self._state.pools[self.kind])
+
+
 class State:
     def __init__(self, store: Store, codecs: dict[str, Codec]) -> None:
         self.store = store
         self.codecs = codecs
         self.pools: dict[str, dict[int, Any]] = {kind: {} for kind in codecs}
+        self.users: Pool[User] = Pool(self, "user")
+        self.hosts: Pool[Host] = Pool(self, "host")
+        self.datastores: Pool[Datastore] = Pool(self, "datastore")
+        self.images: Pool[Image] = Pool(self, "image")
+        self.templates: Pool[VmTemplate] = Pool(self, "template")
+        self.vms: Pool[Vm] = Pool(self, "vm")
+        self.schedactions: Pool[SchedAction] = Pool(self, "schedaction")
         self.lock = asyncio.Lock()
         self.listeners: list[Callable[[str, int, Any | None], None]] = []
         self.flush_hooks: list[FlushHook] = []
