@@ -22,6 +22,7 @@ from scheduler.engine.admission import Limits
 from scheduler.engine.journal import Journal, Run
 from scheduler.engine.loop import Engine, EngineSettings
 from scheduler.engine.simclock import VirtualClock, VirtualTimeLoop
+from scheduler.engine.sink import RunSink
 from scheduler.errors import DriverError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
@@ -228,7 +229,7 @@ class EngineHarness:
             " FROM runs ORDER BY id")]
 
     # -- the simulated actions -------------------------------------------------------------------
-    async def _execute(self, run: Run) -> str:
+    async def _execute(self, run: Run, sink: RunSink) -> str:
         record = Execution(run.id, run.vm_id, run.action, run.action_id, run.scheduled, run.attempt, run.host_id,
                            run.datastore_id, self.now())
         self.executions.append(record)

@@ -28,6 +28,7 @@ from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.states import DatastoreType
 from scheduler.model.template import Template
+from tests import uploads
 from tests.realenv.model import RealEnv
 
 VM_ID = 6
@@ -148,7 +149,7 @@ async def test_rsync_upload_from_host1_to_the_backup_server(setup: Setup) -> Non
     await stage(setup.host1, setup.staging)
     backup_id = await store.new_backup_id(VM_ID)
     seen: list[tuple[int, int]] = []
-    result = await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
+    result = await uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
                                 ssh_command=client_ssh(setup.env), progress=lambda d, t: seen.append((sum(d.values()), sum(t.values()))))
     await assert_arrived(store, setup.server, setup.host1, setup.staging, backup_id, result.sha256)
     assert 1 <= result.size_mb <= 4
@@ -178,7 +179,7 @@ async def test_rsync_upload_cancelled_leaves_no_rsync_and_no_temp_dir(setup: Set
         if sum(done.values()) > 0:
             started.set()
 
-    upload = asyncio.create_task(store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,
+    upload = asyncio.create_task(uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,
                                               ssh_command=client_ssh(setup.env), progress=progress))
     async with asyncio.timeout(STEP):
         await started.wait()
@@ -223,7 +224,7 @@ async def test_fs_upload_from_a_local_hypervisor(tmp_path: Path) -> None:
     await stage(local, staging)
     store = FsDatastore(datastore("fs", BASE_PATH=tmp_path / "fs"))
     backup_id = await store.new_backup_id(VM_ID)
-    result = await store.upload(local, staging, FILES, VM_ID, backup_id, timeout=STEP)
+    result = await uploads.upload(store, local, staging, FILES, VM_ID, backup_id, timeout=STEP)
     expected = {name: hashlib.sha256((tmp_path / "staging" / name).read_bytes()).hexdigest() for name in FILES}
     assert result.sha256 == expected
     await assert_arrived(store, local, local, staging, backup_id, result.sha256)
@@ -236,11 +237,11 @@ async def test_fs_failed_upload_leaves_no_temp_dir_and_an_existing_backup_is_not
     await stage(local, staging)
     store = FsDatastore(datastore("fs", BASE_PATH=tmp_path / "fs"))
     with pytest.raises(DriverError, match="disk.9.0"):
-        await store.upload(local, staging, [*FILES, "disk.9.0"], VM_ID, "abcdef", timeout=STEP)
+        await uploads.upload(store, local, staging, [*FILES, "disk.9.0"], VM_ID, "abcdef", timeout=STEP)
     assert os.listdir(store.layout.vm_dir(VM_ID)) == []
-    await store.upload(local, staging, FILES, VM_ID, "abcdef", timeout=STEP)
+    await uploads.upload(store, local, staging, FILES, VM_ID, "abcdef", timeout=STEP)
     with pytest.raises(DriverError, match="exists already"):
-        await store.upload(local, staging, ["vm.xml"], VM_ID, "abcdef", timeout=STEP)
+        await uploads.upload(store, local, staging, ["vm.xml"], VM_ID, "abcdef", timeout=STEP)
     assert await store.list_backup(VM_ID, "abcdef") == sorted(FILES)
 
 
@@ -261,7 +262,7 @@ async def test_fs_upload_pulled_from_host1(setup: Setup, tmp_path: Path) -> None
     await stage(setup.host1, setup.staging)
     store = FsDatastore(datastore("fs", BASE_PATH=tmp_path / "fs"))
     backup_id = await store.new_backup_id(VM_ID)
-    result = await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
+    result = await uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
                                 ssh_command=client_ssh(setup.env))
     await assert_arrived(store, LocalRunner(), setup.host1, setup.staging, backup_id, result.sha256)
 
@@ -290,7 +291,7 @@ async def test_upload_past_its_deadline_is_killed_and_cleaned_up(tmp_path: Path)
     store = FsDatastore(datastore("fs", BASE_PATH=tmp_path / "fs", FS_NICE=5))
     os.mkfifo(f"{staging}/disk.1.0")  # never ends: cp and the hasher wait on it
     with pytest.raises(CommandTimeout):
-        await store.upload(local, staging, [*FILES, "disk.1.0"], VM_ID, "abcdef", timeout=0.5)
+        await uploads.upload(store, local, staging, [*FILES, "disk.1.0"], VM_ID, "abcdef", timeout=0.5)
     assert os.listdir(store.layout.vm_dir(VM_ID)) == []
 
 
@@ -310,9 +311,9 @@ class NoCommands:
     [lambda s: s.exists("../x", "abcdef"), lambda s: s.rm(6, ["../../etc"]), lambda s: s.cleanup_partial("1/.."),
      lambda s: s.read_file(6, "abcdef", "../../../etc/shadow"), lambda s: s.list_backup(6, ".tmp-abcdef"),
      lambda s: s.new_backup_id("../x"),
-     lambda s: s.upload(NoCommands(), "/var/tmp/x", ["../../etc/passwd"], 6, "abcdef", timeout=1),
-     lambda s: s.upload(NoCommands(), "/var/tmp/../../etc", ["vm.xml"], 6, "abcdef", timeout=1),
-     lambda s: s.upload(NoCommands(), "/var/tmp/x", ["vm.xml"], "../x", "abcdef", timeout=1)],
+     lambda s: uploads.upload(s, NoCommands(), "/var/tmp/x", ["../../etc/passwd"], 6, "abcdef", timeout=1),
+     lambda s: uploads.upload(s, NoCommands(), "/var/tmp/../../etc", ["vm.xml"], 6, "abcdef", timeout=1),
+     lambda s: uploads.upload(s, NoCommands(), "/var/tmp/x", ["vm.xml"], "../x", "abcdef", timeout=1)],
 )
 async def test_path_escapes_refused(call: object) -> None:
     ds = datastore("rsync", RSYNC_HOST="backup.example", BASE_PATH="/srv/backup")

@@ -37,6 +37,7 @@ from drivers.datastore.restic import (
 )
 from drivers.ssh import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
+from tests import uploads
 from tests.test_datastore_drivers import (
     FILES,
     QCOW2,
@@ -156,7 +157,7 @@ async def restic(runner: Runner, repo: str, *args: str, check: bool = True) -> s
 
 async def upload(store: ResticDatastore, s: Setup, vm_id: int = VM_ID) -> tuple[str, ResticUpload]:
     backup_id = await store.new_backup_id(vm_id)
-    result = await store.upload(s.host1, s.staging, FILES, vm_id, backup_id, timeout=STEP,
+    result = await uploads.upload(store, s.host1, s.staging, FILES, vm_id, backup_id, timeout=STEP,
                                 ssh_command=client_ssh(s.env))
     return backup_id, result
 
@@ -217,7 +218,7 @@ async def test_progress_comes_from_restic_status_lines(setup: Setup) -> None:  #
     assert isinstance(store, ResticDatastore)
     await stage(setup.host1, setup.staging, random_mib=256)  # about a second of work for restic here
     reports: list[tuple[int, int]] = []
-    result = await store.upload(setup.host1, setup.staging, FILES, VM_ID, await store.new_backup_id(VM_ID),
+    result = await uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, await store.new_backup_id(VM_ID),
                                 timeout=STEP, ssh_command=client_ssh(setup.env),
                                 progress=lambda done, total: reports.append((done["*"], total["*"])))
     total = 256 * 1024 * 1024 + len(VM_XML)
@@ -261,7 +262,7 @@ async def test_wrong_password_and_unreachable_server_are_clear(setup: Setup) -> 
     # ssh's own "Connection refused" when restic relays it in time; the server named either way
     with pytest.raises(ResticFailed, match=r"restic backup.*(Connection refused|cannot reach the SFTP server)") \
             as caught:
-        await store.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP, ssh_command=ssh)
+        await uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP, ssh_command=ssh)
     assert PASSWORD not in str(caught.value)
 
 
@@ -271,7 +272,7 @@ async def test_killed_backup_hides_password_and_its_stale_lock_is_removed(
     slow = restic_store(setup, RESTIC_BWLIMIT=256, RESTIC_NICE=5)
     await stage(setup.host1, setup.staging, random_mib=8)  # 8 MiB at 256 KiB/s: half a minute unless killed
     backup_id = await slow.new_backup_id(VM_ID)
-    task = asyncio.create_task(slow.upload(setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,
+    task = asyncio.create_task(uploads.upload(slow, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=120,
                                            ssh_command=client_ssh(setup.env)))
     marker = Path(setup.staging).name
 

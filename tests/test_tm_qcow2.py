@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import pytest_asyncio
 from drivers.commands import Result, Runner
 from drivers.ssh import SshPool, SshSettings, SshTarget
 from drivers.tm.plan import DiskSource, FsFreeze
-from drivers.tm.qcow2 import CaptureOptions, RecoveryReport, capture, recover
+from drivers.tm.qcow2 import CaptureOptions, CaptureRequest, CaptureResult, RecoveryReport, capture, recover
 from drivers.vmm.errors import GuestAgentError
 from drivers.vmm.kvm import KvmHost
 from scheduler.errors import DriverError
@@ -70,20 +70,45 @@ async def host1(realenv: RealEnv) -> AsyncIterator[Host]:
 
 
 class Journal:
-    """Collects the journaled steps; ``hooks[step]`` runs once, when that step is first journaled."""
+    """The run's sink: collects the journaled steps, process groups and progress reports; ``hooks[step]``
+    runs once, when that step is first journaled."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
         self.hooks: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.groups: list[int] = []
+        self.reports: list[tuple[int, int, int]] = []
 
-    async def __call__(self, entry: dict[str, Any]) -> None:
+    async def journal(self, entry: dict[str, Any]) -> None:
         self.steps.append(entry)
         hook = self.hooks.pop(entry["step"], None)
         if hook is not None:
             await hook()
 
+    async def process_started(self, side: str, pgid: int) -> None:
+        assert side == "source"
+        self.groups.append(pgid)
+
+    def disk_progress(self, disk_id: int, done: int, total: int) -> None:
+        self.reports.append((disk_id, done, total))
+
+    def files_progress(self, done: Mapping[str, int], total: Mapping[str, int]) -> None:
+        raise AssertionError("a capture uploads nothing")
+
+    def reached(self, point: str) -> None:
+        return None
+
     def names(self) -> list[str]:
         return [s["step"] for s in self.steps]
+
+
+async def captured(kvm: KvmHost, runner: Runner, domain: str, disks: list[DiskSource], *, fs_freeze: FsFreeze,
+                   run_id: int | str, staging_dir: str, journal: Journal | None = None,
+                   **request: Any) -> CaptureResult:
+    """A whole capture whose block uploads nothing."""
+    wanted = CaptureRequest(domain, disks, fs_freeze, run_id, staging_dir, **request)
+    async with capture(kvm, runner, wanted, journal if journal is not None else Journal()) as result:
+        return result
 
 
 def tiny_disks(dom: TinyDomain) -> list[DiskSource]:
@@ -181,7 +206,7 @@ async def test_live_capture_is_the_disk_at_the_snapshot(host1, tiny_domain, hype
     journal = Journal()
     journal.hooks["staging"] = lambda: write_after_snapshot(hv, dom, ("vda", "vdb"))  # the guest writes on
     stage = tmp_path / "base" / "42" / "17"
-    result = await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=mode, run_id=17,
+    result = await captured(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=mode, run_id=17,
                            staging_dir=str(stage), journal=journal, nice=10, ionice=7)
     assert journal.names() == LIVE_STEPS[mode]
     assert all(s["run"] == "17" and s["tm"] == "qcow2" for s in journal.steps)
@@ -207,21 +232,14 @@ async def test_then_runs_on_the_staged_files_while_the_overlays_are_committed(ho
     dom, hv = tiny_domain(), hypervisors("host1")
     hv.write_pattern(dom, "vda", pattern=0x5A)
     stage = tmp_path / "base" / "42" / "18"
-    journal, groups, reports = Journal(), [], []
+    journal = Journal()
+    groups, reports = journal.groups, journal.reports
     seen: dict[str, object] = {}
 
-    async def started(pgid: int) -> None:
-        groups.append(pgid)
-
-    async def then(result) -> str:
+    request = CaptureRequest(dom.name, tiny_disks(dom), FsFreeze.NONE, 18, str(stage), progress=True)
+    async with capture(host1.kvm, host1.runner, request, journal):
         seen["staged"] = staged(stage)
         seen["committed_before"] = journal.names().count("committed")
-        return "uploaded"
-
-    result = await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.NONE, run_id=18,
-                           staging_dir=str(stage), journal=journal, started=started, then=then,
-                           progress=lambda disk, done, total: reports.append((disk, done, total)))
-    assert result.followed == "uploaded"
     assert seen == {"staged": ["disk.0.0", "disk.1.0"], "committed_before": 0}  # not waiting for the commits
     assert journal.names().count("committed") == 2
     assert_back_on_own_disks(hv, dom.name, tiny_disks(dom))
@@ -237,12 +255,10 @@ async def test_a_failing_then_fails_the_capture_and_leaves_nothing(host1, tiny_d
     dom, hv = tiny_domain(), hypervisors("host1")
     stage = tmp_path / "base" / "42" / "19"
 
-    async def then(result) -> None:
-        raise RuntimeError("the backup server went away")
-
+    request = CaptureRequest(dom.name, tiny_disks(dom), FsFreeze.SUSPEND, 19, str(stage))
     with pytest.raises(RuntimeError, match="went away"):
-        await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND, run_id=19,
-                      staging_dir=str(stage), journal=Journal(), then=then)
+        async with capture(host1.kvm, host1.runner, request, Journal()):
+            raise RuntimeError("the backup server went away")
     assert staged(stage) == []
     assert_back_on_own_disks(hv, dom.name, tiny_disks(dom))
     assert hv.state(dom) == "running"
@@ -261,7 +277,7 @@ async def test_commit_lands_in_vda_and_the_template_is_untouched(host1, template
     journal.hooks["staging"] = lambda: write_after_snapshot(hv, dom, ("vda",))
     stage = tmp_path / "base" / "3" / "run-9"
     disks = [DiskSource(0, "vda", str(dom.vda), "qcow2")]
-    result = await capture(host1.kvm, host1.runner, dom.name, disks, fs_freeze=FsFreeze.NONE, run_id="run-9",
+    result = await captured(host1.kvm, host1.runner, dom.name, disks, fs_freeze=FsFreeze.NONE, run_id="run-9",
                            staging_dir=str(stage), journal=journal)
     backup = result.images[0].path
     assert "backing-filename" not in image_info(backup)  # flattened: the template's data is in the backup
@@ -278,7 +294,7 @@ async def test_a_paused_vm_is_captured_without_quiescing_and_stays_paused(host1,
     dom, hv = tiny_domain(), hypervisors("host1")
     hv.lookup(dom).suspend()
     journal = Journal()
-    result = await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND,
+    result = await captured(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND,
                            run_id=12, staging_dir=str(tmp_path / "b" / "1" / "12"), journal=journal)
     assert result.live and journal.names() == LIVE_STEPS[FsFreeze.NONE]
     assert_back_on_own_disks(hv, dom.name, tiny_disks(dom), state="paused")
@@ -291,7 +307,7 @@ async def test_powered_off_capture_converts_the_disks_directly(host1, tiny_domai
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x3C 1M 1M", str(dom.vdb)])
     journal = Journal()
     stage = tmp_path / "base" / "5" / "8"
-    result = await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND, run_id=8,
+    result = await captured(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.SUSPEND, run_id=8,
                            staging_dir=str(stage), journal=journal)
     assert not result.live and journal.names() == ["staging", "staging"]
     assert same_content(result.images[0].path, dom.vda) and same_content(result.images[1].path, dom.vdb)
@@ -310,7 +326,7 @@ async def test_agent_mode_without_an_agent_is_a_clear_error_and_does_nothing(hos
     stage = tmp_path / "base" / "1" / "2"
     with pytest.raises(GuestAgentError, match=r"fsfreeze: .*not connected; FS_FREEZE=AGENT needs a running QEMU "
                                               r"guest agent in the VM; nothing was snapshotted"):
-        await capture(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.AGENT, run_id=2,
+        await captured(host1.kvm, host1.runner, dom.name, tiny_disks(dom), fs_freeze=FsFreeze.AGENT, run_id=2,
                       staging_dir=str(stage), journal=journal)
     assert journal.names() == ["overlay", "overlay", "frozen"]
     assert not stage.exists()
@@ -323,7 +339,7 @@ async def test_a_disk_moved_since_the_request_is_refused(host1, tiny_domain, tmp
     moved = [DiskSource(0, "vda", str(dom.directory / "other.qcow2"), "qcow2")]
     journal = Journal()
     with pytest.raises(DriverError, match=rf"^host1: domain '{dom.name}': run 4: disk 0 \(vda\) runs on {dom.vda}"):
-        await capture(host1.kvm, host1.runner, dom.name, moved, fs_freeze=FsFreeze.NONE, run_id=4,
+        await captured(host1.kvm, host1.runner, dom.name, moved, fs_freeze=FsFreeze.NONE, run_id=4,
                       staging_dir=str(tmp_path / "4"), journal=journal)
     assert journal.steps == []
 
@@ -356,7 +372,7 @@ async def test_cancelled_during_convert_leaves_nothing(host1, tiny_domain, hyper
     stage = tmp_path / "base" / "6" / "31"
     watcher = ConvertWatcher(host1.runner)
     disks = tiny_disks(dom)[:1]
-    task = asyncio.create_task(capture(host1.kvm, watcher, dom.name, disks, fs_freeze=FsFreeze.SUSPEND, run_id=31,
+    task = asyncio.create_task(captured(host1.kvm, watcher, dom.name, disks, fs_freeze=FsFreeze.SUSPEND, run_id=31,
                                        staging_dir=str(stage), journal=Journal(),
                                        options=CaptureOptions(rate_limit=1024 * 1024)))  # 4 MiB at 1 MiB/s
     async with asyncio.timeout(WAIT):
@@ -387,7 +403,7 @@ async def test_agent_freeze_captures_a_clean_filesystem(host1, agent_guest, hype
     data = os.urandom(64 * 1024)
     agent_guest.write_file("/mnt/vda/before.bin", data)
     journal = Journal()
-    result = await capture(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest),
+    result = await captured(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest),
                            fs_freeze=FsFreeze.AGENT, run_id=51, staging_dir=str(tmp_path / "b" / "7" / "51"),
                            journal=journal)
     assert journal.names() == ["overlay", "frozen", "thawed", "staging", "committed"]
@@ -406,7 +422,7 @@ async def test_agent_guest_is_thawed_and_back_when_the_copy_fails(host1, agent_g
     stage = tmp_path / "not-a-dir" / "7" / "52"
     journal = Journal()
     with pytest.raises(DriverError, match="mkdir"):
-        await capture(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest), fs_freeze=FsFreeze.AGENT,
+        await captured(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest), fs_freeze=FsFreeze.AGENT,
                       run_id=52, staging_dir=str(stage), journal=journal)
     assert journal.names() == ["overlay", "frozen", "thawed", "committed"]
     assert agent_guest.fsfreeze_status() == "thawed"
@@ -416,7 +432,7 @@ async def test_agent_guest_is_thawed_and_back_when_the_copy_fails(host1, agent_g
 @real
 async def test_a_guest_left_frozen_is_thawed_first(host1, agent_guest, tmp_path) -> None:
     assert agent_guest.dom.fsFreeze() == 1  # what a crashed run would leave
-    result = await capture(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest),
+    result = await captured(host1.kvm, host1.runner, agent_guest.name, agent_disks(agent_guest),
                            fs_freeze=FsFreeze.AGENT, run_id=53, staging_dir=str(tmp_path / "b" / "7" / "53"),
                            journal=Journal())
     assert (result.thawed_first, result.frozen_filesystems) == (1, 1)
@@ -446,15 +462,16 @@ def crash_child() -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    async def journal(entry: dict[str, Any]) -> None:
-        append(entry)  # blocking on purpose: the step is on disk before the artifact exists
+    class FileJournal(Journal):
+        async def journal(self, entry: dict[str, Any]) -> None:
+            append(entry)  # blocking on purpose: the step is on disk before the artifact exists
 
     async def main() -> None:
         _, _, runner = open_host(job["host"])
         kvm = _StallAfterSnapshot("host1", job["host"]["uri"], call_timeout=30)
         disks = [DiskSource(**d) for d in job["disks"]]
-        await capture(kvm, runner, job["domain"], disks, fs_freeze=FsFreeze(job["mode"]), run_id=job["run"],
-                      staging_dir=job["staging"], journal=journal)
+        await captured(kvm, runner, job["domain"], disks, fs_freeze=FsFreeze(job["mode"]), run_id=job["run"],
+                      staging_dir=job["staging"], journal=FileJournal())
 
     asyncio.run(main())
 

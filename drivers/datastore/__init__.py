@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from drivers.datastore.base import BackupDatastore, Capacity, UploadResult
+from drivers.datastore.base import BackupDatastore, Capacity, UploadRequest, UploadResult
 from drivers.datastore.fs import FsDatastore
 from drivers.datastore.restic import ResticDatastore, sftp_target
 from drivers.datastore.rsync import RsyncDatastore, RunnerFactory, server_target
@@ -16,7 +16,7 @@ from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.model.objects.datastore import Datastore
 
-__all__ = ["BackupDatastore", "Capacity", "UploadResult", "DRIVERS", "open_datastore", "server_of"]
+__all__ = ["BackupDatastore", "Capacity", "UploadRequest", "UploadResult", "DRIVERS", "open_datastore", "server_of"]
 
 
 class DriverClass(Protocol):

@@ -22,6 +22,7 @@ from drivers.commands import CommandFailed, Runner, shielded
 from drivers.datastore import layout
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
+from drivers.sink import NO_SINK, RunSink
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 
@@ -84,6 +85,20 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class UploadRequest:
+    """One upload: ``files`` of ``staging_dir`` on the hypervisor ``source`` runs on, as backup ``backup_id``."""
+
+    source: Runner
+    staging_dir: str
+    files: Sequence[str]
+    vm_id: int
+    backup_id: str
+    timeout: float  # seconds for the whole transfer
+    ssh_command: Sequence[str] | None = None  # how the hypervisor reaches the backup server (verified keys)
+    progress: bool = False  # report the bytes sent per file to the sink (a probe every progress_interval)
+
+
+@dataclass(frozen=True)
 class UploadResult:
     """One uploaded backup: its allocated size on the hypervisor (like ``du -sm``) and each file's sha256."""
 
@@ -101,9 +116,9 @@ class BackupDatastore(Protocol):
 
     async def new_backup_id(self, vm_id: int) -> str: ...
 
-    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
-                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult: ...
+    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
+        """The sink is told the process groups started ("source" or "server" side) and, when the request
+        asks, the bytes sent per file."""
 
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None: ...
 

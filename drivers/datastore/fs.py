@@ -15,8 +15,6 @@ naming): ``FS_ARGS`` (rsync options for the pull, default ``-aS``), ``FS_BWLIMIT
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
@@ -24,6 +22,7 @@ from drivers.datastore.base import (
     ProcessStarted,
     Progress,
     TreeDatastore,
+    UploadRequest,
     UploadResult,
     on_side,
     rsync_ssh,
@@ -31,6 +30,7 @@ from drivers.datastore.base import (
 )
 from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, priority, remote, rsync_options
 from drivers.local import LocalRunner
+from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
 from scheduler.model.objects.datastore import Datastore
 
@@ -49,10 +49,12 @@ class FsDatastore(TreeDatastore):
     def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> FsDatastore:
         return cls(datastore, None, **settings)
 
-    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
-                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult:
+    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
         """Copy (local hypervisor) or pull (remote one) ``files`` of ``staging_dir`` into ``backup_id``."""
+        source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
+        vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
+        progress: Progress | None = sink.files_progress if request.progress else None
+        started: ProcessStarted = sink.process_started
         paths = staged_paths(staging_dir, files)
         hypervisor: SshTarget | None = getattr(source, "target", None)
 

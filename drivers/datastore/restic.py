@@ -48,6 +48,7 @@ from drivers.datastore.base import (
     Capacity,
     ProcessStarted,
     Progress,
+    UploadRequest,
     UploadResult,
     apply_limit,
     first_error,
@@ -63,6 +64,7 @@ from drivers.datastore.base import (
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
+from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -468,10 +470,12 @@ class ResticDatastore:
             if not any(matches(s, backup_id) for s in taken):
                 return backup_id
 
-    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
-                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None, started: ProcessStarted | None = None) -> ResticUpload:
+    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> ResticUpload:
         """``restic backup`` of ``files`` run on the hypervisor ``source``, hashing them meanwhile."""
+        source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
+        vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
+        progress: Progress | None = sink.files_progress if request.progress else None
+        started: ProcessStarted = sink.process_started
         paths = staged_paths(staging_dir, files)
         layout.check_backup_id(backup_id)
         target = self.settings.target

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Sequence
 from typing import Protocol
 
 from drivers.commands import Runner
@@ -24,12 +23,14 @@ from drivers.datastore.base import (
     ProcessStarted,
     Progress,
     TreeDatastore,
+    UploadRequest,
     UploadResult,
     int_attribute,
     on_side,
     rsync_ssh,
     staged_paths,
 )
+from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -127,10 +128,12 @@ class RsyncDatastore(TreeDatastore):
     def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> RsyncDatastore:
         return cls(datastore, pool.runner(server_target(datastore)), **settings)
 
-    async def upload(self, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int, backup_id: str,
-                     *, timeout: float, ssh_command: Sequence[str] | None = None,  # noqa: ASYNC109
-                     progress: Progress | None = None, started: ProcessStarted | None = None) -> UploadResult:
+    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
         """Send ``files`` of ``staging_dir`` (on the hypervisor ``source`` runs on) into backup ``backup_id``."""
+        source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
+        vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
+        progress: Progress | None = sink.files_progress if request.progress else None
+        started: ProcessStarted = sink.process_started
         paths = staged_paths(staging_dir, files)
         remote_shell = rsync_ssh(ssh_command or DEFAULT_SSH, self.target.port)
 

@@ -7,9 +7,18 @@ undoes what a capture that died left behind, from its journaled steps. ``plan`` 
 from __future__ import annotations
 
 from drivers.tm.plan import DiskSource, FsFreeze, Step, fs_freeze, overlay_path, staging_dir, staging_file
-from drivers.tm.qcow2 import CaptureError, CaptureOptions, CaptureResult, DiskImage, RecoveryReport, capture, recover
+from drivers.tm.qcow2 import (
+    CaptureError,
+    CaptureOptions,
+    CaptureRequest,
+    CaptureResult,
+    DiskImage,
+    RecoveryReport,
+    capture,
+    recover,
+)
 
 __all__ = [
-    "CaptureError", "CaptureOptions", "CaptureResult", "DiskImage", "DiskSource", "FsFreeze", "RecoveryReport",
+    "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "DiskImage", "DiskSource", "FsFreeze", "RecoveryReport",
     "Step", "capture", "fs_freeze", "overlay_path", "recover", "staging_dir", "staging_file",
 ]

@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from drivers.commands import Runner, Started, shielded
+from drivers.commands import Runner, shielded
+from drivers.sink import NO_SINK, RunSink
 from drivers.tm import plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
 from drivers.vmm.errors import GuestAgentError, VmmError
 from drivers.vmm.kvm import KvmHost
 from drivers.vmm.states import DomainState
 from scheduler.errors import DriverError, ValidationError
-from scheduler.faults import crash_point
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Journal = Callable[[dict[str, Any]], Awaitable[None]]
-DiskProgress = Callable[[int, int, int], None]  # (disk_id, bytes staged, bytes to stage)
-# What runs on the staged files while the overlays are committed back (the upload); its result is kept.
-Then = Callable[["CaptureResult"], Awaitable[Any]]
 
 
 class CaptureError(DriverError):
@@ -50,6 +47,22 @@ class CaptureOptions:
     convert_timeout: float = 6 * 3600.0
     commit_deadline: float = 600.0  # per overlay; past it the commit is aborted and the overlay kept
     command_timeout: float = 120.0  # mkdir, rm, qemu-img info
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """One capture: which disks of which domain, how the guest is quiesced, where the copies go."""
+
+    domain: str
+    disks: Sequence[DiskSource]
+    fs_freeze: FsFreeze
+    run_id: int | str
+    staging_dir: str  # <BACKUP_BASE_PATH>/<vm_id>/<run_id> on the host; created if missing
+    nice: int | None = None  # of each convert
+    ionice: int | None = None
+    options: CaptureOptions = CaptureOptions()
+    # Report each disk's staged bytes to the sink: one qemu-img info per disk, a stat every progress_interval.
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,6 @@ class CaptureResult:
     frozen_filesystems: int | None = None  # AGENT: how many the agent froze; 0 means nothing was quiesced
     thawed_first: int = 0  # filesystems found frozen (left by an earlier crash) and thawed before freezing
     snapshot_seconds: float | None = None  # freeze/suspend + snapshot + thaw/resume: the guest's pause
-    followed: Any = None  # what ``then`` returned
 
 
 @dataclass
@@ -82,50 +94,49 @@ class RecoveryReport:
     refused: list[str] = field(default_factory=list)  # journaled paths not named like the run's: untouched
 
 
-async def _no_journal(entry: dict[str, Any]) -> None:
-    return None
-
-
 async def _finish(task: asyncio.Future[None]) -> None:
     await task
 
 
-async def capture(kvm: KvmHost, runner: Runner, domain: str, disks: Sequence[DiskSource], *, fs_freeze: FsFreeze,
-                  run_id: int | str, staging_dir: str, journal: Journal, nice: int | None = None,
-                  ionice: int | None = None, options: CaptureOptions = CaptureOptions(),
-                  started: Started | None = None, progress: DiskProgress | None = None,
-                  then: Then | None = None) -> CaptureResult:
-    """Stage ``disk.<disk_id>.0`` (qcow2, sparse, backing chain flattened) of each disk in ``staging_dir``
-    (``<BACKUP_BASE_PATH>/<vm_id>/<run_id>``, created if missing; the caller removes it after upload).
-    ``started`` is told each convert's process group as it starts; ``progress`` the bytes staged so far
-    per disk (the allocated size of the staged file against that of the disk's chain: an estimate).
-    ``then`` (the upload) runs on the staged files at the same time as the commit of the overlays; the
-    capture returns once both ended, with its result in ``followed``; if either fails, the capture fails."""
-    run = plan.check_request(disks, run_id, staging_dir)
-    session = _Session(kvm, runner, domain, Artifacts(run), journal, options, staging=staging_dir, nice=nice,
-                       ionice=ionice, started=started, progress=progress)
-    state = await kvm.state(domain)
+@asynccontextmanager
+async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
+                  sink: RunSink = NO_SINK) -> AsyncIterator[CaptureResult]:
+    """Stage ``disk.<disk_id>.0`` (qcow2, sparse, backing chain flattened) of each disk in the request's
+    staging dir; inside the ``async with`` block the staged files are there to upload while the overlays
+    are committed back, and leaving the block waits for that commit. The sink is told each step before its
+    artifact exists, each convert's process group ("source" side) and, when the request asks, the bytes
+    staged per disk. If the capture or the block fails, the staged files are removed too and the cleanup's
+    problems are added to the error as notes; the caller removes the staging dir after its upload."""
+    disks = request.disks
+    run = plan.check_request(disks, request.run_id, request.staging_dir)
+    session = _Session(kvm, runner, request.domain, Artifacts(run), sink, request.options,
+                       staging=request.staging_dir, nice=request.nice, ionice=request.ionice,
+                       progress=request.progress)
+    state = await kvm.state(request.domain)
     try:
-        plan.check_sources(disks, await kvm.disks(domain))
+        plan.check_sources(disks, await kvm.disks(request.domain))
     except ValidationError as exc:
         raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
-    if state is DomainState.SHUTOFF:
-        return await session.guarded(session.cold(disks), then)
-    if state not in (DomainState.RUNNING, DomainState.PAUSED):
+    if state not in (DomainState.SHUTOFF, DomainState.RUNNING, DomainState.PAUSED):
         raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
                            "are backed up", host=kvm.name)
-    return await session.guarded(session.live(disks, fs_freeze, paused=state is DomainState.PAUSED), then)
+    if state is DomainState.SHUTOFF:
+        body = session.cold(disks)
+    else:
+        body = session.live(disks, request.fs_freeze, paused=state is DomainState.PAUSED)
+    async with session.guarded(body) as result:
+        yield result
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
-                  journal: Journal | None = None, options: CaptureOptions = CaptureOptions()) -> RecoveryReport:
+                  sink: RunSink = NO_SINK, options: CaptureOptions = CaptureOptions()) -> RecoveryReport:
     """Undo what a capture that died left, from its journaled ``steps``: resume/thaw the guest, commit back
     every overlay the guest still runs on, delete overlays and staged files. Idempotent; files whose names
     are not the run's are left alone. CaptureError (after doing the rest) when something could not be undone."""
     artifacts = plan.artifacts_from_steps(steps)
     if artifacts is None:
         return RecoveryReport()
-    session = _Session(kvm, runner, domain, artifacts, journal or _no_journal, options)
+    session = _Session(kvm, runner, domain, artifacts, sink, options)
     for path in artifacts.refused:
         log.error("%s: journaled path %s is not named like this run's files: left alone", session.where, path)
     await shielded(session.release(discard=True))
@@ -137,13 +148,12 @@ async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dic
 class _Session:
     """One capture (or recovery) of one domain: the artifacts it journaled and the cleanup they need."""
 
-    def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, journal: Journal,
+    def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, sink: RunSink,
                  options: CaptureOptions, *, staging: str = "", nice: int | None = None,
-                 ionice: int | None = None, started: Started | None = None,
-                 progress: DiskProgress | None = None) -> None:
+                 ionice: int | None = None, progress: bool = False) -> None:
         self.kvm, self.runner, self.domain, self.artifacts = kvm, runner, domain, artifacts
-        self.journal, self.options, self.staging, self.nice, self.ionice = journal, options, staging, nice, ionice
-        self.started, self.progress = started, progress
+        self.sink, self.options, self.staging, self.nice, self.ionice = sink, options, staging, nice, ionice
+        self.progress = progress
         self.converting: dict[int, tuple[str, int]] = {}  # disk_id -> (staged file, bytes to stage)
         self.where = f"{kvm.name}: domain {domain!r}: run {artifacts.run}"
         self.problems: list[Exception] = []
@@ -152,26 +162,30 @@ class _Session:
     async def note(self, name: Step, **fields: Any) -> None:
         entry = plan.step(name, self.artifacts.run, **fields)
         self.artifacts.record(entry)
-        await self.journal(entry)
+        await self.sink.journal(entry)
+
+    async def convert_started(self, pgid: int) -> None:
+        await self.sink.process_started("source", pgid)
 
     async def command(self, argv: list[str]) -> bytes:
         return (await self.runner.run(argv, timeout=self.options.command_timeout)).stdout
 
     # ------------------------------------------------------------------ the two captures
 
-    async def guarded(self, body: Awaitable[CaptureResult], then: Then | None = None) -> CaptureResult:
-        """``body``, then the cleanup (with ``then`` running meanwhile); on any failure the cleanup also
-        discards the staged files."""
+    @asynccontextmanager
+    async def guarded(self, body: Awaitable[CaptureResult]) -> AsyncIterator[CaptureResult]:
+        """``body``, then the cleanup (with the caller's block running meanwhile); on any failure the
+        cleanup also discards the staged files."""
         try:
             value = await body
-            crash_point("converted")
+            self.sink.reached("converted")
         except BaseException as exc:
             await shielded(self.release(discard=True))
             self.note_problems(exc)
             raise
         release = asyncio.ensure_future(self.release(discard=False))  # never raises: failures go to problems
         try:
-            followed = await then(value) if then is not None else None
+            yield value
         except BaseException as exc:
             await shielded(_finish(release))
             await shielded(self.discard_staged())
@@ -179,7 +193,6 @@ class _Session:
             raise
         await shielded(_finish(release))
         self.raise_problems("backup captured, but the cleanup failed (staged files removed)")
-        return replace(value, followed=followed)
 
     def note_problems(self, exc: BaseException) -> None:
         for problem in self.problems:
@@ -200,13 +213,13 @@ class _Session:
         started = loop.time()
         try:
             frozen, thawed_first = await self.quiesce(mode)
-            crash_point("quiesced")
+            self.sink.reached("quiesced")
         except BaseException:
             self.artifacts.overlays.clear()  # no snapshot was attempted: no overlay can exist
             raise
         try:
             await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
-            crash_point("snapshot")
+            self.sink.reached("snapshot")
         finally:
             await shielded(self.unquiesce())
         window = loop.time() - started
@@ -268,7 +281,7 @@ class _Session:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(one(disk)) for disk in disks]
-                if self.progress is not None:
+                if self.progress:
                     watcher = group.create_task(self.watch_progress())
                     done = asyncio.gather(*tasks, return_exceptions=True)
                     done.add_done_callback(lambda _: watcher.cancel())
@@ -283,16 +296,16 @@ class _Session:
         await self.note(Step.STAGING, path=target)
         argv = plan.convert_argv(disk, target, shared=shared, rate_limit=self.options.rate_limit)
         total = 0
-        if self.progress is not None:
+        if self.progress:
             total = plan.chain_allocated(await self.command(["qemu-img", "info", "-U", "--backing-chain",
                                                              "--output=json", disk.path]))
             self.converting[disk.disk_id] = (target, total)
-            self.progress(disk.disk_id, 0, total)
+            self.sink.disk_progress(disk.disk_id, 0, total)
         done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
-                                     started=self.started)
+                                     started=self.convert_started)
         self.converting.pop(disk.disk_id, None)
-        if self.progress is not None:
-            self.progress(disk.disk_id, total, total)
+        if self.progress:
+            self.sink.disk_progress(disk.disk_id, total, total)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: disk %d (%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  disk.disk_id, disk.target, target, done.duration, virtual, actual)
@@ -301,7 +314,6 @@ class _Session:
     async def watch_progress(self) -> None:
         """Report the staged files' allocated sizes every ``progress_interval`` until cancelled; a failed
         look ends the reports, never the capture."""
-        assert self.progress is not None
         while True:
             await asyncio.sleep(self.options.progress_interval)
             converting = dict(self.converting)
@@ -317,7 +329,7 @@ class _Session:
             sizes = plan.allocated_sizes(out.stdout, len(paths))
             for (disk_id, (_, total)), size in zip(converting.items(), sizes, strict=True):
                 if size is not None and disk_id in self.converting:
-                    self.progress(disk_id, min(size, total), total)
+                    self.sink.disk_progress(disk_id, min(size, total), total)
 
     # ------------------------------------------------------------------ cleanup (capture and recovery)
 

@@ -7,7 +7,7 @@ checked by that ssh: either through ``command=`` (an ssh wrapper pointing at vms
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from scheduler.errors import ValidationError
@@ -39,7 +39,13 @@ def check_uri(uri: str) -> str:
     return uri
 
 
-def host_uri(template: Mapping[str, str], host_name: str, *, ssh_command: str | None = None) -> str:
+class Attributes(Protocol):
+    """A host's TEMPLATE as the driver reads it (a Template, or a plain dict in tests)."""
+
+    def get(self, key: str, default: str | None = None, /) -> str | None: ...
+
+
+def host_uri(template: Attributes, host_name: str, *, ssh_command: str | None = None) -> str:
     """The libvirt URI of a host from its TEMPLATE (``LIBVIRT_URI``, else ``SSH_HOST/PORT/USER/KEY``)."""
     if template.get("LIBVIRT_URI"):
         return check_uri(template.get("LIBVIRT_URI") or "")

@@ -13,10 +13,12 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.config import Config
 from scheduler.engine.clock import Clock
+from scheduler.engine.sink import RunSink
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.vm import Vm
@@ -39,13 +41,9 @@ class RunContext:
     log: logging.LoggerAdapter[Any]
     cancelled: asyncio.Event
     links: HostLinks | None = None  # the VM's host's runner and libvirt connection
-    # Appends a step to the run's journaled steps and returns once it is durable (before the artifact exists).
-    journal_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
-    config: Any = None  # scheduler.config.Config: sched.conf as it is when the run starts
-    # Stages the run's success into the action's own transaction (a scheduler.store.state.Mutation), so the
-    # result and the run's completion commit together.
-    complete: Callable[[Any], None] | None = None
-    progress: Any = None  # scheduler.engine.progress.BackupProgress of a backup run: what the API and /metrics show
+    config: Config | None = None  # sched.conf as it is when the run starts
+    # journal a step, stage the run's success with the action's result, report progress, pass crash points
+    sink: RunSink = field(default_factory=RunSink)
 
 
 ArgsCheck = Callable[[str], None]

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from scheduler.actions import check_action, spec_of
 from scheduler.actions.base import RunContext
+from scheduler.config import Config
 from scheduler.engine.clock import Clock
-from scheduler.engine.journal import Journal, Run
+from scheduler.engine.journal import Run
 from scheduler.engine.progress import ProgressBoard
+from scheduler.engine.sink import RunSink
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.links import HostLinks
 from scheduler.store.state import State
@@ -40,17 +41,13 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
 
 
 def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: HostLinks | None = None,
-                  journal: Journal | None = None,
-                  config: Callable[[], Any] | None = None,
-                  complete: Callable[[Run, Any], None] | None = None,
-                  progress: ProgressBoard | None = None) -> Callable[[Run], Awaitable[str | None]]:
-    """``journal``: where the actions' steps are made durable; ``config``: the current sched.conf;
-    ``complete``: the engine's ``stage_success`` (a run's success committed with the action's result);
-    ``progress``: where running backups report how far they are."""
+                  config: Callable[[], Config] | None = None,
+                  progress: ProgressBoard | None = None) -> Callable[[Run, RunSink], Awaitable[str | None]]:
+    """``config``: the current sched.conf; ``progress``: where running backups report how far they are."""
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
-    async def execute(run: Run) -> str | None:
+    async def execute(run: Run, sink: RunSink) -> str | None:
         vm = state.vms.find(run.vm_id)
         if vm is None:
             raise ActionError(f"VM {run.vm_id} does not exist any more")
@@ -60,14 +57,12 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
         spec = spec_of(run.action)
         check_action(state, vm, run.action, run.args)
         action = state.schedactions.find(run.action_id) if run.action_id is not None else None
-        tracked = progress is not None and spec.is_backup
+        if progress is not None and spec.is_backup:
+            sink.progress = progress.open(run.id, run.vm_id, clock.now())
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
-            cancelled=asyncio.Event(), links=links, journal_step=_step_journal(journal, run),
-            config=config() if config is not None else None,
-            complete=(lambda m: complete(run, m)) if complete is not None else None,
-            progress=progress.open(run.id, run.vm_id, clock.now()) if tracked and progress is not None else None,
+            cancelled=asyncio.Event(), links=links, config=config() if config is not None else None, sink=sink,
         )  # fmt: skip
         try:
             return await spec.run(context)
@@ -77,15 +72,3 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
 
     return execute
 
-
-def _step_journal(journal: Journal | None, run: Run) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
-    """Append a step to the run and return once it is on disk."""
-    if journal is None:
-        return None
-
-    async def journal_step(entry: dict[str, Any]) -> None:
-        run.steps.append(entry)
-        journal.save(run)
-        await journal.durable()
-
-    return journal_step

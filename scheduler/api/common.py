@@ -10,23 +10,10 @@ from scheduler.api.permissions import Caller, visible
 from scheduler.errors import ValidationError
 from scheduler.model.template import Template
 
-MAX_NAME = 128
-
 
 def parse_request_template(text: str, what: str) -> Template:
     """A template argument in text or XML form; errors name the argument."""
     return Template.parse(text, source=what)
-
-
-def check_name(name: str, what: str) -> str:
-    name = name.strip()
-    if not name:
-        raise ValidationError(f"{what} name cannot be empty")
-    if len(name) > MAX_NAME:
-        raise ValidationError(f"{what} name is longer than {MAX_NAME} characters")
-    if any(ch in name for ch in "\n\r\t") or any(ord(ch) < 32 for ch in name):
-        raise ValidationError(f"{what} name contains control characters")
-    return name
 
 
 def update_template(current: Template, text: str, merge: int, what: str) -> Template:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drivers.datastore import server_of
-from scheduler.api.common import check_name, parse_request_template, update_template, xml_string
+from scheduler.api.common import parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
 from scheduler.api.permissions import Caller, require_admin
@@ -11,7 +11,7 @@ from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, ValidationError
 from scheduler.model.objects import pool_element
-from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.common import Ownership, check_name
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.states import DatastoreType, parse_code
 from scheduler.model.template import Template

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from scheduler.api.common import check_name, update_template, xml_string
+from scheduler.api.common import update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
 from scheduler.api.permissions import Caller, require_admin
@@ -13,6 +13,7 @@ from scheduler.api.rpc import Param
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.links import is_local, ssh_target
 from scheduler.model.objects import pool_element
+from scheduler.model.objects.common import check_name
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import HostState
 from scheduler.model.template import Template

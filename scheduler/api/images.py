@@ -87,7 +87,7 @@ async def restore(ctx: Context, caller: Caller, image_id: int, ds_id: int, optio
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "restore")
     datastore = ctx.state.datastores.get(ds_id)
     require(caller, datastore.ownership.uid, Right.USE, "DATASTORE", ds_id, "restore into")
-    return await image_restore.restore(ctx, caller, image_id, ds_id, options)
+    return await image_restore.restore(ctx, caller.ownership, image_id, ds_id, options)
 
 
 @registry.method("one.imagepool.info", Param("filter", int, -2), Param("start", int, -1), Param("end", int, -1))

@@ -24,13 +24,11 @@ from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
-from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import DriverError, ValidationError, VmschedError
 from scheduler.hosts.imageinfo import image_info
 from scheduler.hosts.placement import bind, set_states
 from scheduler.hosts.vmimport import DomainFacts, import_template, read_domain, size_mb, unique_name, vm_states
 from scheduler.model import backup_config as backups
-from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.vm import Vm
 
@@ -81,7 +79,7 @@ async def store_domain(ctx: Context, caller: Caller, host: Host, seen: Seen) -> 
             vm = Vm(
                 id=await m.new_id("vm"),
                 name=unique_name(seen.facts.name, (other.name for other in ctx.state.vms.all())),
-                ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
+                ownership=caller.ownership,
                 stime=now,
                 backup_config=backups.default_backup_config(),
             )

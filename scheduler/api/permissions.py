@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from scheduler.errors import PermissionDenied
-
-ADMIN_GROUP = 0
+from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.user import ADMIN_GROUP, ownership
 
 
 class Right(Enum):
@@ -30,6 +30,11 @@ class Caller:
     name: str
     gid: int
     groups: frozenset[int]
+
+    @property
+    def ownership(self) -> Ownership:
+        """The owner of what this caller creates."""
+        return ownership(self.user_id, self.gid, self.name)
 
     @property
     def admin(self) -> bool:

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from drivers.vmm import KvmHost
-from scheduler.api.common import check_name, parse_request_template, pool_slice, xml_string
+from scheduler.api.common import pool_slice, xml_string
 from scheduler.api.context import Context
 from scheduler.api.imports import read_host_domain, store_domain, vm_of_domain
 from scheduler.api.permissions import Caller, Right, require, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.api.schedactions import parse_actions, store_actions
-from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, DriverError, ValidationError
+from scheduler.hosts import vmtemplates
 from scheduler.hosts.vmimport import IMPORTED_NAMES, read_domain
 from scheduler.model import backup_config as backups
 from scheduler.model.objects import pool_element
-from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.vm import Vm, split_vm_template
 from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY, VmTemplate
@@ -48,51 +46,11 @@ log = logging.getLogger(__name__)
 _INSTANTIATING: set[str] = set()  # domain UUIDs being defined: one instantiate per domain at a time
 
 
-def _check_domain_xml(template: Template) -> None:
-    xml = template.get(DOMAIN_XML_KEY)
-    if xml is not None:
-        try:
-            read_domain(xml)
-        except ValidationError as exc:
-            raise ValidationError(f"{DOMAIN_XML_KEY}: {exc}") from None
-
-
 @registry.method("one.template.allocate", Param("template", str))
 async def allocate(ctx: Context, caller: Caller, text: str) -> int:
-    name, template = checked_request(text)
+    name, template = vmtemplates.checked_request(text)
     async with ctx.state.mutation() as m:
-        return await add(ctx, m, caller, name, template)
-
-
-def checked_request(text: str) -> tuple[str, Template]:
-    """(NAME, the rest) of an allocate request, checked (pure)."""
-    template = parse_request_template(text, "VM template")
-    name = check_name(template.get("NAME") or "", "VM template")
-    template.remove("NAME")
-    _check_domain_xml(template)
-    return name, template
-
-
-def require_free_name(state: State, caller: Caller, name: str) -> None:
-    """ValidationError when ``caller`` owns a template named ``name``."""
-    taken = next((t for t in state.templates.all() if t.name == name and t.ownership.uid == caller.user_id), None)
-    if taken is not None:
-        raise ValidationError(f"NAME is already taken by TEMPLATE {taken.id}.")
-
-
-async def add(ctx: Context, m: Any, caller: Caller, name: str, template: Template) -> int:
-    """Put a new template owned by ``caller`` into mutation ``m`` (the caller's other changes commit with it);
-    its id. ValidationError when the caller has a template of that name."""
-    require_free_name(ctx.state, caller, name)
-    vm_template = VmTemplate(
-        id=await m.new_id(KIND),
-        name=name,
-        ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
-        regtime=ctx.now(),
-        template=template,
-    )
-    m.put(KIND, vm_template)
-    return vm_template.id
+        return await vmtemplates.add(ctx.state, m, caller.ownership, name, template, ctx.now())
 
 
 @registry.method("one.template.info", Param("id", int), Param("extended", bool, False), Param("decrypt", bool, False))

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from scheduler.api.auth import hash_password
-from scheduler.api.common import check_name, xml_string
+from scheduler.api.common import xml_string
 from scheduler.api.context import Context
-from scheduler.api.permissions import ADMIN_GROUP, Caller, require_admin
+from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.errors import PermissionDenied, ValidationError
 from scheduler.model.objects import pool_element
-from scheduler.model.objects.user import User
+from scheduler.model.objects.common import check_name
+from scheduler.model.objects.user import GROUP_NAMES, USERS_GROUP, User
 
 KIND = "user"
-USERS_GROUP = 1
-GROUP_NAMES = {ADMIN_GROUP: "oneadmin", USERS_GROUP: "users"}
 MIN_PASSWORD = 1
 MAX_PASSWORD = 1024
 

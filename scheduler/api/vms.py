@@ -11,16 +11,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from scheduler.api.common import check_name, parse_request_template, pool_slice
+from scheduler.api.common import parse_request_template, pool_slice
 from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.api.schedactions import actions_of, delete_actions, parse_actions, store_actions
-from scheduler.api.users import GROUP_NAMES
 from scheduler.errors import ActionError, ValidationError
 from scheduler.model import backup_config as backups
-from scheduler.model.objects.common import Ownership
+from scheduler.model.objects.common import check_name
 from scheduler.model.objects.states import LcmState, VmState
 from scheduler.model.objects.vm import History, Vm, split_vm_template
 from scheduler.model.template import Template, Vector
@@ -77,7 +76,7 @@ async def allocate(ctx: Context, caller: Caller, text: str, hold: bool) -> int:
         vm = Vm(
             id=vm_id,
             name=check_name(name, "VM") if name else f"one-{vm_id}",
-            ownership=Ownership(caller.user_id, caller.gid, caller.name, GROUP_NAMES.get(caller.gid, "users")),
+            ownership=caller.ownership,
             state=VmState.HOLD if hold else VmState.PENDING,
             lcm_state=LcmState.LCM_INIT,
             stime=ctx.now(),

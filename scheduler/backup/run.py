@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 from drivers import hostkeys, tm
 from drivers.commands import Runner, shielded
-from drivers.datastore import BackupDatastore, Capacity, UploadResult, open_datastore, server_of
+from drivers.datastore import BackupDatastore, Capacity, UploadRequest, UploadResult, open_datastore, server_of
 from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
 from drivers.datastore.restic import password_file_prefix, remove_password_files
@@ -33,10 +33,10 @@ from drivers.datastore.rsync import bwlimit_bytes, priority
 from drivers.processes import kill_marked
 from drivers.tm.qcow2 import CaptureOptions
 from drivers.vmm.domainxml import Disk
+from scheduler.actions.base import RunContext
 from scheduler.backup.urls import url_vectors
 from scheduler.engine.progress import CAPTURE, RECORD, UPLOAD
 from scheduler.errors import ActionError, NotFound, ValidationError
-from scheduler.faults import crash_point
 from scheduler.hosts.links import HostLinks, is_local
 from scheduler.hosts.monitor import tool_key
 from scheduler.hosts.placement import Placement, locate_for_run, set_states
@@ -277,7 +277,7 @@ def steps_named(steps: Sequence[dict[str, Any]], name: str) -> list[dict[str, An
 class _Backup:
     """One run in progress: what it works on, and what it must undo."""
 
-    ctx: Any
+    ctx: RunContext
     settings: BackupSettings
     datastore: Datastore
     store: BackupDatastore
@@ -285,39 +285,59 @@ class _Backup:
     disks: list[Vector]
     restore_to: tuple[VmState, LcmState] | None = None
     staging: str = ""
+    current_phase: str = ""
     upload_processes: int = 0
 
+    # -- what the drivers tell the run (drivers.sink.RunSink) ------------------------------------------
     async def journal(self, entry: dict[str, Any]) -> None:
-        if self.ctx.journal_step is not None:
-            await self.ctx.journal_step(entry)
+        await self.ctx.sink.step(entry)
 
-    async def convert_started(self, pgid: int) -> None:
-        """A convert runs on the hypervisor: journaled, so that a restarted daemon kills it."""
-        await self.journal(step("process", side="source", host=self.where.host.id, pgid=pgid, marker=self.staging))
-        crash_point("convert")
-
-    async def upload_started(self, side: str, pgid: int) -> None:
-        """An upload's copy or hash runs on the hypervisor ("source") or the datastore's server."""
+    async def process_started(self, side: str, pgid: int) -> None:
+        """A convert, or an upload's copy or hash, runs on the hypervisor ("source") or the datastore's
+        server: journaled, so that a restarted daemon kills it."""
+        if self.current_phase != UPLOAD:
+            await self.journal(step("process", side=side, host=self.where.host.id, pgid=pgid, marker=self.staging))
+            self.reached("convert")
+            return
         await self.journal(step("process", side=side, host=self.where.host.id, datastore=self.datastore.id,
                                 pgid=pgid, marker=self.staging))
         self.upload_processes += 1
         if self.upload_processes == 2:  # the copy and the hash both run
-            crash_point("upload")
+            self.reached("upload")
 
+    def disk_progress(self, disk_id: int, done: int, total: int) -> None:
+        if self.ctx.sink.progress is not None:
+            self.ctx.sink.progress.disk(disk_id, done, total)
+
+    def files_progress(self, done: Mapping[str, int], total: Mapping[str, int]) -> None:
+        if self.ctx.sink.progress is not None:
+            self.ctx.sink.progress.files(done, total)
+
+    def reached(self, point: str) -> None:
+        self.ctx.sink.reached(point)
+
+    # ----------------------------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
-        if self.ctx.progress is not None:
-            self.ctx.progress.begin(name, [int(d["DISK_ID"]) for d in self.disks])
+        self.current_phase = name
+        if self.ctx.sink.progress is not None:
+            self.ctx.sink.progress.begin(name, [int(d["DISK_ID"]) for d in self.disks])
 
     @property
-    def runner(self) -> Any:
-        return self.ctx.links.runner(self.where.host)
+    def links(self) -> HostLinks:
+        links = self.ctx.links
+        assert links is not None  # perform() refused to start without host connections
+        return links
+
+    @property
+    def runner(self) -> Runner:
+        return self.links.runner(self.where.host)
 
     @property
     def vm_id(self) -> int:
         return int(self.where.vm.id)
 
 
-async def perform(ctx: Any, ds_id: int) -> str:
+async def perform(ctx: RunContext, ds_id: int) -> str:
     """The whole backup of ``ctx.vm`` into datastore ``ds_id``; the run's message."""
     settings = BackupSettings.from_config(getattr(ctx, "config", None))
     vm = ctx.state.vms.get(ctx.vm.id)
@@ -378,36 +398,34 @@ async def _backup(run: _Backup) -> Image:
     run.staging = tm.staging_dir(run.settings.base_path, run.vm_id, ctx.run_id)
     await run.journal(step("staging", host=where.host.id, domain=where.ref, path=run.staging))
     nice, ionice, rate = io_limits(run.datastore)
-    progress = ctx.progress
     complete: list[str] = []  # the backup id once its upload is complete
 
     async def upload(captured: tm.CaptureResult) -> tuple[str, UploadResult]:
         files = [PurePosixPath(image.path).name for image in captured.images] + [VM_XML, DOMAIN_XML]
         backup_id, ssh, _ = await _together(run.store.new_backup_id(run.vm_id),
-                                            upload_ssh(ctx.links, where.host, run.runner, run.datastore),
+                                            upload_ssh(run.links, where.host, run.runner, run.datastore),
                                             _write_descriptions(run))
         await run.journal(step("upload", datastore=run.datastore.id, vm=run.vm_id, backup_id=backup_id))
         run.phase(UPLOAD)
-        uploaded = await run.store.upload(run.runner, run.staging, files, run.vm_id, backup_id,
-                                          timeout=run.settings.upload_timeout, ssh_command=ssh,
-                                          progress=progress.files if progress else None, started=run.upload_started)
+        request = UploadRequest(run.runner, run.staging, files, run.vm_id, backup_id,
+                                timeout=run.settings.upload_timeout, ssh_command=ssh,
+                                progress=ctx.sink.progress is not None)
+        uploaded = await run.store.upload(request, run)
         complete.append(backup_id)
-        crash_point("uploaded")
+        run.reached("uploaded")
         return backup_id, uploaded
 
     try:
         try:
             sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
             run.phase(CAPTURE)
-            captured = await tm.capture(where.kvm, run.runner, where.ref, sources,
-                                        fs_freeze=tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
-                                        run_id=ctx.run_id, staging_dir=run.staging, journal=run.journal,
-                                        nice=nice, ionice=ionice, options=CaptureOptions(rate_limit=rate),
-                                        started=run.convert_started, progress=progress.disk if progress else None,
-                                        then=upload)
+            request = tm.CaptureRequest(where.ref, sources, tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
+                                        ctx.run_id, run.staging, nice=nice, ionice=ionice,
+                                        options=CaptureOptions(rate_limit=rate), progress=ctx.sink.progress is not None)
+            async with tm.capture(where.kvm, run.runner, request, run) as captured:  # overlays committed meanwhile
+                backup_id, uploaded = await upload(captured)
         finally:
             await _remove_staging(run.runner, run.staging)
-        backup_id, uploaded = captured.followed
         run.phase(RECORD)
         return await _record(run, backup_id, uploaded)
     except BaseException:
@@ -475,8 +493,7 @@ async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image
         m.put("image", image)
         m.put("datastore", datastore)
         m.put("vm", vm)
-        if ctx.complete is not None:  # the run's success commits with its image, never apart
-            ctx.complete(m)
+        ctx.sink.complete(m)  # the run's success commits with its image, never apart
     run.restore_to = None
     return image
 

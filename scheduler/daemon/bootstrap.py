@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from scheduler.api.auth import random_password
-from scheduler.api.permissions import ADMIN_GROUP
 from scheduler.api.users import new_user
 from scheduler.engine.clock import Clock
+from scheduler.model.objects.user import ADMIN_GROUP
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)

@@ -35,12 +35,13 @@ import libvirt
 from drivers.vmm import LOCAL_URI
 from drivers.vmm.domainxml import parse_disks
 from scheduler.api.context import Context
-from scheduler.api.permissions import ADMIN_GROUP, Caller
+from scheduler.api.permissions import Caller
 from scheduler.api.registry import registry
 from scheduler.api.rpc import coerce_args
 from scheduler.errors import ActionError, VmschedError
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import VmState
+from scheduler.model.objects.user import ADMIN_GROUP
 from scheduler.model.objects.vm import Vm
 
 log = logging.getLogger(__name__)

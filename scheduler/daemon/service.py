@@ -119,8 +119,7 @@ class Daemon:
                 log.warning("%s is set: the daemon kills itself at %s (test use only)", faults.CRASH_ENV,
                             ", ".join(sorted(faults.armed())))
             board = ProgressBoard()
-            executor = make_executor(state, self.clock, simulate, links, journal, lambda: self.config,
-                                     complete=lambda run, m: self._engine().stage_success(run, m), progress=board)
+            executor = make_executor(state, self.clock, simulate, links, lambda: self.config, progress=board)
             self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
                                           is_backup=is_backup,
                                           recoverer=restore_run.dispatch_recoverer(
@@ -166,10 +165,6 @@ class Daemon:
             await store.close()
         log.info("stopped")
         return 0
-
-    def _engine(self) -> Engine:
-        assert self.engine is not None, "the engine runs before any action"
-        return self.engine
 
     def _status(self) -> str:
         engine = self.engine

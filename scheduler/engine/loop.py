@@ -26,6 +26,7 @@ from scheduler.engine.journal import Journal, Run, RunState
 from scheduler.engine.metrics import Histogram
 from scheduler.engine.outcome import CANCELLED, Outcome, OutcomeKind, RetryPolicy, failed, succeeded
 from scheduler.engine.queues import Queues
+from scheduler.engine.sink import RunSink
 from scheduler.errors import DriverError
 from scheduler.logs import log_context
 from scheduler.model import schedule
@@ -55,7 +56,8 @@ class EngineSettings:
 
 
 # How a run is carried out: returns a message for the record, raises on failure.
-Executor = Callable[[Run], Awaitable[str | None]]
+# One attempt of a run, reporting through the sink; the message for the run record.
+Executor = Callable[[Run, RunSink], Awaitable[str | None]]
 # Undo what an interrupted run left behind (overlays, paused guests...) before it is retried.
 Recoverer = Callable[[Run], Awaitable[None]]
 
@@ -350,7 +352,7 @@ class Engine:
             if not await self._clean_up(run):
                 raise DriverError("what an earlier attempt left behind could not be cleaned up (see the log); "
                                   "not starting over it", retryable=True)
-            message = await self.executor(run)
+            message = await self.executor(run, RunSink(run, self.journal, self))
             outcome = succeeded(message or "")
         except asyncio.CancelledError:
             if run.id not in self._cancel_requested:

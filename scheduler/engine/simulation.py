@@ -28,6 +28,7 @@ from scheduler.engine.clock import Clock, SystemClock
 from scheduler.engine.journal import Journal, Run
 from scheduler.engine.loop import Engine, EngineSettings
 from scheduler.engine.simclock import VirtualClock, VirtualTimeLoop
+from scheduler.engine.sink import RunSink
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import DatastoreType, HostState
@@ -172,7 +173,7 @@ async def _simulate(args: BenchArgs, clock: Clock, store: Store, on_store: Calla
     if args.vms == 0:
         recorder.finished.set()
 
-    async def executor(run: Run) -> str:
+    async def executor(run: Run, sink: RunSink) -> str:
         recorder.starts[run.id] = clock.now()
         duration = draw()
         recorder.work.append((run.scheduled, duration, run.host_id, run.datastore_id))

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from drivers.commands import Result
+from drivers.commands import Result, Runner
 from drivers.local import LocalRunner
 from drivers.ssh import SshPool, SshSettings, SshTarget
 from drivers.vmm import LOCAL_URI, KvmHost
 from drivers.vmm.uri import host_uri
 from scheduler.errors import ValidationError
+from scheduler.model.objects.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def write_ssh_wrapper(state_dir: Path, settings: SshSettings) -> Path:
 class _LibvirtCommands:
     """The vmm driver's command runner (for qemu-img on the host) over our runners."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
 
     async def __call__(self, argv: Sequence[str], *, time_limit: float) -> str:
@@ -86,18 +87,18 @@ class HostLinks:
         self._vmm: dict[int, tuple[str, KvmHost]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def runner(self, host: Any) -> Any:
+    def runner(self, host: Host) -> Runner:
         """The command runner for a Host object (``drivers.commands.Runner`` contract)."""
         if is_local(host.template):
             return self.local
         return self.pool.runner(ssh_target(host.name, host.template))
 
-    def uri(self, host: Any) -> str:
+    def uri(self, host: Host) -> str:
         if is_local(host.template):
             return host.template.get("LIBVIRT_URI") or LOCAL_URI
         return host_uri(host.template, host.name, ssh_command=str(self.wrapper))
 
-    def vmm(self, host: Any) -> KvmHost:
+    def vmm(self, host: Host) -> KvmHost:
         """The libvirt connection of a host, rebuilt when its URI changes."""
         uri = self.uri(host)
         cached = self._vmm.get(host.id)

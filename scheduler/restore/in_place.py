@@ -25,10 +25,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.commands import CommandFailed, shielded
+from drivers.commands import CommandFailed, Runner, shielded
 from drivers.processes import kill_marked
-from drivers.vmm import DomainState
+from drivers.vmm import DomainState, KvmHost
 from drivers.vmm.domainxml import parse_disks
+from scheduler.actions.base import RunContext
 from scheduler.backup.run import state_name
 from scheduler.errors import ActionError, NotFound
 from scheduler.faults import crash_point
@@ -149,7 +150,7 @@ def steps_named(steps: Sequence[dict[str, Any]], name: str) -> list[dict[str, An
 
 @dataclass
 class _Restore:
-    ctx: Any
+    ctx: RunContext
     where: Placement
     image: Image
     disk_ids: list[int]
@@ -158,19 +159,27 @@ class _Restore:
     swapping: bool = False  # from the swap step on, the swap itself records the VM's state
 
     async def journal(self, entry: dict[str, Any]) -> None:
-        if self.ctx.journal_step is not None:
-            await self.ctx.journal_step(entry)
+        await self.ctx.sink.step(entry)
+
+    async def fetch_started(self, side: str, pgid: int) -> None:
+        self.ctx.sink.reached("restore-fetch")
 
     @property
-    def runner(self) -> Any:
-        return self.ctx.links.runner(self.where.host)
+    def links(self) -> HostLinks:
+        links = self.ctx.links
+        assert links is not None  # perform() refused to start without host connections
+        return links
+
+    @property
+    def runner(self) -> Runner:
+        return self.links.runner(self.where.host)
 
     @property
     def vm_id(self) -> int:
         return int(self.where.vm.id)
 
 
-async def perform(ctx: Any, args: RestoreArgs) -> str:
+async def perform(ctx: RunContext, args: RestoreArgs) -> str:
     """Restore ``ctx.vm`` in place from backup image ``args.image_id``; the run's message."""
     vm = ctx.state.vms.get(ctx.vm.id)
     image, disk_ids = check_request(ctx.state, vm, args.image_id, args.increment_id, args.disk_id)
@@ -215,16 +224,12 @@ async def _fetch_all(run: _Restore) -> None:
     try:
         for disk in run.files:
             await run.journal(step("temp", host=host.id, path=disk.new))
-            await fetch_disk(ctx.links, ctx.state, run.image, disk.disk_id, host, disk.new, disk.format,
-                             run_id=ctx.run_id, journal=run.journal, started=_fetch_started)
-        crash_point("restore-fetched")
+            await fetch_disk(run.links, ctx.state, run.image, disk.disk_id, host, disk.new, disk.format,
+                             run_id=ctx.run_id, journal=run.journal, started=run.fetch_started)
+        ctx.sink.reached("restore-fetched")
     except BaseException:
         await shielded(_remove(run.runner, [disk.new for disk in run.files]))
         raise
-
-
-async def _fetch_started(side: str, pgid: int) -> None:
-    crash_point("restore-fetch")
 
 
 async def shielded_result(work: Awaitable[str]) -> str:
@@ -276,7 +281,7 @@ async def _swap_and_finish(run: _Restore) -> str:
                           f"files: {files}") from exc
 
 
-async def finish_swap(state: State, runner: Any, kvm: Any, domain: str, vm_id: int,
+async def finish_swap(state: State, runner: Runner, kvm: KvmHost, domain: str, vm_id: int,
                       disks: Sequence[Sequence[str]], to: tuple[VmState, LcmState]) -> str:
     """Everything from the first rename on (also what a recovery finishes): each disk swapped, the old
     files removed, libvirt's snapshot and checkpoint metadata dropped, the VM recorded; what was dropped."""

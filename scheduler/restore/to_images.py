@@ -15,18 +15,18 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from lxml import etree
 
-from drivers.commands import shielded
+from drivers.commands import Runner, shielded
 from drivers.datastore import open_datastore
 from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_size_mb
 from drivers.processes import kill_marked
 from scheduler.backup.urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
-from scheduler.hosts import imageds
+from scheduler.hosts import imageds, vmtemplates
 from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.datastore import Datastore
@@ -37,6 +37,7 @@ from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY
 from scheduler.model.template import Template
 from scheduler.restore.disk import fetch_disk, remove_temps, temp_path
 from scheduler.restore.template import clean_vm_template, restored_domain_xml
+from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def parse_options(text: str) -> RestoreOptions:
                           -1 if increment is None else increment, _number(template, "DISK_ID", None))
 
 
-def check_request(state: Any, backup: Image, target: Datastore, options: RestoreOptions) -> list[int]:
+def check_request(state: State, backup: Image, target: Datastore, options: RestoreOptions) -> list[int]:
     """OpenNebula's checks (spec §8.1) and ours; the disk ids to restore."""
     if backup.type != ImageType.BACKUP:
         raise ActionError(f"Image {backup.id} is not a backup image")
@@ -124,7 +125,7 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-async def read_backup(state: Any, links: HostLinks, backup: Image) -> tuple[str, str]:
+async def read_backup(state: State, links: HostLinks, backup: Image) -> tuple[str, str]:
     """(vm.xml, domain.xml) of the backup, from its datastore."""
     datastore = state.datastores.get(backup.datastore_id)
     store = open_datastore(datastore, links.pool)
@@ -148,23 +149,31 @@ def disk_targets(vm_xml: str) -> dict[int, str]:
             for disk in root.iter("DISK") if (disk.findtext("DISK_ID") or "").strip().isdigit()}
 
 
+class RestoreContext(Protocol):
+    """What a restore to new images needs of the daemon (the API's context has it)."""
+
+    state: State
+    links: HostLinks | None
+
+    def now(self) -> int: ...
+
+
 def this_machine() -> Host:
     """The scheduler's own machine as a host (no SSH_HOST): where an image datastore without BRIDGE_LIST is."""
     return Host(id=-1, name="localhost")
 
 
-async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_text: str) -> str:
+async def restore(ctx: RestoreContext, owner: Ownership, backup_id: int, ds_id: int, options_text: str) -> str:
     """``one.image.restore``: ``"<template_id> <image_id> ..."`` (template -1 with ``DISK_ID``)."""
-    from scheduler.api import templates  # the API module that owns VM templates (imported late: it imports us)
-
     state = ctx.state
     backup = state.images.get(backup_id)
     target = state.datastores.get(ds_id)
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
-    if ctx.links is None:
+    links = ctx.links
+    if links is None:
         raise ActionError("this daemon has no host connections; restores cannot run")
-    vm_xml, domain_xml = await read_backup(state, ctx.links, backup)
+    vm_xml, domain_xml = await read_backup(state, links, backup)
     sizes = disk_sizes(vm_xml, disk_ids)
     if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
         raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
@@ -172,22 +181,22 @@ async def restore(ctx: Any, caller: Any, backup_id: int, ds_id: int, options_tex
     host = imageds.bridge_host(state, target) or this_machine()
     urls = disk_urls(backup, state.datastores.get(backup.datastore_id))
     base = base_name(backup, options)
-    owner = Ownership(caller.user_id, caller.gid, caller.name, "oneadmin" if caller.gid == 0 else "users")
     created = await _records(ctx, disk_ids, base, owner, target, sizes, urls, backup)
     try:
         template = None  # (NAME, the rest), checked before any data moves
         if options.disk_id is None:
-            template = templates.checked_request(_template(vm_xml, domain_xml, base, created, target, options).render())
-            templates.require_free_name(state, caller, template[0])
-        runner = ctx.links.runner(host)
+            template = vmtemplates.checked_request(_template(vm_xml, domain_xml, base, created, target,
+                                                             options).render())
+            vmtemplates.require_free_name(state, owner.uid, template[0])
+        runner = links.runner(host)
         await runner.run(["mkdir", "-p", "--", target.base_path], timeout=COMMAND_TIMEOUT)
         for disk_id, image_id in created.items():
-            await fetch_disk(ctx.links, state, backup, disk_id, host, imageds.image_path(target, image_id, "qcow2"),
+            await fetch_disk(links, state, backup, disk_id, host, imageds.image_path(target, image_id, "qcow2"),
                              "qcow2", run_id=image_id, started=_fetch_started)
         crash_point("image-restore-fetched")
-        template_id = await _finish(ctx, caller, created, template)
+        template_id = await _finish(ctx, owner, created, template)
     except BaseException as exc:
-        removed = await shielded_forget(ctx, host, target, created)
+        removed = await shielded_forget(ctx.state, links.runner(host), target, created)
         raise ActionError(f"restore of backup image {backup.id} failed: {exc}; images created before the failure "
                           f"were removed: {', '.join(map(str, removed)) or 'none'}") from exc
     log.info("backup image %s restored into datastore %s: images %s, template %s", backup.id, target.id,
@@ -199,7 +208,7 @@ async def _fetch_started(side: str, pgid: int) -> None:
     crash_point("image-restore-fetch")
 
 
-async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
+async def _records(ctx: RestoreContext, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
                    sizes: dict[int, int], urls: dict[int, str], backup: Image) -> dict[int, int]:
     """The LOCKED image records, in one transaction: {disk_id: image_id}."""
     created: dict[int, int] = {}
@@ -215,15 +224,13 @@ async def _records(ctx: Any, disk_ids: list[int], base: str, owner: Ownership, t
     return created
 
 
-async def _finish(ctx: Any, caller: Any, created: dict[int, int], template: tuple[str, Template] | None) -> int:
+async def _finish(ctx: RestoreContext, owner: Ownership, created: dict[int, int], template: tuple[str, Template] | None) -> int:
     """One transaction: every image READY and the template (if any) created; the template id, or -1. A
     daemon that dies before it finds only LOCKED images at start-up (:func:`recover_interrupted`)."""
-    from scheduler.api import templates
-
     template_id = -1
     async with ctx.state.mutation() as m:
         if template is not None:
-            template_id = await templates.add(ctx, m, caller, *template)
+            template_id = await vmtemplates.add(ctx.state, m, owner, *template, ctx.now())
         for image_id in created.values():
             image = ctx.state.images.editable(image_id)
             image.state = image.prev_state = ImageState.READY
@@ -244,14 +251,13 @@ def _template(vm_xml: str, domain_xml: str, base: str, created: dict[int, int], 
     return cleaned
 
 
-async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict[int, int]) -> list[int]:
-    """Remove what a failed restore created: the files on the datastore's host, then the records."""
+async def shielded_forget(state: State, runner: Runner, target: Datastore, created: dict[int, int]) -> list[int]:
+    """Remove what a failed restore created: the files on the datastore's host (``runner``), then the records."""
     removed: list[int] = []
-    runner = ctx.links.runner(host)
     for image_id in created.values():
         try:
             await runner.run(["rm", "-f", "--", imageds.image_path(target, image_id, "qcow2")], timeout=COMMAND_TIMEOUT)
-            await _forget_record(ctx.state, image_id, target.id)
+            await _forget_record(state, image_id, target.id)
             removed.append(image_id)
         except Exception as exc:  # noqa: BLE001 - every image is tried; what is left is logged
             log.error("restore cleanup: cannot remove image %s: %s", image_id, exc)
@@ -261,13 +267,13 @@ async def shielded_forget(ctx: Any, host: Host, target: Datastore, created: dict
 # ---- recovery after a crash of the daemon -----------------------------------------------------------
 
 
-def interrupted(state: Any) -> list[Image]:
+def interrupted(state: State) -> list[Image]:
     """Images a restore created and never finished: LOCKED, with RESTORED_FROM (pure)."""
     return [image for image in state.images.all()
             if image.state == ImageState.LOCKED and image.template.get("RESTORED_FROM")]
 
 
-async def recover_interrupted(state: Any, links: HostLinks) -> list[int]:
+async def recover_interrupted(state: State, links: HostLinks) -> list[int]:
     """At start-up, before the API listens: for each image of a restore the daemon died in, the copy it left
     running is killed, its temporary and final files go, then its record; the ids removed. An image whose
     host cannot be reached stays LOCKED, logged, and is tried again at the next start."""
@@ -292,7 +298,7 @@ async def recover_interrupted(state: Any, links: HostLinks) -> list[int]:
     return removed
 
 
-async def _forget_record(state: Any, image_id: int, datastore_id: int) -> None:
+async def _forget_record(state: State, image_id: int, datastore_id: int) -> None:
     """The image's record goes, and its id from its datastore's IMAGES."""
     async with state.mutation() as m:
         m.delete("image", image_id)

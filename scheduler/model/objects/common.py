@@ -207,3 +207,18 @@ def read_vector(element: Element, tag: str) -> Vector:
     if child is None:
         return Vector()
     return Vector((sub.tag, sub.text or "") for sub in child if isinstance(sub.tag, str))
+
+
+MAX_NAME = 128
+
+
+def check_name(name: str, what: str) -> str:
+    """An object's NAME, stripped; ValidationError when it is empty, too long or holds control characters."""
+    name = name.strip()
+    if not name:
+        raise ValidationError(f"{what} name cannot be empty")
+    if len(name) > MAX_NAME:
+        raise ValidationError(f"{what} name is longer than {MAX_NAME} characters")
+    if any(ch in name for ch in "\n\r\t") or any(ord(ch) < 32 for ch in name):
+        raise ValidationError(f"{what} name contains control characters")
+    return name

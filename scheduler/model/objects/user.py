@@ -9,6 +9,7 @@ from lxml import etree
 from scheduler.model.objects.common import (
     MASK,
     Element,
+    Ownership,
     SubElement,
     add_int,
     add_template,
@@ -21,6 +22,15 @@ from scheduler.model.objects.common import (
 from scheduler.model.template import Template
 
 _QUOTA_TAGS = ("DATASTORE_QUOTA", "NETWORK_QUOTA", "VM_QUOTA", "IMAGE_QUOTA")
+
+ADMIN_GROUP = 0
+USERS_GROUP = 1
+GROUP_NAMES = {ADMIN_GROUP: "oneadmin", USERS_GROUP: "users"}
+
+
+def ownership(uid: int, gid: int, uname: str) -> Ownership:
+    """What an object created by user ``uid`` (of group ``gid``) records as its owner."""
+    return Ownership(uid, gid, uname, GROUP_NAMES.get(gid, "users"))
 
 
 @dataclass(frozen=True)
