@@ -3,7 +3,7 @@ started, how far it is, and the named points it passed.
 
 The scheduler's backup run implements it (journal in the run's record, process groups kept for the
 kill at start-up, progress for the API, crash points for the recovery tests); :data:`NO_SINK` is
-for callers that want none of it (a recovery, a test).
+for callers that want none of it (a recovery, a test), :class:`NoSink` the base of those that want a part.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class RunSink(Protocol):
         """A named point of the work passed ("quiesced", "snapshot", "converted")."""
 
 
-class _NoSink:
+class NoSink:
+    """A sink that wants nothing; subclass it to hear only some of what a driver tells."""
+
     async def journal(self, entry: dict[str, Any]) -> None:
         return None
 
@@ -46,6 +48,6 @@ class _NoSink:
         return None
 
 
-NO_SINK: RunSink = _NoSink()
+NO_SINK: RunSink = NoSink()
 
-__all__ = ["NO_SINK", "RunSink"]
+__all__ = ["NO_SINK", "NoSink", "RunSink"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.actions import ACTIONS, WITHOUT_MEANING, check_action, is_backup, spec_of, validate_action
 from scheduler.actions.backup import BackupArgs, parse_args
 from scheduler.actions.base import RunContext
+from scheduler.actions.registry import ACTIONS, WITHOUT_MEANING, check_action, is_backup, spec_of, validate_action
 from scheduler.engine.clock import ManualClock
 from scheduler.errors import ActionError, ValidationError
 from scheduler.model.objects.datastore import Datastore

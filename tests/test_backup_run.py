@@ -17,7 +17,10 @@ from drivers.local import LocalRunner
 from drivers.ssh import SshSettings, SshTarget
 from drivers.tm import DiskSource
 from drivers.vmm.domainxml import Disk
-from scheduler.backup import run as br
+from scheduler.backup import checks as bc
+from scheduler.backup import recovery as brec
+from scheduler.backup import steps as bsteps
+from scheduler.backup import transport as btr
 from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.links import HostLinks
@@ -59,15 +62,15 @@ def vm(state: VmState = VmState.ACTIVE, lcm: LcmState = LcmState.RUNNING, *, bou
 ])
 def test_backup_state(state: VmState, lcm: LcmState, expected: LcmState | str) -> None:
     if isinstance(expected, LcmState):
-        assert br.backup_state(vm(state, lcm)) is expected
+        assert bc.backup_state(vm(state, lcm)) is expected
     else:
         with pytest.raises(ActionError, match="Could not create a new backup for VM 7, " + expected):
-            br.backup_state(vm(state, lcm))
+            bc.backup_state(vm(state, lcm))
 
 
 def test_unbound_vm_is_refused_before_its_state_is_looked_at() -> None:
     with pytest.raises(ActionError, match="VM 7 is not bound to a host"):
-        br.backup_state(vm(VmState.PENDING, bound=False))
+        bc.backup_state(vm(VmState.PENDING, bound=False))
 
 
 @pytest.mark.parametrize(("disks", "config", "expected"), [
@@ -79,13 +82,13 @@ def test_unbound_vm_is_refused_before_its_state_is_looked_at() -> None:
 def test_selected_disks(disks: tuple[Vector, ...], config: dict[str, str], expected: list[int] | None) -> None:
     if expected is None:
         with pytest.raises(ActionError, match="VM 7 has no disk to back up"):
-            br.selected_disks(vm(disks=disks, config=config))
+            bc.selected_disks(vm(disks=disks, config=config))
     else:
-        assert [int(d["DISK_ID"]) for d in br.selected_disks(vm(disks=disks, config=config))] == expected
+        assert [int(d["DISK_ID"]) for d in bc.selected_disks(vm(disks=disks, config=config))] == expected
 
 
 def test_reservation_is_the_sum_of_the_disk_sizes() -> None:
-    assert br.reservation_mb([disk(0, "vda", size="64"), disk(1, "vdb", size="32"), disk(2, "vdc", size="")]) == 96
+    assert bc.reservation_mb([disk(0, "vda", size="64"), disk(1, "vdb", size="32"), disk(2, "vdc", size="")]) == 96
 
 
 @pytest.mark.parametrize(("attribute", "default", "expected"), [
@@ -95,13 +98,13 @@ def test_capacity_check_switch(attribute: str, default: bool, expected: bool) ->
     template = Template()
     if attribute:
         template.set("DATASTORE_CAPACITY_CHECK", attribute)
-    assert br.capacity_check_on(Datastore(id=1, name="b", template=template), default) is expected
+    assert bc.capacity_check_on(Datastore(id=1, name="b", template=template), default) is expected
 
 
 def test_check_space() -> None:
-    br.check_space(Capacity(1000, 96, 904), 96)
+    bc.check_space(Capacity(1000, 96, 904), 96)
     with pytest.raises(ActionError, match="^Not enough free space on target datastore$"):
-        br.check_space(Capacity(1000, 95, 905), 96)
+        bc.check_space(Capacity(1000, 95, 905), 96)
 
 
 def test_target_datastore_messages() -> None:
@@ -114,29 +117,29 @@ def test_target_datastore_messages() -> None:
             return {1: Datastore(id=1, name="imgs"), 2: Datastore(id=2, name="b", type=DatastoreType.BACKUP_DS,
                                                                    ds_mad="rsync")}.get(obj_id)
 
-    assert br.target_datastore(Objects(), 2).id == 2  # type: ignore[arg-type]
+    assert bc.target_datastore(Objects(), 2).id == 2  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="^Datastore needs to be of type BACKUP$"):
-        br.target_datastore(Objects(), 1)  # type: ignore[arg-type]
+        bc.target_datastore(Objects(), 1)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match=r"Error getting datastore \[9\]"):
-        br.target_datastore(Objects(), 9)  # type: ignore[arg-type]
+        bc.target_datastore(Objects(), 9)  # type: ignore[arg-type]
 
 
 def test_disk_sources_follow_the_domain_by_target() -> None:
     current = [Disk("vda", path="/d/vda.qcow2", format="qcow2"), Disk("vdb", path="/d/vdb.raw", format="raw"),
                Disk("vdc", type="network", path=None)]
     the_vm = vm(disks=(disk(0, "vda"), disk(1, "vdb")))
-    assert br.disk_sources(the_vm, the_vm.template.vectors("DISK"), current) == [
+    assert bc.disk_sources(the_vm, the_vm.template.vectors("DISK"), current) == [
         DiskSource(0, "vda", "/d/vda.qcow2", "qcow2"), DiskSource(1, "vdb", "/d/vdb.raw", "raw")]
     for missing in (disk(2, "vdc"), disk(3, "vdz")):
         with pytest.raises(ActionError, match="is not a file disk of the domain"):
-            br.disk_sources(the_vm, [missing], current)
+            bc.disk_sources(the_vm, [missing], current)
 
 
 def test_backup_image_record() -> None:
     ds = Datastore(id=100, name="backups", type=DatastoreType.BACKUP_DS, ds_mad="rsync")
     upload = UploadResult(size_mb=12, sha256={"vm.xml": "b" * 64, "disk.0.0": "a" * 64})
     when = 1701437816  # 2023-12-01 13.36.56 UTC
-    image = br.backup_image(4, vm(), ds, "1a2b3c", upload, [0, 1], when, UTC)
+    image = bc.backup_image(4, vm(), ds, "1a2b3c", upload, [0, 1], when, UTC)
     assert (image.id, image.name, image.type, image.source, image.size, image.format) == (
         4, "7 01-Dec 13.36.56", ImageType.BACKUP, "1a2b3c", 12, "raw")
     assert (image.ownership.uid, image.permissions.octal(), image.datastore_id, image.datastore) == (5, "600", 100,
@@ -144,7 +147,7 @@ def test_backup_image_record() -> None:
     assert (image.vms, image.backup_disk_ids, image.regtime) == ([7], [0, 1], when)
     assert [(c["FILE"], c["SHA256"]) for c in image.template.vectors("CHECKSUMS")] == [
         ("disk.0.0", "a" * 64), ("vm.xml", "b" * 64)]
-    assert br.image_name(0, when, ZoneInfo("Europe/Madrid")) == "0 01-Dec 14.36.56"
+    assert bc.image_name(0, when, ZoneInfo("Europe/Madrid")) == "0 01-Dec 14.36.56"
 
 
 class Links:
@@ -169,7 +172,7 @@ async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
     remote = Host(id=0, name="h")
     remote.template.set("SSH_HOST", "kvm1")
 
-    argv = await br.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
+    argv = await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
     installed = tmp_path / "home/.ssh/vmsched_known_hosts.backup.example_2222"
     assert f"UserKnownHostsFile={installed}" in argv
     assert installed.read_text() == hostkeys.entry_line("backup.example", 2222, key)  # that server's key only
@@ -177,11 +180,11 @@ async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
     assert argv[-2:] == ["-i", "/etc/vmsched/id"] and "IdentitiesOnly=yes" not in argv  # own keys as fallback
     assert hostkeys.known_keys(installed, "backup.example", 2222)[0].public_data == key.public_data
     before = installed.stat().st_mtime_ns
-    await br.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
+    await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
     assert installed.stat().st_mtime_ns == before  # unchanged: not rewritten
 
     local = Host(id=1, name="me")  # no SSH_HOST: the scheduler's machine uses vmsched's own file
-    assert f"UserKnownHostsFile={known}" in await br.upload_ssh(Links(known), local, LocalRunner(), rsync_ds())
+    assert f"UserKnownHostsFile={known}" in await btr.upload_ssh(Links(known), local, LocalRunner(), rsync_ds())
 
 
 async def test_upload_ssh_host_overrides_and_the_fs_datastore(tmp_path: Path) -> None:
@@ -189,10 +192,10 @@ async def test_upload_ssh_host_overrides_and_the_fs_datastore(tmp_path: Path) ->
     host.template.set("BACKUP_SSH_KEY", "/root/.ssh/backup")
     host.template.set("BACKUP_KNOWN_HOSTS", "/root/.ssh/backup_known_hosts")
     links = Links(tmp_path / "none")
-    rsync = await br.upload_ssh(links, host, LocalRunner(), rsync_ds())
+    rsync = await btr.upload_ssh(links, host, LocalRunner(), rsync_ds())
     assert rsync[-4:] == ["-o", "IdentitiesOnly=yes", "-i", "/root/.ssh/backup"]
     assert "UserKnownHostsFile=/root/.ssh/backup_known_hosts" in rsync
-    fs = await br.upload_ssh(links, host, LocalRunner(), Datastore(id=2, name="f", ds_mad="fs"))
+    fs = await btr.upload_ssh(links, host, LocalRunner(), Datastore(id=2, name="f", ds_mad="fs"))
     assert fs[-2:] == ["-i", "/etc/vmsched/id"] and f"UserKnownHostsFile={tmp_path / 'none'}" in fs
     for argv in (rsync, fs):
         assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
@@ -200,7 +203,7 @@ async def test_upload_ssh_host_overrides_and_the_fs_datastore(tmp_path: Path) ->
 
 async def test_upload_to_a_server_whose_key_was_never_verified_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ActionError, match=r"backup\.example:2222.*not known.*vmsched datastore accept-hostkey 7"):
-        await br.upload_ssh(Links(tmp_path / "known_hosts"), Host(id=0, name="h"), LocalRunner(), rsync_ds(7))
+        await btr.upload_ssh(Links(tmp_path / "known_hosts"), Host(id=0, name="h"), LocalRunner(), rsync_ds(7))
 
 
 # ---- recovery against the real environment ----------------------------------------------------------
@@ -248,11 +251,11 @@ async def test_recoverer_undoes_an_interrupted_run(recovery: tuple[State, HostLi
     async with state.mutation() as m:  # cccccc is a recorded backup: never touched
         m.put("image", Image(id=0, name="7 x", type=ImageType.BACKUP, source="cccccc", datastore_id=100, vms=[7]))
     run = Run(id=42, vm_id=7, action="backup", args="100,0", scheduled=0, steps=[
-        br.step("state", vm=7, state=int(VmState.ACTIVE), lcm=int(LcmState.RUNNING)),
-        br.step("staging", host=0, domain="no-such-domain", path=staging),
-        br.step("upload", datastore=100, vm=7, backup_id="bbbbbb"),
+        bsteps.step("state", vm=7, state=int(VmState.ACTIVE), lcm=int(LcmState.RUNNING)),
+        bsteps.step("staging", host=0, domain="no-such-domain", path=staging),
+        bsteps.step("upload", datastore=100, vm=7, backup_id="bbbbbb"),
     ])
-    await br.make_recoverer(state, links)(run)
+    await brec.make_recoverer(state, links)(run)
     listing = (await server.run(["ls", "-A", vm_dir], timeout=20)).stdout.decode().split()
     assert listing == ["cccccc"]
     gone = await hypervisor.run(["test", "-e", f"/var/tmp/{marker}/7"], timeout=20, check=False)
@@ -275,7 +278,7 @@ def test_a_host_without_a_needed_tool_is_refused_before_anything_starts(tools: d
         host.template.set(key, value)
     datastore = Datastore(id=4, name="b", ds_mad=ds_mad)
     if missing is None:
-        br.check_tools(host, datastore)
+        bc.check_tools(host, datastore)
         return
     with pytest.raises(ActionError, match=f"host kvm1 has {missing} .*install .* {ds_mad} datastore 4"):
-        br.check_tools(host, datastore)
+        bc.check_tools(host, datastore)

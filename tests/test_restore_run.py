@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.actions import ACTIONS, is_backup, validate_action
+from scheduler.actions.registry import ACTIONS, is_backup, validate_action
 from scheduler.actions.restore import RestoreArgs, parse_args
 from scheduler.engine.journal import Run
 from scheduler.errors import ActionError, NotFound, ValidationError

@@ -8,31 +8,23 @@ from typing import Any
 
 from drivers.commands import Runner
 from drivers.datastore.base import BackupDatastore, UploadRequest, UploadResult
+from drivers.sink import NoSink
 
 FilesProgress = Callable[[Mapping[str, int], Mapping[str, int]], None]
 ProcessStarted = Callable[[str, int], Awaitable[None]]
 
 
-class CallbackSink:
+class CallbackSink(NoSink):
     def __init__(self, progress: FilesProgress | None, started: ProcessStarted | None) -> None:
         self.progress, self.started = progress, started
-
-    async def journal(self, entry: dict[str, Any]) -> None:
-        raise AssertionError("an upload journals nothing")
 
     async def process_started(self, side: str, pgid: int) -> None:
         if self.started is not None:
             await self.started(side, pgid)
 
-    def disk_progress(self, disk_id: int, done: int, total: int) -> None:
-        raise AssertionError("an upload converts no disk")
-
     def files_progress(self, done: Mapping[str, int], total: Mapping[str, int]) -> None:
         if self.progress is not None:
             self.progress(done, total)
-
-    def reached(self, point: str) -> None:
-        return None
 
 
 async def upload(store: BackupDatastore, source: Runner, staging_dir: str, files: Sequence[str], vm_id: int,

@@ -16,7 +16,7 @@ import math
 import shlex
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from drivers.commands import CommandFailed, Runner, shielded
 from drivers.datastore import layout
@@ -66,6 +66,12 @@ NOT_FOUND_STATUS = 127
 STREAM_TO_FILE = 'f=$1; shift; "$@" > "$f" && openssl dgst -sha256 -r < "$f"'
 
 
+def run_label(staging_dir: str, vm_id: int) -> str:
+    """What names the files a backup's datastore commands leave on the hypervisor if they are killed (restic's
+    password files): the VM and the run (the staging directory's name), e.g. ``vm7-run42``."""
+    return f"vm{vm_id}-run{staging_dir.rstrip('/').rsplit('/', 1)[-1]}"
+
+
 def streamed_to(destination: str, argv: Sequence[str]) -> list[str]:
     """The argv writing ``argv``'s output to ``destination`` and printing its sha256 (:func:`streamed_digest`)."""
     return ["bash", "-c", STREAM_TO_FILE, "bash", destination, *argv]
@@ -99,6 +105,22 @@ class UploadRequest:
 
 
 @dataclass(frozen=True)
+class FetchRequest:
+    """One backup file brought back to a hypervisor: file ``name`` of backup ``backup_id`` of VM ``vm_id``,
+    written at ``destination`` on the machine ``target`` runs commands on."""
+
+    target: Runner  # the hypervisor's runner (a local one when the hypervisor is this machine)
+    vm_id: int
+    backup_id: str
+    name: str
+    destination: str
+    timeout: float  # seconds for the whole copy
+    # rsync, restic: the hypervisor's ssh to the backup server; fs: this machine's ssh to the hypervisor
+    ssh_command: Sequence[str] | None = None
+    label: str = ""  # names what the copy leaves on the hypervisor if it is killed (see remove_leftovers)
+
+
+@dataclass(frozen=True)
 class UploadResult:
     """One uploaded backup: its allocated size on the hypervisor (like ``du -sm``) and each file's sha256."""
 
@@ -119,6 +141,10 @@ class BackupDatastore(Protocol):
     async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
         """The sink is told the process groups started ("source" or "server" side) and, when the request
         asks, the bytes sent per file."""
+
+    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str | None:
+        """Copy the file; the sha256 of the bytes written when the copy computed it on the way, else None.
+        The sink is told each process group started ("host" or "local" side)."""
 
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None: ...
 
@@ -245,6 +271,22 @@ def first_error(error: BaseException) -> BaseException:
 
 class TreeDatastore:
     """A ``<BASE_PATH>/<vm_id>/<backup_id>/`` tree on the machine ``server`` runs commands on."""
+
+    # what a backup into the datastore runs on the hypervisor (a host's monitoring says which it has)
+    HYPERVISOR_TOOLS: ClassVar[tuple[str, ...]] = ("qemu-img",)
+    REQUIRED_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()  # a new datastore is refused without them
+    PORT_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()
+    SERVER_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()  # where the backup server is (none: this machine)
+
+    @staticmethod
+    def url_path(datastore: Datastore, vm_id: int, backup_id: str, name: str) -> str:
+        """The path a backup URL names for file ``name`` of a backup."""
+        return Layout(datastore.base_path).file_path(vm_id, backup_id, name)
+
+    @staticmethod
+    async def remove_leftovers(runner: Runner, label: str, timeout: float) -> None:  # noqa: ASYNC109
+        """What killed commands of the run ``label`` left on the hypervisor ``runner`` reaches: nothing here."""
+        return None
 
     def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
                  progress_interval: float = PROGRESS_INTERVAL) -> None:

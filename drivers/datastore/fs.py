@@ -19,6 +19,7 @@ from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     PROGRESS_INTERVAL,
+    FetchRequest,
     ProcessStarted,
     Progress,
     TreeDatastore,
@@ -28,7 +29,8 @@ from drivers.datastore.base import (
     rsync_ssh,
     staged_paths,
 )
-from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, priority, remote, rsync_options
+from drivers.datastore.limits import priority
+from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, remote, rsync_options
 from drivers.local import LocalRunner
 from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
@@ -70,3 +72,16 @@ class FsDatastore(TreeDatastore):
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)
+
+    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> None:
+        """Copy (local hypervisor) or push with rsync over ssh (remote one) the file to the destination."""
+        source = self.layout.file_path(request.vm_id, request.backup_id, request.name)
+        hypervisor: SshTarget | None = getattr(request.target, "target", None)
+        if hypervisor is None:
+            argv = ["cp", "--sparse=always", "--", source, request.destination]
+        else:
+            shell = rsync_ssh(request.ssh_command or DEFAULT_SSH, hypervisor.port)
+            argv = ["rsync", *self.options, "-e", shell, "--", source, f"{remote(hypervisor)}:{request.destination}"]
+        await self.server.run(argv, timeout=request.timeout, nice=self.nice, ionice=self.ionice,
+                              started=on_side(sink.process_started, "local"))
+        return None

@@ -46,6 +46,7 @@ from drivers.datastore.base import (
     MIB,
     PROGRESS_INTERVAL,
     Capacity,
+    FetchRequest,
     ProcessStarted,
     Progress,
     UploadRequest,
@@ -57,13 +58,15 @@ from drivers.datastore.base import (
     keep_probing,
     on_side,
     parse_df,
+    run_label,
     staged_paths,
     streamed_digest,
     streamed_to,
 )
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
-from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory, priority
+from drivers.datastore.limits import priority
+from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory
 from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
@@ -75,6 +78,7 @@ DEFAULT_PORT = 22
 DEFAULT_CONNECTIONS = 5
 SHORT_ID = 8  # characters of a snapshot id that make the backup id (OpenNebula's driver does the same)
 TAG_PREFIX = "vmsched-"
+URL_DIR = "backup"  # backup URLs name a restic file as <BASE_PATH>/<vm_id>/backup/<file>
 BACKUP_TAG_PREFIX = "vmsched-backup-"
 LOCK_WAIT = 300.0  # seconds a command waits for a repository locked elsewhere (spec: 60 x 5 s)
 LOCK_BACKOFF = (0.5, 5.0)  # first and longest pause between two attempts on a locked repository
@@ -171,12 +175,6 @@ def prune_options(datastore: Datastore) -> tuple[str, ...]:
 
 
 # --- command lines and outputs (pure) ---------------------------------------------------------------------
-
-def run_label(staging_dir: str, vm_id: int) -> str:
-    """What names the password files of a backup's restic commands: the VM and the run (the staging
-    directory's name), e.g. ``vm7-run42``."""
-    return f"vm{vm_id}-run{staging_dir.rstrip('/').rsplit('/', 1)[-1]}"
-
 
 _REMOVE_PREFIXED = 'for f in "$1"*; do if [ -e "$f" ]; then rm -f -- "$f"; fi; done'
 
@@ -324,6 +322,21 @@ class ResticFailed(DriverError):
 
 class ResticDatastore:
     """Backups as restic snapshots, one repository per VM under BASE_PATH on the SFTP server."""
+
+    HYPERVISOR_TOOLS = ("qemu-img", "restic")
+    REQUIRED_ATTRIBUTES = ("RESTIC_PASSWORD",)  # as OpenNebula's DS_MAD_CONF
+    PORT_ATTRIBUTES = ("RESTIC_SFTP_PORT",)
+    SERVER_ATTRIBUTES = ("RESTIC_SFTP_SERVER", "RESTIC_SFTP_PORT", "RESTIC_SFTP_USER")
+
+    @staticmethod
+    def url_path(datastore: Datastore, vm_id: int, backup_id: str, name: str) -> str:
+        """The path a backup URL names: the file as ``restic backup`` stored it (the snapshot is found by tag)."""
+        return f"{Layout(datastore.base_path).vm_dir(vm_id)}/{URL_DIR}/{name}"
+
+    @staticmethod
+    async def remove_leftovers(runner: Runner, label: str, timeout: float) -> None:  # noqa: ASYNC109
+        """The password files of the run's restic commands: a killed restic cannot remove its own."""
+        await remove_password_files(runner, labelled_password_files(label), timeout)
 
     def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
                  lock_wait: float = LOCK_WAIT, progress_interval: float = PROGRESS_INTERVAL, **_: float) -> None:
@@ -566,12 +579,12 @@ class ResticDatastore:
                               f"{MAX_SMALL_FILE} bytes")
         return result.stdout
 
-    async def fetch_to(self, runner: Runner, vm_id: int, source: str, name: str, destination: str, *,
-                       ssh_command: Sequence[str] | None, timeout: float, label: str = "",  # noqa: ASYNC109
-                       started: Started | None = None) -> str:
-        """``restic dump`` of file ``name`` of backup ``source``, run on ``runner``'s machine (a hypervisor,
-        against the SFTP server) into ``destination`` there; the sha256 of the bytes written."""
-        snapshot_id, path = await self._find(vm_id, source, name)
+    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str:
+        """``restic dump`` of the file, run on the hypervisor (against the SFTP server) into the destination
+        there; the sha256 of the bytes written."""
+        runner, vm_id, destination, timeout = request.target, request.vm_id, request.destination, request.timeout
+        ssh_command, label, started = request.ssh_command, request.label, on_side(sink.process_started, "host")
+        snapshot_id, path = await self._find(vm_id, request.backup_id, request.name)
         target = self.settings.target
         repo = sftp_repository(target, self.layout.vm_dir(vm_id))
         options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",

@@ -20,6 +20,7 @@ from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     PROGRESS_INTERVAL,
+    FetchRequest,
     ProcessStarted,
     Progress,
     TreeDatastore,
@@ -29,7 +30,10 @@ from drivers.datastore.base import (
     on_side,
     rsync_ssh,
     staged_paths,
+    streamed_digest,
+    streamed_to,
 )
+from drivers.datastore.limits import checked_bwlimit, priority
 from drivers.sink import NO_SINK, RunSink
 from drivers.ssh import SshTarget
 from scheduler.errors import ValidationError
@@ -41,7 +45,6 @@ DEFAULT_PORT = 22
 # Used when the caller gives no ssh command: AES-GCM first (fastest with AES-NI), batch mode, strict keys.
 DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-c", "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr")
-_BWLIMIT = re.compile(r"[0-9]+(\.[0-9]+)?[KkMmGg]?\Z")
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _OWNED_OPTIONS = ("-e", "--rsh")  # the driver sets the transport itself
@@ -78,34 +81,10 @@ def rsync_options(datastore: Datastore, prefix: str = "RSYNC") -> list[str]:
             raise ValidationError(f"datastore {datastore.id}: {prefix}_ARGS may only hold rsync options "
                                   f"(not -e/--rsh or file names), got {word!r}")
     words.append("-W")
-    bwlimit = (datastore.template.get(f"{prefix}_BWLIMIT") or "").strip()
+    bwlimit = checked_bwlimit(datastore, prefix)
     if bwlimit:
-        if not _BWLIMIT.match(bwlimit):
-            raise ValidationError(f"datastore {datastore.id}: {prefix}_BWLIMIT must be a rate like 500 or 10M, "
-                                  f"got {bwlimit!r}")
         words.append(f"--bwlimit={bwlimit}")
     return words
-
-
-_UNITS = {"": 1024, "K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def bwlimit_bytes(datastore: Datastore, prefix: str) -> int:
-    """``<prefix>_BWLIMIT`` in bytes per second (rsync's units: a bare number is KiB/s), 0 when unset; the
-    rate the hypervisor's other heavy commands (qemu-img convert) are held to as well."""
-    value = (datastore.template.get(f"{prefix}_BWLIMIT") or "").strip()
-    if not value:
-        return 0
-    if not _BWLIMIT.match(value):
-        raise ValidationError(f"datastore {datastore.id}: {prefix}_BWLIMIT must be a rate like 500 or 10M, "
-                              f"got {value!r}")
-    number, unit = (value[:-1], value[-1].upper()) if value[-1].isalpha() else (value, "")
-    return max(1, int(float(number) * _UNITS[unit]))
-
-
-def priority(datastore: Datastore, prefix: str) -> tuple[int | None, int | None]:
-    """``<prefix>_NICE`` and ``<prefix>_IONICE`` (spec §11)."""
-    return (int_attribute(datastore, f"{prefix}_NICE", -20, 19), int_attribute(datastore, f"{prefix}_IONICE", 0, 7))
 
 
 def remote(target: SshTarget) -> str:
@@ -116,6 +95,11 @@ def remote(target: SshTarget) -> str:
 
 class RsyncDatastore(TreeDatastore):
     """Backups as directories on RSYNC_HOST; uploads sent from the hypervisor by rsync over ssh."""
+
+    HYPERVISOR_TOOLS = ("qemu-img", "rsync")
+    REQUIRED_ATTRIBUTES = ("RSYNC_HOST", "RSYNC_USER")  # as OpenNebula's DS_MAD_CONF
+    PORT_ATTRIBUTES = ("RSYNC_PORT",)
+    SERVER_ATTRIBUTES = ("RSYNC_HOST", "RSYNC_PORT", "RSYNC_USER")
 
     def __init__(self, datastore: Datastore, server: Runner, *, command_timeout: float = COMMAND_TIMEOUT,
                  progress_interval: float = PROGRESS_INTERVAL) -> None:
@@ -144,3 +128,13 @@ class RsyncDatastore(TreeDatastore):
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)
+
+    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str:
+        """``ssh <server> cat`` run on the hypervisor into the destination, hashing the bytes on the way."""
+        source = self.layout.file_path(request.vm_id, request.backup_id, request.name)
+        server = self.target
+        ssh = [*(request.ssh_command or DEFAULT_SSH), "-p", str(server.port), f"{server.user}@{server.host}"]
+        argv = streamed_to(request.destination, [*ssh, "cat -- " + shlex.quote(source)])
+        result = await request.target.run(argv, timeout=request.timeout, nice=self.nice, ionice=self.ionice,
+                                          started=on_side(sink.process_started, "host"))
+        return streamed_digest(result.stdout)

@@ -12,8 +12,8 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from scheduler.actions import check_action, spec_of
 from scheduler.actions.base import RunContext
+from scheduler.actions.registry import check_action, spec_of
 from scheduler.config import Config
 from scheduler.engine.clock import Clock
 from scheduler.engine.journal import Run

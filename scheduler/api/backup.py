@@ -15,7 +15,7 @@ from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
-from scheduler.backup.run import (
+from scheduler.backup.checks import (
     backup_state,
     capacity_check_on,
     check_space,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drivers.datastore import server_of
+from drivers.datastore import check_backup_template, check_ports, server_of
 from scheduler.api.common import parse_request_template, update_template, xml_string
 from scheduler.api.context import Context
 from scheduler.api.firstcontact import FINGERPRINT_KEY, accept_server_key, take_acceptance
@@ -17,27 +17,15 @@ from scheduler.model.objects.states import DatastoreType, parse_code
 from scheduler.model.template import Template
 
 KIND = "datastore"
-BACKUP_DRIVERS = ("fs", "rsync", "restic")
-# DS_MAD_CONF REQUIRED_ATTRS, as OpenNebula ships them (spec §3.4).
-REQUIRED = {"rsync": ("RSYNC_HOST", "RSYNC_USER"), "restic": ("RESTIC_PASSWORD",)}
-_PORT_KEYS = ("RSYNC_PORT", "RESTIC_SFTP_PORT")
 
 
 def check_datastore_template(template: Template, ds_type: DatastoreType) -> None:
     """The attributes a datastore of this type cannot work without, and sane values."""
-    ds_mad = template.get("DS_MAD", "") or ""
     if ds_type is DatastoreType.BACKUP_DS:
-        if ds_mad not in BACKUP_DRIVERS:
-            raise ValidationError(f"DS_MAD of a BACKUP_DS must be one of {', '.join(BACKUP_DRIVERS)}, got {ds_mad!r}")
-        for key in REQUIRED.get(ds_mad, ()):
-            if not template.get(key):
-                raise ValidationError(f"datastore driver {ds_mad} needs the attribute {key}")
-    elif not ds_mad:
+        check_backup_template(template)
+    elif not template.get("DS_MAD"):
         raise ValidationError("No DS_MAD in template.")
-    for key in _PORT_KEYS:
-        port = template.get(key)
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ValidationError(f"{key} must be a TCP port (1-65535), got {port!r}")
+    check_ports(template)
     for key in ("BASE_PATH", "LIMIT_MB"):
         value = template.get(key)
         if key == "BASE_PATH" and value and not value.startswith("/"):

@@ -10,7 +10,7 @@ from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
-from scheduler.backup.run import forget_image
+from scheduler.backup.retention import forget_image
 from scheduler.backup.urls import with_urls
 from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
 from scheduler.hosts.imageds import bridge_host, is_image_datastore

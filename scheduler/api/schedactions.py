@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.actions import check_action, validate_action
+from scheduler.actions.registry import check_action, validate_action
 from scheduler.api.common import parse_request_template
 from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from drivers.commands import HostUnreachable
-from drivers.datastore import open_datastore
+from drivers.datastore import DRIVERS, open_datastore
 from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 KIND = "image"
 HASH_TIMEOUT = 6 * 3600.0  # seconds: reading a large disk file once on the server
-SERVER_KINDS = ("fs", "rsync", "restic")
 
 
 @registry.method("vmsched.image.verify", Param("id", int), Param("increment", int, -1))
@@ -37,9 +36,9 @@ async def verify(ctx: Context, caller: Caller, image_id: int, increment: int) ->
     backup_urls.check_backup_image(image)
     source = backup_urls.single_source(backup_urls.chain_up_to(backup_urls.image_chain(image), increment))
     datastore = ctx.state.datastores.get(image.datastore_id)
-    if datastore.ds_mad not in SERVER_KINDS:
+    if datastore.ds_mad not in DRIVERS:
         raise ActionError(f"verifying backups in a {datastore.ds_mad!r} datastore is not supported yet "
-                          f"({', '.join(SERVER_KINDS)} are)")
+                          f"({', '.join(DRIVERS)} are)")
     if ctx.links is None:
         raise ActionError("this daemon has no host connections; backups cannot be verified")
     result = await check_backup(open_datastore(datastore, ctx.links.pool), image, source)

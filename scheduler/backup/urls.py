@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from drivers.datastore import layout
+from drivers.datastore import layout, url_path
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image
@@ -39,7 +39,6 @@ from scheduler.model.template import Vector
 PROTOS = ("rsync", "restic", "fs")
 RBD_SUFFIX = "+rbd"
 URL_ATTRIBUTE = "BACKUP_URL"
-RESTIC_DIR = "backup"
 NOT_YET = "increments are not supported yet"
 IMAGE_HEADER = "X-Vmsched-Image-Id"  # the download endpoint's reply names the URL's image in this header
 
@@ -169,11 +168,7 @@ def disk_path(image: Image, datastore: Datastore, disk_id: int, increment_id: in
     """Where disk ``disk_id`` of the image (up to ``increment_id``) lies, as its URL says."""
     chain = chain_up_to(image_chain(image), increment_id)
     increment, source = chain[-1]
-    name = layout.disk_file_name(disk_id, increment)
-    base = layout.Layout(datastore.base_path)
-    if datastore.ds_mad == "restic":
-        return f"{base.vm_dir(image_vm_id(image))}/{RESTIC_DIR}/{name}"
-    return base.file_path(image_vm_id(image), source, name)
+    return url_path(datastore, image_vm_id(image), source, layout.disk_file_name(disk_id, increment))
 
 
 def disk_url(image: Image, datastore: Datastore, disk_id: int, increment_id: int = -1) -> BackupUrl:

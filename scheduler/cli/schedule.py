@@ -12,7 +12,7 @@ import argparse
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from scheduler.actions import validate_action
+from scheduler.actions.registry import validate_action
 from scheduler.cli.client import UsageError
 from scheduler.cli.context import Context
 from scheduler.errors import ValidationError

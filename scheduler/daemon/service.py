@@ -17,12 +17,12 @@ from aiohttp import web
 
 from drivers.ssh import SshSettings
 from scheduler import faults
-from scheduler.actions import is_backup
 from scheduler.actions.executor import make_executor, simulated_durations
+from scheduler.actions.registry import is_backup
 from scheduler.api.auth import SessionCache
 from scheduler.api.methods import Context, make_authenticator, registry
 from scheduler.api.server import Dispatcher, make_app
-from scheduler.backup.run import make_recoverer
+from scheduler.backup.recovery import make_recoverer
 from scheduler.config import Config, load_config
 from scheduler.daemon import bootstrap
 from scheduler.daemon.demo import provision as provision_demo

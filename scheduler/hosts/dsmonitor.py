@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
-from drivers.datastore import Capacity, open_datastore
+from drivers.datastore import Capacity, open_datastore, server_attributes
 from scheduler.errors import VmschedError
 from scheduler.hosts import imageds
 from scheduler.hosts.imageds import is_image_datastore
@@ -35,8 +35,7 @@ def watched(datastore: Datastore) -> bool:
 def reach_of(datastore: Datastore) -> tuple[Any, ...]:
     """What a probe's outcome depends on: a change of these since the probe makes it say nothing."""
     template = datastore.template
-    keys = ("BASE_PATH", "LIMIT_MB", "BRIDGE_LIST", "RSYNC_HOST", "RSYNC_PORT", "RSYNC_USER", "RESTIC_SFTP_SERVER",
-            "RESTIC_SFTP_PORT", "RESTIC_SFTP_USER")
+    keys = ("BASE_PATH", "LIMIT_MB", "BRIDGE_LIST", *server_attributes())
     return (datastore.ds_mad, *(template.get(key) for key in keys))
 
 

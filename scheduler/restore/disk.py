@@ -20,29 +20,29 @@ path names the run, so :func:`remove_temps` and the process killer (``drivers.pr
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
-from drivers.datastore import open_datastore, server_of
-from drivers.datastore.base import hash_files, on_side, rsync_ssh, streamed_digest, streamed_to
-from drivers.datastore.layout import Layout, check_path, disk_file_name
-from drivers.datastore.restic import ResticDatastore, labelled_password_files, remove_password_files
-from drivers.datastore.rsync import DEFAULT_SSH, priority, remote, rsync_options, server_target
-from scheduler.backup.run import upload_ssh
+from drivers.datastore import DRIVERS, FetchRequest, open_datastore, remove_leftovers, server_of
+from drivers.datastore.base import hash_files, on_side
+from drivers.datastore.layout import check_path, disk_file_name
+from drivers.datastore.limits import io_limits
+from drivers.sink import NoSink
+from scheduler.backup.transport import upload_ssh
 from scheduler.errors import ActionError, ValidationError
-from scheduler.hosts.links import HostLinks, is_local, ssh_target
+from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType
+from scheduler.restore.steps import STEPS, Temp
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 6 * 3600.0  # seconds: the copy, the hash, the check and the convert of one disk
 COMMAND_TIMEOUT = 120.0
-STEP = "restore"  # the key of the journal steps of a restore
+STEP = STEPS.key  # the key of the journal steps of a restore
 FORMATS = ("qcow2", "raw")
 STORED_FORMAT = "qcow2"  # what a backup's disk.<id>.<inc> file is
 TEMP_KINDS = ("fetch", "raw")
@@ -98,27 +98,10 @@ def source_datastore(state: State, image: Image) -> Datastore:
     datastore = state.datastores.find(image.datastore_id)
     if datastore is None:
         raise ActionError(f"datastore {image.datastore_id} of backup image {image.id} does not exist")
-    if datastore.ds_mad not in ("rsync", "fs", "restic"):
+    if datastore.ds_mad not in DRIVERS:
         raise ActionError(f"restoring from a {datastore.ds_mad!r} datastore (image {image.id}, datastore "
                           f"{datastore.id}) is not supported by this version; rsync, restic and fs are")
     return datastore
-
-
-def stream_argv(datastore: Datastore, ssh: list[str], source: str, destination: str) -> list[str]:
-    """On the hypervisor: ``ssh <server> cat <source>`` into ``destination``, hashing the bytes on the way."""
-    target = server_target(datastore)
-    return streamed_to(destination, [*ssh, "-p", str(target.port), f"{target.user}@{target.host}",
-                                     "cat -- " + shlex.quote(source)])
-
-
-def push_argv(datastore: Datastore, ssh: list[str] | None, host: Any, source: str, destination: str) -> list[str]:
-    """On this machine, copying ``source`` of an fs datastore to the hypervisor ``host``: cp when the host is
-    this machine, else rsync over ssh (``ssh``: the scheduler's own ssh to the host)."""
-    if is_local(host.template):
-        return ["cp", "--sparse=always", "--", source, destination]
-    target = ssh_target(host.name, host.template)
-    return ["rsync", *rsync_options(datastore, "FS"), "-e", rsync_ssh(ssh or list(DEFAULT_SSH), target.port), "--",
-            source, f"{remote(target)}:{destination}"]
 
 
 def checked_target(target_path: str, target_format: str) -> str:
@@ -128,6 +111,7 @@ def checked_target(target_path: str, target_format: str) -> str:
 
 
 def step(name: str, **fields: Any) -> dict[str, Any]:
+    """A restore step's journal entry as JSON (what ``STEPS.entry`` writes for the typed step)."""
     return {STEP: name, **fields}
 
 
@@ -145,14 +129,15 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
     name = backup_file(image, disk_id)
     expected = recorded_sha256(image, name)
     datastore = source_datastore(state, image)
-    source = Layout(datastore.base_path).file_path(backup_vm_id(image), image.source, name)
     runner = links.runner(host)
     fetched = temp_path(target, "fetch", run_id)
     try:
-        await _journal(journal, step("temp", host=host.id, path=fetched))
+        await _journal(journal, STEPS.entry(Temp(host.id, fetched)))
         try:
-            digest = await _copy(links, datastore, host, runner, source, fetched, started,
-                                 restic_file=(backup_vm_id(image), image.source, name, run_id))
+            ssh = await upload_ssh(links, host, runner, datastore)
+            request = FetchRequest(runner, backup_vm_id(image), image.source, name, fetched, FETCH_TIMEOUT,
+                                   ssh_command=ssh, label=restore_label(run_id))
+            digest = await open_datastore(datastore, links.pool).fetch(request, _Started(started))
         except CommandFailed as exc:
             server = server_of(datastore)
             raise ActionError(f"copying {name} of backup image {image.id} from "
@@ -162,7 +147,7 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
         final = fetched
         if target_format == "raw":
             final = temp_path(target, "raw", run_id)
-            await _journal(journal, step("temp", host=host.id, path=final))
+            await _journal(journal, STEPS.entry(Temp(host.id, final)))
             await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", "raw", fetched, final],
                        started, FETCH_TIMEOUT)
         await runner.run(["mv", "-f", "-T", "--", final, target], timeout=COMMAND_TIMEOUT)
@@ -172,35 +157,25 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
              host.name, target, target_format)
 
 
-async def _copy(links: HostLinks, datastore: Datastore, host: Any, runner: Any, source: str, fetched: str,
-                started: ProcessStarted | None, *, restic_file: tuple[int, str, str, int]) -> str | None:
-    """Bring ``source`` to ``fetched`` on the host; from an rsync or restic datastore the sha256 of the bytes
-    written is computed by the same command (``ssh cat`` or ``restic dump`` into the file, then ``openssl``
-    reading it back) and returned; else None (hashed after). ``restic_file``: (VM id, backup id, file name, run id)."""
-    nice, ionice = priority(datastore, datastore.ds_mad.upper())
-    ssh = await upload_ssh(links, host, runner, datastore)
-    if datastore.ds_mad == "restic":
-        vm_id, backup_id, name, run_id = restic_file
-        store = open_datastore(datastore, links.pool)
-        assert isinstance(store, ResticDatastore)
-        return await store.fetch_to(runner, vm_id, backup_id, name, fetched, ssh_command=ssh, timeout=FETCH_TIMEOUT,
-                                    label=restore_label(run_id), started=on_side(started, "host"))
-    if datastore.ds_mad == "rsync":
-        result = await runner.run(stream_argv(datastore, ssh, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                                  ionice=ionice, started=on_side(started, "host"))
-        return streamed_digest(result.stdout)
-    await links.local.run(push_argv(datastore, ssh, host, source, fetched), timeout=FETCH_TIMEOUT, nice=nice,
-                          ionice=ionice, started=on_side(started, "local"))
-    return None
+class _Started(NoSink):
+    """The drivers' sink of a fetch: only the process groups matter (to the crash tests)."""
+
+    def __init__(self, started: ProcessStarted | None) -> None:
+        self.started = started
+
+    async def process_started(self, side: str, pgid: int) -> None:
+        if self.started is not None:
+            await self.started(side, pgid)
 
 
 async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, what: str,
                   started: ProcessStarted | None, digest: str | None = None) -> None:
     """The copy's sha256 (``digest`` when the copy computed it) must be the recorded one, and qemu-img must
     find the qcow2 sound."""
-    nice, ionice = priority(datastore, datastore.ds_mad.upper())
+    limits = io_limits(datastore)
     if digest is None:
-        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, nice, ionice, on_side(started, "host")))[path]
+        digest = (await hash_files(runner, [path], FETCH_TIMEOUT, limits.nice, limits.ionice,
+                                   on_side(started, "host")))[path]
     if digest != expected:
         raise ActionError(f"{what}: sha256 of the copy is {digest}, the backup recorded {expected}: the backup "
                           "file is damaged or was changed; nothing was restored")
@@ -219,8 +194,8 @@ async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
     """``rm -f`` the run's temporary files next to ``target_path``; logged, never raised."""
     try:
         await runner.run(["rm", "-f", "--", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
-        # and the password file a killed restic dump of this run left
-        await remove_password_files(runner, labelled_password_files(restore_label(run_id)), COMMAND_TIMEOUT)
+        # and what a killed datastore command of this run left (restic dump: its password file)
+        await remove_leftovers(runner, restore_label(run_id), COMMAND_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - a leftover is reported; recovery removes it later
         log.warning("cannot remove the temporary files of run %s next to %s: %s", run_id, target_path, exc)
 

@@ -30,7 +30,7 @@ from drivers.processes import kill_marked
 from drivers.vmm import DomainState, KvmHost
 from drivers.vmm.domainxml import parse_disks
 from scheduler.actions.base import RunContext
-from scheduler.backup.run import state_name
+from scheduler.backup.checks import state_name
 from scheduler.errors import ActionError, NotFound
 from scheduler.faults import crash_point
 from scheduler.hosts.links import HostLinks
@@ -39,7 +39,8 @@ from scheduler.model import backup_config as backups
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType, LcmState, VmState
 from scheduler.model.objects.vm import Vm
-from scheduler.restore.disk import STEP, fetch_disk, remove_temps, step
+from scheduler.restore.disk import fetch_disk, remove_temps
+from scheduler.restore.steps import STEPS, Swap, Temp, VmStateSaved
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,6 @@ def restored_vm(vm: Vm, to: tuple[VmState, LcmState]) -> Vm:
     return vm
 
 
-def steps_named(steps: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [s for s in steps if s.get(STEP) == name]
-
-
 # ---- the run -----------------------------------------------------------------------------------------
 
 
@@ -210,7 +207,7 @@ async def _require_shut_off(where: Placement, why: str) -> None:
 
 async def _enter_restore_state(run: _Restore) -> None:
     vm = run.ctx.state.vms.get(run.vm_id)
-    await run.journal(step("state", vm=vm.id, state=int(vm.state), lcm=int(vm.lcm_state)))
+    await run.journal(STEPS.entry(VmStateSaved(vm.id, int(vm.state), int(vm.lcm_state))))
     async with run.ctx.state.mutation() as m:
         vm = run.ctx.state.vms.editable(run.vm_id)
         run.restore_to = (vm.state, vm.lcm_state)
@@ -223,7 +220,7 @@ async def _fetch_all(run: _Restore) -> None:
     ctx, host = run.ctx, run.where.host
     try:
         for disk in run.files:
-            await run.journal(step("temp", host=host.id, path=disk.new))
+            await run.journal(STEPS.entry(Temp(host.id, disk.new)))
             await fetch_disk(run.links, ctx.state, run.image, disk.disk_id, host, disk.new, disk.format,
                              run_id=ctx.run_id, journal=run.journal, started=run.fetch_started)
         ctx.sink.reached("restore-fetched")
@@ -267,8 +264,7 @@ async def _swap_and_finish(run: _Restore) -> str:
         await _remove(runner, [disk.new for disk in run.files])
         raise
     disks = [(d.path, d.new, d.old) for d in run.files]
-    await run.journal(step("swap", host=run.where.host.id, domain=run.where.ref, vm=run.vm_id,
-                           disks=[list(d) for d in disks]))
+    await run.journal(STEPS.entry(Swap(run.where.host.id, run.where.ref, run.vm_id, [list(d) for d in disks])))
     assert run.restore_to is not None
     run.swapping = True
     try:
@@ -327,11 +323,11 @@ def make_recoverer(state: State, links: HostLinks) -> Recoverer:
     interrupted restore journaled, then forget its steps."""
 
     async def recover(run: Any) -> None:
-        steps = [s for s in run.steps if STEP in s]
+        steps = [s for s in run.steps if STEPS.owns(s)]
         if not steps:
             return
         try:
-            if steps_named(steps, "swap"):
+            if STEPS.all(steps, Swap):
                 dropped = await _recover_swap(state, links, steps)
                 run.message = ("interrupted by a daemon restart after its disks were verified; the swap was "
                                f"finished at start-up, the VM is restored; {dropped}")
@@ -347,36 +343,36 @@ def make_recoverer(state: State, links: HostLinks) -> Recoverer:
 
 async def _recover_fetch(state: State, links: HostLinks, run: Any, steps: list[dict[str, Any]]) -> None:
     """Kill the copies, hashes and converts the run left, remove its temporary files, put the state back."""
-    for entry in steps_named(steps, "temp"):
-        host = state.hosts.find(int(entry["host"]))
+    for temp in STEPS.all(steps, Temp):
+        host = state.hosts.find(temp.host)
         if host is None:
-            raise ActionError(f"host {entry['host']} of the restore's file {entry['path']} is not registered any more")
+            raise ActionError(f"host {temp.host} of the restore's file {temp.path} is not registered any more")
         runner = links.runner(host)
         for machine in {id(runner): runner, id(links.local): links.local}.values():
-            killed = await kill_marked(machine, str(entry["path"]))
+            killed = await kill_marked(machine, temp.path)
             if killed:
                 log.warning("run %s: killed process group(s) %s it left running", run.id, ", ".join(map(str, killed)))
-        await runner.run(["rm", "-f", "--", str(entry["path"])], timeout=COMMAND_TIMEOUT)
-        await remove_temps(runner, str(entry["path"]), int(run.id))
-    for entry in steps_named(steps, "state")[-1:]:
-        await restore_state(state, int(entry["vm"]), (VmState(int(entry["state"])), LcmState(int(entry["lcm"]))))
+        await runner.run(["rm", "-f", "--", temp.path], timeout=COMMAND_TIMEOUT)
+        await remove_temps(runner, temp.path, int(run.id))
+    saved = STEPS.last(steps, VmStateSaved)
+    if saved is not None:
+        await restore_state(state, saved.vm, (VmState(saved.state), LcmState(saved.lcm)))
 
 
 async def _recover_swap(state: State, links: HostLinks, steps: list[dict[str, Any]]) -> str:
     """Every new disk was verified before the swap began: finish it; what libvirt metadata went."""
-    entry = steps_named(steps, "swap")[-1]
-    host = state.hosts.find(int(entry["host"]))
+    swap = STEPS.last(steps, Swap)
+    assert swap is not None  # the caller saw it
+    host = state.hosts.find(swap.host)
     if host is None:
-        raise ActionError(f"host {entry['host']} of an interrupted restore is not registered any more")
-    before = steps_named(steps, "state")[-1:]
-    to = ((VmState(int(before[0]["state"])), LcmState(int(before[0]["lcm"]))) if before
-          else (VmState.POWEROFF, LcmState.LCM_INIT))
+        raise ActionError(f"host {swap.host} of an interrupted restore is not registered any more")
+    before = STEPS.last(steps, VmStateSaved)
+    to = (VmState(before.state), LcmState(before.lcm)) if before else (VmState.POWEROFF, LcmState.LCM_INIT)
     try:
-        dropped = await finish_swap(state, links.runner(host), links.vmm(host), str(entry["domain"]),
-                                    int(entry["vm"]), entry["disks"], to)
+        dropped = await finish_swap(state, links.runner(host), links.vmm(host), swap.domain, swap.vm, swap.disks, to)
     except CommandFailed as exc:
-        raise ActionError(f"cannot finish the swap of VM {entry['vm']}'s disks: {exc}") from exc
-    log.warning("VM %s: interrupted restore finished: disks swapped in; %s", entry["vm"], dropped)
+        raise ActionError(f"cannot finish the swap of VM {swap.vm}'s disks: {exc}") from exc
+    log.warning("VM %s: interrupted restore finished: disks swapped in; %s", swap.vm, dropped)
     return dropped
 
 
