@@ -2,7 +2,8 @@
 
 The file uses the OpenNebula template syntax (spec §1). Every key is declared exactly once, as a field
 of the frozen dataclasses below, with its default, its kind of value and a one-line description; the
-reader, the defaults, ``describe_schema()`` and the documented example file all come from those fields.
+reader, the defaults and ``describe_schema()`` come from those fields, and a test holds the hand-written
+``sched.conf.example`` to them.
 Vectors (``LISTEN = [ ... ]``) are fields whose type is itself such a dataclass.
 
 Reading never stops at the first problem: every unknown key, duplicate and bad value is collected and

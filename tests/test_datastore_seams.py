@@ -26,6 +26,11 @@ def _names_ds_mad(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr == "ds_mad"
 
 
+def _is_registry(node: ast.AST) -> bool:
+    """A registry of drivers by kind (``DRIVERS``, ``IMAGE_DRIVERS``), the one thing ds_mad may be looked up in."""
+    return isinstance(node, ast.Name) and node.id.endswith("DRIVERS")
+
+
 def leaks(source: str) -> list[str]:
     """What in ``source`` knows a datastore kind: ds_mad compared to a kind, a driver class, a driver module."""
     found = []
@@ -33,9 +38,8 @@ def leaks(source: str) -> list[str]:
         if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
             if any(_names_ds_mad(side) for side in (node.left, *node.comparators)):
                 found.append(f"line {node.lineno}: ds_mad compared")
-        elif isinstance(node, ast.Compare) and isinstance(node.comparators[0], (ast.Tuple, ast.List, ast.Set)):
-            if _names_ds_mad(node.left):
-                found.append(f"line {node.lineno}: ds_mad tested against a list of kinds")
+        elif isinstance(node, ast.Compare) and _names_ds_mad(node.left) and not _is_registry(node.comparators[0]):
+            found.append(f"line {node.lineno}: ds_mad tested against a list of kinds")
         elif isinstance(node, ast.Name) and node.id in DRIVER_CLASSES:
             found.append(f"line {node.lineno}: {node.id}")
         elif isinstance(node, ast.ImportFrom) and node.module in DRIVER_MODULES:
@@ -46,6 +50,7 @@ def leaks(source: str) -> list[str]:
 def test_the_check_sees_each_kind_of_leak() -> None:
     assert leaks("if ds.ds_mad == 'restic': pass") == ["line 1: ds_mad compared"]
     assert leaks("ok = ds.ds_mad in ('rsync', 'fs')") == ["line 1: ds_mad tested against a list of kinds"]
+    assert leaks("ok = ds.ds_mad not in KINDS") == ["line 1: ds_mad tested against a list of kinds"]
     assert leaks("assert isinstance(s, ResticDatastore)") == ["line 1: ResticDatastore"]
     assert leaks("from drivers.datastore.rsync import priority") == ["line 1: imports drivers.datastore.rsync"]
     assert leaks("kind = ds.ds_mad.upper()\nknown = ds.ds_mad in DRIVERS") == []

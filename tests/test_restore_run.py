@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.actions.executor import RecovererByAction
 from scheduler.actions.registry import ACTIONS, is_backup, validate_action
 from scheduler.actions.restore import RestoreArgs, parse_args
 from scheduler.engine.journal import Run
@@ -190,7 +191,7 @@ async def test_recoverers_are_chosen_by_action() -> None:
     async def restore(run: Run) -> None:
         called.append(f"restore {run.id}")
 
-    recover = rr.dispatch_recoverer(backup, {"restore": restore})
+    recover = RecovererByAction(backup, {"restore": restore})
     for run_id, action in ((1, "backup"), (2, "restore"), (3, "reboot")):
         await recover(Run(id=run_id, vm_id=7, action=action, args="", scheduled=0))
     assert called == ["backup 1", "restore 2", "backup 3"]

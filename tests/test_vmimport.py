@@ -1,4 +1,4 @@
-"""scheduler.hosts.vmimport and scheduler.hosts.imageinfo: a domain XML becomes VM template pieces (pure)."""
+"""scheduler.hosts.vmimport and drivers.vmm.imageinfo: a domain XML becomes VM template pieces (pure)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from drivers.vmm import Disk, DomainState, NetworkHost
+from drivers.vmm.imageinfo import InternalSnapshot, parse_image_info
 from scheduler.errors import DriverError, ValidationError
-from scheduler.hosts.imageinfo import InternalSnapshot, parse_image_info
 from scheduler.hosts.vmimport import (
     assign_disk_ids,
     disk_vector,

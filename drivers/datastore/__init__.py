@@ -1,7 +1,10 @@
 """Backup datastore drivers, by the datastore's DS_MAD (``rsync``, ``fs``, ``restic``).
 
 ``open_datastore(datastore, pool)`` returns the driver object for one datastore; ``pool`` (an
-:class:`drivers.ssh.SshPool`) gives the runner for the backup server when the driver needs one.
+:class:`drivers.ssh.SshPool`) gives the runner for the backup server when the driver needs one. The
+registry also answers what each kind needs without opening one: the tools a backup runs on the
+hypervisor, the attributes a new datastore must have, where its server is, the path a backup URL names,
+and what a killed command of a run leaves behind. A new driver is its own module plus one line here.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from scheduler.model.template import Template
 
 __all__ = [
     "DRIVERS", "BackupDatastore", "Capacity", "FetchRequest", "check_backup_template", "check_ports", "server_attributes", "UploadRequest", "UploadResult", "driver_of",
-    "hypervisor_tools", "open_datastore", "remove_leftovers", "run_label", "server_of", "url_path",
+    "all_hypervisor_tools", "hypervisor_tools", "open_datastore", "remove_leftovers", "run_label", "server_of", "url_path",
 ]  # fmt: skip
 
 
@@ -87,6 +90,11 @@ def open_datastore(datastore: Datastore, pool: RunnerFactory, **settings: float)
 def hypervisor_tools(datastore: Datastore) -> tuple[str, ...]:
     """The commands a backup into ``datastore`` runs on the hypervisor."""
     return driver_of(datastore).HYPERVISOR_TOOLS
+
+
+def all_hypervisor_tools() -> tuple[str, ...]:
+    """What a backup into any kind of datastore may run on a hypervisor (what host monitoring looks for)."""
+    return tuple(dict.fromkeys(tool for driver in DRIVERS.values() for tool in driver.HYPERVISOR_TOOLS))
 
 
 def url_path(datastore: Datastore, vm_id: int, backup_id: str, name: str) -> str:

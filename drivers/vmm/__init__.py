@@ -12,10 +12,8 @@ from drivers.vmm.kvm import CommandRunner, KvmHost
 from drivers.vmm.states import DomainInfo, DomainState, StateChange
 from drivers.vmm.uri import LOCAL_URI, host_uri, ssh_uri
 
-DRIVERS = {"kvm": KvmHost}
-
 __all__ = [
-    "DRIVERS", "LOCAL_URI", "CommandRunner", "CommitTimeout", "Disk", "DomainInfo", "DomainNotFound",
+    "LOCAL_URI", "CommandRunner", "CommitTimeout", "Disk", "DomainInfo", "DomainNotFound",
     "DomainState", "GuestAgentError", "KvmHost", "NetworkHost", "OperationRefused", "StateChange", "VmmError",
     "host_uri", "ssh_uri",
 ]

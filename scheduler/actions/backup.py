@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from scheduler.actions.base import ActionSpec, RunContext, bool_token, int_token, malformed, split_args
 from scheduler.backup.run import perform
 from scheduler.errors import ValidationError
+from scheduler.model import backup_config as backups
 from scheduler.model.objects.states import DatastoreType
 from scheduler.model.objects.vm import Vm
 from scheduler.store.state import State
@@ -46,8 +47,8 @@ def check(state: State, vm: Vm, args: str) -> None:
         raise ValidationError(f"Error getting datastore [{ds_id}]")
     if datastore.type != DatastoreType.BACKUP_DS:
         raise ValidationError(f"Datastore {ds_id} is not of type BACKUP")
-    job = (vm.backup_config.get("BACKUP_JOB_ID") or "-1").strip()
-    if job not in ("", "-1"):
+    job = backups.member_of_job(vm.backup_config)
+    if job is not None:
         raise ValidationError(f"VM {vm.id} is part of backup job {job}, which schedules its backups")
 
 

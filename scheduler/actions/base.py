@@ -45,6 +45,12 @@ class RunContext:
     # journal a step, stage the run's success with the action's result, report progress, pass crash points
     sink: RunSink = field(default_factory=RunSink)
 
+    def connections(self, refused: str) -> HostLinks:
+        """The host connections; a run without them (a test's) refuses with ``refused``."""
+        if self.links is None:
+            raise ActionError(f"this daemon has no host connections; {refused}")
+        return self.links
+
 
 ArgsCheck = Callable[[str], None]
 ObjectsCheck = Callable[[State, Vm, str], None]
@@ -84,11 +90,3 @@ def bool_token(token: str) -> bool | None:
     """A boolean token: only ``0`` and ``1`` are accepted."""
     return {"0": False, "1": True}.get(token.strip())
 
-
-def needs_libvirt(name: str) -> Runner:
-    """The run of an action the libvirt driver performs: refused until vmsched has that driver."""
-
-    async def run(ctx: RunContext) -> str | None:
-        raise ActionError(f"{name} needs the libvirt driver, which this version does not have yet")
-
-    return run

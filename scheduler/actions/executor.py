@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from scheduler.actions.base import RunContext
 from scheduler.actions.registry import check_action, spec_of
 from scheduler.config import Config
 from scheduler.engine.clock import Clock
 from scheduler.engine.journal import Run
+from scheduler.engine.loop import Recoverer
 from scheduler.engine.progress import ProgressBoard
 from scheduler.engine.sink import RunSink
 from scheduler.errors import ActionError, ValidationError
@@ -40,10 +43,17 @@ def simulated_durations(environ: dict[str, str] | None = None) -> dict[str, floa
     return durations
 
 
+class Configured(Protocol):
+    """Where the current sched.conf is (the daemon: it replaces ``config`` on SIGHUP)."""
+
+    config: Config
+
+
 def make_executor(state: State, clock: Clock, simulate: dict[str, float], links: HostLinks | None = None,
-                  config: Callable[[], Config] | None = None,
+                  configured: Configured | None = None,
                   progress: ProgressBoard | None = None) -> Callable[[Run, RunSink], Awaitable[str | None]]:
-    """``config``: the current sched.conf; ``progress``: where running backups report how far they are."""
+    """``configured``: where the current sched.conf is; ``progress``: where running backups report how far
+    they are."""
     if simulate:
         log.warning("%s is set: %s are simulated, not performed", SIMULATE_ENV, ", ".join(sorted(simulate)))
 
@@ -62,7 +72,7 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
         context = RunContext(
             run_id=run.id, vm=vm, args=run.args, action=action, state=state, clock=clock,
             log=logging.LoggerAdapter(logging.getLogger(f"scheduler.actions.{spec.family}"), {}),
-            cancelled=asyncio.Event(), links=links, config=config() if config is not None else None, sink=sink,
+            cancelled=asyncio.Event(), links=links, config=configured.config if configured is not None else None, sink=sink,
         )  # fmt: skip
         try:
             return await spec.run(context)
@@ -72,3 +82,15 @@ def make_executor(state: State, clock: Clock, simulate: dict[str, float], links:
 
     return execute
 
+
+@dataclass(frozen=True)
+class RecovererByAction:
+    """The engine's one recoverer: the run's action's own (``by_action``), else ``default``."""
+
+    default: Recoverer | None
+    by_action: Mapping[str, Recoverer]
+
+    async def __call__(self, run: Run) -> None:
+        chosen = self.by_action.get(run.action, self.default)
+        if chosen is not None:
+            await chosen(run)

@@ -1,4 +1,4 @@
-"""The registry of the actions a SCHED_ACTION may name, one module per family (backup, power, snapshot).
+"""The registry of the actions a run may perform, one module per family (backup, power, snapshot, restore).
 
 ``ACTIONS`` maps every ACTION name vmsched runs to its ``ActionSpec``. OpenNebula actions that mean
 nothing for a libvirt domain vmsched merely observes (terminate, undeploy, hold, stop, ...) are

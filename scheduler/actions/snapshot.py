@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from drivers.vmm.domainxml import disk_by_target
+from drivers.vmm.imageinfo import ImageInfo, image_info
 from scheduler.actions.base import ActionSpec, ArgsCheck, RunContext, int_token, malformed, split_args
 from scheduler.errors import ActionError, ValidationError
-from scheduler.hosts.imageinfo import ImageInfo, image_info
 from scheduler.hosts.placement import Placement, locate_for_run, sync_state
 from scheduler.model.objects.vm import Vm
 from scheduler.model.template import Vector

@@ -41,8 +41,8 @@ def default_datastore(ctx: Context, vm: Vm) -> int:
 
 def check_request(ctx: Context, vm: Vm, ds_id: int) -> int:
     """The datastore the backup goes to, after OpenNebula's checks in its order (spec §4.1, §4.2)."""
-    job = backups.backup_job_id(vm.backup_config)
-    if job is not None and job != -1:
+    job = backups.member_of_job(vm.backup_config)
+    if job is not None:
         raise ActionError("Unable to start an individual backup for the Virtual Machine, it is part of "
                           f"Backup Job ID {job}")
     ds_id = default_datastore(ctx, vm) if ds_id < 0 else ds_id

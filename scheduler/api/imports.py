@@ -20,17 +20,17 @@ from typing import Any
 
 from drivers.vmm import DomainState, KvmHost
 from drivers.vmm.domainxml import Disk
+from drivers.vmm.imageinfo import image_info
 from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, require_admin
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
 from scheduler.errors import DriverError, ValidationError, VmschedError
-from scheduler.hosts.imageinfo import image_info
-from scheduler.hosts.placement import bind, set_states
+from scheduler.hosts.placement import bind
 from scheduler.hosts.vmimport import DomainFacts, import_template, read_domain, size_mb, unique_name, vm_states
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.host import Host
-from scheduler.model.objects.vm import Vm
+from scheduler.model.objects.vm import Vm, set_states
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ records the BACKUP image, the VM's BACKUP_IDS, the datastore's IMAGES and the VM
 removes the oldest backups afterwards (errors only logged, as OpenNebula does).
 
 Every artifact is journaled in the run's steps before it exists: the state the VM had, the staging dir on
-its host, the upload's backup id (plus the transfer driver's own steps). :func:`make_recoverer` reads them
-back after a crash of the daemon and undoes what is left.
+its host, the upload's backup id (plus the transfer driver's own steps). ``scheduler.backup.recovery``
+reads them back after a crash of the daemon and undoes what is left.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ from scheduler.backup.steps import STEPS, Process, Staging, Upload, VmStateSaved
 from scheduler.backup.transport import upload_ssh
 from scheduler.engine.progress import CAPTURE, RECORD, UPLOAD
 from scheduler.engine.steps import Step
-from scheduler.errors import ActionError
 from scheduler.hosts.links import HostLinks
-from scheduler.hosts.placement import Placement, locate_for_run, set_states
+from scheduler.hosts.placement import Placement, locate_for_run
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import LcmState, VmState
+from scheduler.model.objects.vm import set_states
 from scheduler.model.template import Vector
 from scheduler.store.state import State
 
@@ -140,9 +140,7 @@ class _Backup:
 
     @property
     def links(self) -> HostLinks:
-        links = self.ctx.links
-        assert links is not None  # perform() refused to start without host connections
-        return links
+        return self.ctx.connections("backups cannot run")
 
     @property
     def runner(self) -> Runner:
@@ -160,12 +158,11 @@ async def perform(ctx: RunContext, ds_id: int) -> str:
     datastore = target_datastore(ctx.state, ds_id)
     backup_state(vm)
     disks = selected_disks(vm)
-    if ctx.links is None:
-        raise ActionError("this daemon has no host connections; backups cannot run")
+    links = ctx.connections("backups cannot run")
     where = await locate_for_run(ctx)
     check_tools(where.host, datastore)
     live = backup_state(where.vm) is LcmState.BACKUP
-    store = open_datastore(datastore, ctx.links.pool)
+    store = open_datastore(datastore, links.pool)
     if capacity_check_on(datastore, settings.capacity_check):
         check_space(await store.monitor(), reservation_mb(disks))
     run = _Backup(ctx, settings, datastore, store, where, disks)
@@ -174,7 +171,7 @@ async def perform(ctx: RunContext, ds_id: int) -> str:
         image = await _backup(run)
     finally:
         await _leave_backup_state(run)
-    removed = await apply_keep_last(ctx.state, ctx.links, vm.id)
+    removed = await apply_keep_last(ctx.state, links, vm.id)
     kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
     return (f"{'live' if live else 'cold'} backup {image.source} of VM {vm.id} stored in datastore {ds_id} as image "
             f"{image.id} ({image.size} MB){kept}")

@@ -29,14 +29,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from drivers.datastore import layout, url_path
+from drivers.datastore import DRIVERS, layout, url_path
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType
 from scheduler.model.template import Vector
 
-PROTOS = ("rsync", "restic", "fs")
+PROTOS = tuple(DRIVERS)  # a backup URL names its datastore's kind
 RBD_SUFFIX = "+rbd"
 URL_ATTRIBUTE = "BACKUP_URL"
 NOT_YET = "increments are not supported yet"
@@ -173,7 +173,7 @@ def disk_path(image: Image, datastore: Datastore, disk_id: int, increment_id: in
 
 def disk_url(image: Image, datastore: Datastore, disk_id: int, increment_id: int = -1) -> BackupUrl:
     check_backup_image(image)
-    if datastore.ds_mad not in PROTOS:
+    if datastore.ds_mad not in DRIVERS:
         raise ValidationError(f"datastore {datastore.id}: no backup URLs for DS_MAD {datastore.ds_mad!r}")
     job = (image.template.get("BACKUP_JOB_ID") or "").strip()
     return BackupUrl(proto=datastore.ds_mad, ds_id=datastore.id,

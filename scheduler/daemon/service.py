@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from drivers.ssh import SshSettings
 from scheduler import faults
-from scheduler.actions.executor import make_executor, simulated_durations
+from scheduler.actions.executor import RecovererByAction, make_executor, simulated_durations
 from scheduler.actions.registry import is_backup
 from scheduler.api.auth import SessionCache
 from scheduler.api.methods import Context, make_authenticator, registry
@@ -87,6 +89,19 @@ def engine_settings(config: Config) -> EngineSettings:
     )
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What the daemon wired together at start-up."""
+
+    state: State
+    links: HostLinks
+    engine: Engine
+    context: Context
+    dispatcher: Dispatcher
+    board: ProgressBoard
+    simulated: bool  # VMSCHED_SIMULATE_ACTIONS is set: no host is real
+
+
 class Daemon:
     def __init__(self, state_dir: Path, config: Config, clock: Clock | None = None,
                  config_path: Path | None = None, demo: bool = False) -> None:
@@ -109,62 +124,71 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = await Store.open(self.db_path())
         try:
-            state = State(store, build_codecs())
-            await state.load()
-            await bootstrap.ensure_admin(state, self.state_dir, self.clock)
-            links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
-            journal = Journal(state)
-            simulate = simulated_durations()
-            if faults.armed():
-                log.warning("%s is set: the daemon kills itself at %s (test use only)", faults.CRASH_ENV,
-                            ", ".join(sorted(faults.armed())))
-            board = ProgressBoard()
-            executor = make_executor(state, self.clock, simulate, links, lambda: self.config, progress=board)
-            self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
-                                          is_backup=is_backup,
-                                          recoverer=restore_run.dispatch_recoverer(
-                                              make_recoverer(state, links),
-                                              {"restore": restore_run.make_recoverer(state, links)}))
-            self.context = context = Context(state=state, config=self.config, clock=self.clock,
-                                             state_dir=self.state_dir, engine=engine, links=links, progress=board)
-            sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)
-            dispatcher = Dispatcher(registry, make_authenticator(context, sessions), context)
-            self._install_signals()
-            engine_task = asyncio.create_task(engine.run(), name="engine")
-            await engine.ready.wait()  # start-up recovery done
-            if not simulate:
-                await image_restore.recover_interrupted(state, links)
-            if simulate:  # the hosts of a simulation are not real: nothing to monitor
-                log.warning("host monitoring is off while actions are simulated")
-                monitor_task: asyncio.Task[object] = asyncio.create_task(asyncio.Event().wait(), name="no monitor")
-            else:
-                self.monitor = HostMonitor(context)
-                self.ds_monitor = DatastoreMonitor(context)
-                monitor_task = asyncio.create_task(_both(self.monitor.run(), self.ds_monitor.run()), name="monitors")
-            gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
-            app = make_app(dispatcher, self.config.message_size, metrics=lambda: render_metrics(engine, board))
-            runner = await self._serve(app)
-            self.notifier.ready(self._status())
-            watchdog = asyncio.create_task(self._watchdog(engine_task))
-            demo_task = asyncio.create_task(provision_demo(context), name="demo") if self.demo else None
-            await self.stopping.wait()
-            if demo_task is not None:
-                demo_task.cancel()
-            log.info("stopping: no new work; running actions get %ss to finish", self.config.drain_time)
-            self.notifier.stopping()
-            watchdog.cancel()
-            await runner.cleanup()  # no API calls during the drain
-            monitor_task.cancel()
-            await asyncio.gather(monitor_task, return_exceptions=True)
-            await engine.stop(float(self.config.drain_time))
-            engine_task.cancel()
-            await asyncio.gather(engine_task, watchdog, return_exceptions=True)
-            await links.close()
-            await state.close()
+            await self._serve_until_stopped(await self._build(store))
         finally:
             await store.close()
         log.info("stopped")
         return 0
+
+    async def _build(self, store: Store) -> Parts:
+        """Load the state and wire the collaborators; nothing runs yet."""
+        state = State(store, build_codecs())
+        await state.load()
+        await bootstrap.ensure_admin(state, self.state_dir, self.clock)
+        links = HostLinks(self.state_dir, SshSettings.from_config(self.config.ssh, self.state_dir))
+        journal = Journal(state)
+        simulate = simulated_durations()
+        if faults.armed():
+            log.warning("%s is set: the daemon kills itself at %s (test use only)", faults.CRASH_ENV,
+                        ", ".join(sorted(faults.armed())))
+        board = ProgressBoard()
+        executor = make_executor(state, self.clock, simulate, links, self, progress=board)
+        recoverer = RecovererByAction(make_recoverer(state, links), {"restore": restore_run.make_recoverer(state, links)})
+        self.engine = engine = Engine(state, journal, self.clock, engine_settings(self.config), executor,
+                                      is_backup=is_backup, recoverer=recoverer)
+        self.context = context = Context(state=state, config=self.config, clock=self.clock,
+                                         state_dir=self.state_dir, engine=engine, links=links, progress=board)
+        sessions = SessionCache(self.clock.now, ttl=self.config.session_cache_ttl)
+        dispatcher = Dispatcher(registry, make_authenticator(context, sessions), context)
+        if not simulate:  # the hosts of a simulation are not real: nothing to monitor
+            self.monitor, self.ds_monitor = HostMonitor(context), DatastoreMonitor(context)
+        return Parts(state, links, engine, context, dispatcher, board, simulated=bool(simulate))
+
+    async def _serve_until_stopped(self, parts: Parts) -> None:
+        """Recover, start the engine, the monitors and the API; on SIGTERM drain and stop them in order."""
+        engine = parts.engine
+        self._install_signals()
+        engine_task = asyncio.create_task(engine.run(), name="engine")
+        await engine.ready.wait()  # start-up recovery done
+        if not parts.simulated:
+            await image_restore.recover_interrupted(parts.state, parts.links)
+        monitor_task = self._start_monitors()
+        gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
+        app = make_app(parts.dispatcher, self.config.message_size, metrics=partial(render_metrics, engine, parts.board))
+        runner = await self._serve(app)
+        self.notifier.ready(self._status())
+        watchdog = asyncio.create_task(self._watchdog(engine_task))
+        demo_task = asyncio.create_task(provision_demo(parts.context), name="demo") if self.demo else None
+        await self.stopping.wait()
+        if demo_task is not None:
+            demo_task.cancel()
+        log.info("stopping: no new work; running actions get %ss to finish", self.config.drain_time)
+        self.notifier.stopping()
+        watchdog.cancel()
+        await runner.cleanup()  # no API calls during the drain
+        monitor_task.cancel()
+        await asyncio.gather(monitor_task, return_exceptions=True)
+        await engine.stop(float(self.config.drain_time))
+        engine_task.cancel()
+        await asyncio.gather(engine_task, watchdog, return_exceptions=True)
+        await parts.links.close()
+        await parts.state.close()
+
+    def _start_monitors(self) -> asyncio.Task[object]:
+        if self.monitor is None or self.ds_monitor is None:
+            log.warning("host monitoring is off while actions are simulated")
+            return asyncio.create_task(asyncio.Event().wait(), name="no monitor")
+        return asyncio.create_task(_both(self.monitor.run(), self.ds_monitor.run()), name="monitors")
 
     def _status(self) -> str:
         engine = self.engine

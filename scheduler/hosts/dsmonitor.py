@@ -18,6 +18,8 @@ from drivers.datastore import Capacity, open_datastore, server_attributes
 from scheduler.errors import VmschedError
 from scheduler.hosts import imageds
 from scheduler.hosts.imageds import is_image_datastore
+from scheduler.hosts.links import Daemon
+from scheduler.hosts.rounds import RoundMonitor
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.states import DatastoreType
 
@@ -58,55 +60,36 @@ def recorded(datastore: Datastore, outcome: Capacity | str) -> Datastore | None:
     return datastore
 
 
-class DatastoreMonitor:
+class DatastoreMonitor(RoundMonitor):
     """Probes the backup datastores in rounds and on change, and records the figures through ``ctx.state``
     (``ctx``: the daemon's ``scheduler.api.Context``; its config is read each round)."""
 
-    def __init__(self, ctx: Any, *, deadline: float = PROBE_DEADLINE) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Daemon, *, deadline: float = PROBE_DEADLINE) -> None:
+        super().__init__(ctx)
         self.deadline = deadline
         self._written: dict[int, Datastore] = {}
         self._due: set[int] = set()
-        self._wake = asyncio.Event()
 
     @property
     def interval(self) -> float:
         return float(self.ctx.config.monitoring_interval_datastore)
 
-    def reconfigure(self) -> None:
-        self._wake.set()
+    def start_round(self) -> None:
+        self._due.update(d.id for d in self.ctx.state.datastores.all() if watched(d))
 
-    async def run(self) -> None:
-        """Monitor until cancelled."""
-        loop = asyncio.get_running_loop()
-        self.ctx.state.listeners.append(self._on_change)
-        last_round = float("-inf")
-        try:
-            while True:
-                if loop.time() >= last_round + self.interval:
-                    last_round = loop.time()
-                    self._due.update(d.id for d in self.ctx.state.datastores.all() if watched(d))
-                due, self._due = sorted(self._due), set()
-                await asyncio.gather(*(self.probe(ds_id) for ds_id in due))
-                self._wake.clear()
-                if self._due:
-                    continue
-                try:
-                    async with asyncio.timeout_at(last_round + self.interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            self.ctx.state.listeners.remove(self._on_change)
+    async def between(self) -> bool:
+        due, self._due = sorted(self._due), set()
+        await asyncio.gather(*(self.probe(ds_id) for ds_id in due))
+        return bool(self._due)
 
-    def _on_change(self, kind: str, obj_id: int, obj: Any | None) -> None:
+    def on_change(self, kind: str, obj_id: int, obj: Any | None) -> None:
         if kind != KIND:
             return
         if obj is None:
             self._written.pop(obj_id, None)
         elif obj is not self._written.get(obj_id) and watched(obj):
             self._due.add(obj_id)
-            self._wake.set()
+            self.wake()
 
     async def probe(self, ds_id: int) -> None:
         """Probe one datastore now and record the outcome."""
@@ -127,9 +110,10 @@ class DatastoreMonitor:
         await self._record(datastore, outcome)
 
     async def _capacity(self, datastore: Datastore) -> Capacity:
+        links = self.ctx.connections("datastores cannot be monitored")
         if is_image_datastore(datastore):
-            return await imageds.monitor(self.ctx.state, self.ctx.links, datastore)
-        return await open_datastore(datastore, self.ctx.links.pool).monitor()
+            return await imageds.monitor(self.ctx.state, links, datastore)
+        return await open_datastore(datastore, links.pool).monitor()
 
     async def _record(self, probed: Datastore, outcome: Capacity | str) -> None:
         state = self.ctx.state

@@ -15,15 +15,17 @@ import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from drivers.commands import Result, Runner
 from drivers.local import LocalRunner
 from drivers.ssh import SshPool, SshSettings, SshTarget
 from drivers.vmm import LOCAL_URI, KvmHost
 from drivers.vmm.uri import host_uri
+from scheduler.config import Config
 from scheduler.errors import ValidationError
 from scheduler.model.objects.host import Host
+from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +129,17 @@ class HostLinks:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self.pool.close()
+
+
+class Daemon(Protocol):
+    """What the host and datastore monitors need of the daemon (the API's context is one)."""
+
+    state: State
+    config: Config
+    links: HostLinks | None
+
+    def now(self) -> int: ...
+
+    def connections(self, refused: str) -> HostLinks:
+        """``links``, or an ActionError ending in ``refused`` when the daemon has none."""
+        ...

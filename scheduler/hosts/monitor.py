@@ -41,8 +41,10 @@ from typing import Any
 
 from drivers import hostkeys
 from drivers.commands import HostKeyMismatch
+from drivers.datastore import all_hypervisor_tools
 from scheduler.errors import DriverError, VmschedError
-from scheduler.hosts.links import is_local, ssh_target
+from scheduler.hosts.links import Daemon, is_local, ssh_target
+from scheduler.hosts.rounds import RoundMonitor
 from scheduler.hosts.vmsync import VmStateSync
 from scheduler.model.objects.host import Host
 from scheduler.model.objects.states import HostState
@@ -50,7 +52,8 @@ from scheduler.model.objects.states import HostState
 log = logging.getLogger(__name__)
 
 KIND = "host"
-TOOLS = ("qemu-img", "rsync", "restic", "rbd", "qemu-nbd")
+# What every driver may run on a hypervisor, and the tools Ceph disks and NBD exports will need.
+TOOLS = tuple(dict.fromkeys(("qemu-img", *all_hypervisor_tools(), "rbd", "qemu-nbd")))
 # Fixed text: the tool names arrive as positional arguments, never inside the script.
 TOOLS_SCRIPT = 'for tool in "$@"; do if command -v "$tool" >/dev/null 2>&1; then echo "$tool"; fi; done'
 PROBE_DEADLINE = 30.0  # seconds one host's probe may take, connecting included
@@ -195,7 +198,7 @@ async def probe_host(runner: Any, vmm: Any, base_path: str, *, timeout: float) -
     return Probe(versions.libvirt, versions.qemu, space, tools)
 
 
-class HostMonitor:
+class HostMonitor(RoundMonitor):
     """Probes hosts in rounds and on change, and records the outcome through ``ctx.state``.
 
     ``ctx`` is the daemon's ``scheduler.api.Context``: its ``state``, ``config`` (read each round),
@@ -203,42 +206,23 @@ class HostMonitor:
     queues one more.
     """
 
-    def __init__(self, ctx: Any, *, deadline: float = PROBE_DEADLINE) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Daemon, *, deadline: float = PROBE_DEADLINE) -> None:
+        super().__init__(ctx)
         self.deadline = deadline
         self._running: dict[int, asyncio.Task[None]] = {}
         self._again: set[int] = set()
         self._written: dict[int, Host] = {}
-        self._wake = asyncio.Event()
         self.vm_states = VmStateSync(ctx)
 
     @property
     def interval(self) -> float:
         return float(self.ctx.config.monitoring_interval_host)
 
-    async def run(self) -> None:
-        """Monitor until cancelled."""
-        loop = asyncio.get_running_loop()
-        self.ctx.state.listeners.append(self._on_change)
-        last_round = float("-inf")
-        try:
-            while True:
-                if loop.time() >= last_round + self.interval:
-                    last_round = loop.time()
-                    self.monitor_all()
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout_at(last_round + self.interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            self.ctx.state.listeners.remove(self._on_change)
-            await self._cancel_probes()
+    def start_round(self) -> None:
+        self.monitor_all()
 
-    def reconfigure(self) -> None:
-        """The configuration was reloaded: take the new interval into account now."""
-        self._wake.set()
+    async def stopped(self) -> None:
+        await self._cancel_probes()
 
     def monitor_all(self) -> None:
         for host in self.ctx.state.hosts.all():
@@ -272,7 +256,7 @@ class HostMonitor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _on_change(self, kind: str, obj_id: int, obj: Any | None) -> None:
+    def on_change(self, kind: str, obj_id: int, obj: Any | None) -> None:
         if kind != KIND:
             return
         if obj is None:
@@ -290,7 +274,7 @@ class HostMonitor:
         await self._record(host, change)
 
     async def _probe(self, host: Host) -> Callable[[Host], Host]:
-        links = self.ctx.links
+        links = self.ctx.connections("hosts cannot be monitored")
         try:
             async with asyncio.timeout(self.deadline):
                 probe = await probe_host(links.runner(host), links.vmm(host), str(self.ctx.config.backup_base_path),

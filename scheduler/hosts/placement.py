@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from drivers.commands import Runner
-from drivers.vmm import DomainInfo, DomainNotFound, KvmHost
+from drivers.vmm import DomainInfo, DomainNotFound, DomainState, KvmHost
+from scheduler.actions.base import RunContext
 from scheduler.errors import ActionError, DriverError
 from scheduler.hosts.links import HostLinks
 from scheduler.hosts.vmimport import vm_states
 from scheduler.model.objects.host import Host
-from scheduler.model.objects.vm import History, Vm
+from scheduler.model.objects.vm import History, Vm, set_states
 from scheduler.store.state import Mutation, State
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ async def _probe(links: HostLinks, host: Host, ref: str) -> DomainInfo | DriverE
 
 async def locate(state: State, links: HostLinks, vm: Vm, now: int) -> Placement:
     """Find the VM's domain, following it to another registered host when it moved there."""
-    if links is None:
-        raise ActionError("this daemon has no host connections; actions on domains cannot run")
     bound = vm.host
     if bound is None:
         raise ActionError(f"VM {vm.id} is not bound to a host (import it or deploy it first)", retryable=True)
@@ -126,16 +124,7 @@ def bind(m: Mutation, vm: Vm, host: Host, now: int) -> None:
     m.put("host", target)
 
 
-def set_states(vm: Vm, state: Any, lcm_state: Any) -> bool:
-    """Set STATE/LCM_STATE (keeping the previous pair in PREV_*); False when nothing changed."""
-    if (vm.state, vm.lcm_state) == (state, lcm_state):
-        return False
-    vm.prev_state, vm.prev_lcm_state = vm.state, vm.lcm_state
-    vm.state, vm.lcm_state = state, lcm_state
-    return True
-
-
-async def record_domain_state(state: State, vm_id: int, domain_state: Any) -> Vm:
+async def record_domain_state(state: State, vm_id: int, domain_state: DomainState) -> Vm:
     """Make the VM's STATE/LCM_STATE match its domain's state (a copy, put back; never in place)."""
     async with state.mutation() as m:
         vm = state.vms.editable(vm_id)
@@ -144,14 +133,14 @@ async def record_domain_state(state: State, vm_id: int, domain_state: Any) -> Vm
     return vm
 
 
-async def locate_for_run(ctx: Any) -> Placement:
+async def locate_for_run(ctx: RunContext) -> Placement:
     """:func:`locate` for an action's run (``scheduler.actions.base.RunContext``): the first thing a run
     that touches a domain does. The VM is read again: the one the run started with may be stale."""
     vm = ctx.state.vms.find(ctx.vm.id) or ctx.vm
-    return await locate(ctx.state, ctx.links, vm, int(ctx.clock.now()))
+    return await locate(ctx.state, ctx.connections("actions on domains cannot run"), vm, int(ctx.clock.now()))
 
 
-async def sync_state(ctx: Any, where: Placement) -> str:
+async def sync_state(ctx: RunContext, where: Placement) -> str:
     """Set the VM's STATE/LCM_STATE from its domain's state now; its ``STATE/LCM`` names, or why not."""
     try:
         vm = await record_domain_state(ctx.state, ctx.vm.id, await where.kvm.state(where.ref))

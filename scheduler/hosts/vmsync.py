@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from drivers.vmm.states import DomainState, StateChange
+from scheduler.hosts.links import Daemon
 from scheduler.hosts.vmimport import vm_states
 from scheduler.model.objects.states import LcmState, VmState
 from scheduler.model.objects.vm import Vm
@@ -43,19 +44,19 @@ def state_updates(vms: Iterable[Vm], host_id: int, domains: Mapping[str, DomainS
 
 
 class VmStateSync:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Daemon) -> None:
         self.ctx = ctx
         self._watched: dict[int, Any] = {}  # host id -> the KvmHost we subscribed to
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def poll(self, host: Any) -> None:
         """Read every domain's state on the host and correct the VMs bound to it."""
-        states = await self.ctx.links.vmm(host).poll_states()
+        states = await self.ctx.connections("VM states cannot be read").vmm(host).poll_states()
         await self._apply(host, {uuid.lower(): st for uuid, st in states.items()})
         await self._watch(host)
 
     async def _watch(self, host: Any) -> None:
-        kvm = self.ctx.links.vmm(host)
+        kvm = self.ctx.connections("VM states cannot be read").vmm(host)
         if self._watched.get(host.id) is kvm:
             return
         host_id = host.id

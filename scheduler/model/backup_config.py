@@ -208,6 +208,12 @@ def backup_job_id(config: Vector) -> int | None:
     return _stored_int(config, "BACKUP_JOB_ID")
 
 
+def member_of_job(config: Vector) -> int | None:
+    """The backup job the VM belongs to (which then schedules its backups), None when it is in none."""
+    job = backup_job_id(config)
+    return job if job is not None and job != -1 else None
+
+
 def reset_chain(config: Vector) -> Vector:
     """A copy with both chain pointers at -1: the next INCREMENT backup starts a new image."""
     result = config.copy()

@@ -21,7 +21,7 @@ one it finishes the swap (every new disk was verified) and the rest.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +34,11 @@ from scheduler.backup.checks import state_name
 from scheduler.errors import ActionError, NotFound
 from scheduler.faults import crash_point
 from scheduler.hosts.links import HostLinks
-from scheduler.hosts.placement import Placement, locate_for_run, set_states
+from scheduler.hosts.placement import Placement, locate_for_run
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType, LcmState, VmState
-from scheduler.model.objects.vm import Vm
+from scheduler.model.objects.vm import Vm, set_states
 from scheduler.restore.disk import fetch_disk, remove_temps
 from scheduler.restore.steps import STEPS, Swap, Temp, VmStateSaved
 from scheduler.store.state import State
@@ -163,9 +163,7 @@ class _Restore:
 
     @property
     def links(self) -> HostLinks:
-        links = self.ctx.links
-        assert links is not None  # perform() refused to start without host connections
-        return links
+        return self.ctx.connections("restores cannot run")
 
     @property
     def runner(self) -> Runner:
@@ -180,8 +178,7 @@ async def perform(ctx: RunContext, args: RestoreArgs) -> str:
     """Restore ``ctx.vm`` in place from backup image ``args.image_id``; the run's message."""
     vm = ctx.state.vms.get(ctx.vm.id)
     image, disk_ids = check_request(ctx.state, vm, args.image_id, args.increment_id, args.disk_id)
-    if ctx.links is None:
-        raise ActionError("this daemon has no host connections; restores cannot run")
+    ctx.connections("restores cannot run")
     where = await locate_for_run(ctx)
     await _require_shut_off(where, "a restore writes its disks")
     run = _Restore(ctx, where, image, disk_ids)
@@ -375,13 +372,3 @@ async def _recover_swap(state: State, links: HostLinks, steps: list[dict[str, An
     log.warning("VM %s: interrupted restore finished: disks swapped in; %s", swap.vm, dropped)
     return dropped
 
-
-def dispatch_recoverer(default: Recoverer | None, by_action: Mapping[str, Recoverer]) -> Recoverer:
-    """One ``recoverer`` for the engine: ``by_action[run.action]``, else ``default``."""
-
-    async def recover(run: Any) -> None:
-        chosen = by_action.get(run.action, default)
-        if chosen is not None:
-            await chosen(run)
-
-    return recover

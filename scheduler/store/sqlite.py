@@ -1,4 +1,4 @@
-"""The state store: one SQLite file, written only by the daemon (ARCHITECTURE decision 3).
+"""The state store: one SQLite file, written only by the daemon (every client goes through its API).
 
 Every object kind has a pool table holding the object's XML body plus the columns the daemon
 looks objects up by (name, owner, group, parent). Ids come from a ``sequences`` table so an id

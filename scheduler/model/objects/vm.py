@@ -591,3 +591,12 @@ def _esc(text: str) -> str:
     if "&" in text or "<" in text or ">" in text:
         return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text
+
+
+def set_states(vm: Vm, state: VmState, lcm_state: LcmState) -> bool:
+    """Set STATE/LCM_STATE (keeping the previous pair in PREV_*); False when nothing changed."""
+    if (vm.state, vm.lcm_state) == (state, lcm_state):
+        return False
+    vm.prev_state, vm.prev_lcm_state = vm.state, vm.lcm_state
+    vm.state, vm.lcm_state = state, lcm_state
+    return True

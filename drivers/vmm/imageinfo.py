@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
+from drivers.commands import Runner
 from scheduler.errors import DriverError
 
 QEMU_IMG_TIMEOUT = 30.0
@@ -50,7 +50,7 @@ def parse_image_info(text: str, path: str = "image") -> ImageInfo:
         raise DriverError(f"qemu-img info {path}: unreadable answer ({exc})") from exc
 
 
-async def image_info(runner: Any, path: str, host: str | None = None) -> ImageInfo:
-    """``qemu-img info -U --output=json PATH`` through ``runner`` (``drivers.commands.Runner``)."""
+async def image_info(runner: Runner, path: str, host: str | None = None) -> ImageInfo:
+    """``qemu-img info -U --output=json PATH`` through ``runner``."""
     result = await runner.run(["qemu-img", "info", "-U", "--output=json", path], timeout=QEMU_IMG_TIMEOUT)
     return parse_image_info(result.stdout.decode(errors="replace"), f"{host}:{path}" if host else path)
