@@ -14,13 +14,7 @@ from pathlib import Path
 import asyncssh
 
 from drivers.commands import HostKeyMismatch, HostUnreachable
-
-DEFAULT_PORT = 22
-
-
-def host_pattern(host: str, port: int) -> str:
-    """How known_hosts names ``host`` on ``port``."""
-    return host if port == DEFAULT_PORT else f"[{host}]:{port}"
+from drivers.sshtarget import DEFAULT_PORT, host_pattern
 
 
 def fingerprint(key: asyncssh.SSHKey) -> str:

@@ -37,6 +37,7 @@ from drivers.commands import (
     priority_prefix,
     shielded,
 )
+from drivers.sshtarget import SshTarget as SshTarget  # where it was before: callers import it from here
 from scheduler.errors import DriverError
 
 log = logging.getLogger(__name__)
@@ -55,23 +56,6 @@ while alive "$1"; do
 done
 """
 _CONNECTION_ERRORS = (OSError, asyncssh.Error, asyncssh.ChannelOpenError)
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where to run: a host's address, port and user, and optionally its own private key."""
-
-    host: str
-    port: int = 22
-    user: str = "root"
-    key: Path | None = None
-
-    @property
-    def connection_key(self) -> tuple[str, int, str]:
-        return (self.host, self.port, self.user)
-
-    def __str__(self) -> str:
-        return f"{self.user}@{hostkeys.host_pattern(self.host, self.port)}"
 
 
 @dataclass(frozen=True)

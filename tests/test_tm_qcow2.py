@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,21 @@ def open_host(parts: dict[str, Any]) -> tuple[KvmHost, SshPool, Runner]:
     return KvmHost("host1", parts["uri"], call_timeout=30), pool, runner
 
 
+@asynccontextmanager
+async def connected(realenv: RealEnv) -> AsyncIterator[Host]:
+    """host1's libvirt connection and command runner, closed afterwards."""
+    kvm, pool, runner = open_host(ssh_parts(realenv))
+    try:
+        yield Host(kvm, runner)
+    finally:
+        await kvm.close()
+        await pool.close()
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def host1(realenv: RealEnv) -> AsyncIterator[Host]:
-    kvm, pool, runner = open_host(ssh_parts(realenv))
-    yield Host(kvm, runner)
-    await kvm.close()
-    await pool.close()
+    async with connected(realenv) as host:
+        yield host
 
 
 class Journal:

@@ -16,7 +16,7 @@ from drivers.datastore.base import BackupDatastore, Capacity, FetchRequest, Uplo
 from drivers.datastore.fs import FsDatastore
 from drivers.datastore.restic import ResticDatastore, sftp_target
 from drivers.datastore.rsync import RsyncDatastore, RunnerFactory, server_target
-from drivers.ssh import SshTarget
+from drivers.sshtarget import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.template import Template

@@ -33,7 +33,7 @@ from drivers.datastore.limits import priority
 from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, remote, rsync_options
 from drivers.local import LocalRunner
 from drivers.sink import NO_SINK, RunSink
-from drivers.ssh import SshTarget
+from drivers.sshtarget import SshTarget
 from scheduler.model.objects.datastore import Datastore
 
 

@@ -68,7 +68,7 @@ from drivers.datastore.layout import Layout
 from drivers.datastore.limits import priority
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory
 from drivers.sink import NO_SINK, RunSink
-from drivers.ssh import SshTarget
+from drivers.sshtarget import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 

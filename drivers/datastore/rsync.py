@@ -35,7 +35,7 @@ from drivers.datastore.base import (
 )
 from drivers.datastore.limits import checked_bwlimit, priority
 from drivers.sink import NO_SINK, RunSink
-from drivers.ssh import SshTarget
+from drivers.sshtarget import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.model.objects.datastore import Datastore
 

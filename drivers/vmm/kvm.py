@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import libvirt
 from lxml import etree
 
+from drivers.commands import shielded
 from drivers.vmm import domainxml, events
 from drivers.vmm.domainxml import Disk
 from drivers.vmm.errors import (
@@ -332,6 +333,61 @@ class KvmHost:
         raise CommitTimeout(f"{context(self.name, domain, operation)}: not ready to pivot within {deadline:g} s; "
                             f"job aborted, the guest still runs on overlay {sources.get(disk)}", host=self.name)
 
+    # ------------------------------------------------------------------ checkpoints and backup jobs (CBT)
+
+    async def checkpoints(self, domain: str) -> list[str]:
+        """The names of the domain's checkpoints, parents before children."""
+        def names(dom: libvirt.virDomain) -> list[str]:
+            return [c.getName() for c in dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)]
+
+        return await self._call("list checkpoints", domain, names)
+
+    async def delete_checkpoint(self, domain: str, name: str, *, metadata_only: bool = False) -> bool:
+        """Delete checkpoint ``name`` and (unless ``metadata_only``) its bitmaps, merged into its parent's;
+        False when there was no such checkpoint."""
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+
+        def delete(dom: libvirt.virDomain) -> bool:
+            try:
+                dom.checkpointLookupByName(name, 0).delete(flags)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    return False
+                raise
+            return True
+
+        return await self._call(f"delete checkpoint {name}", domain, delete)
+
+    async def backup(self, domain: str, backup_xml: str, checkpoint_xml: str, checkpoint: str, *,
+                     deadline: float, poll_interval: float = 0.05) -> int:
+        """Run a push-mode backup job to its end, creating checkpoint ``checkpoint`` as it starts; the bytes
+        it copied. If the job fails, is cancelled or outlasts ``deadline`` seconds, it is aborted and the
+        checkpoint it created deleted again, so the next attempt never meets a leftover bitmap."""
+        operation = "backup"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline
+        await self._call(operation, domain, lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, 0))
+        try:
+            while await self._call(operation, domain, _job_running):
+                if loop.time() >= give_up:
+                    raise VmmError(f"{context(self.name, domain, operation)}: not finished within {deadline:g} s; "
+                                   "aborted", host=self.name, retryable=True)
+                await asyncio.sleep(poll_interval)
+            stats: dict[str, Any] = await self._call(operation, domain, _completed_job)
+            if stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+                raise VmmError(f"{context(self.name, domain, operation)}: the backup job failed: "
+                               f"{stats.get('errmsg') or 'no reason given'}", host=self.name)
+        except BaseException:
+            await shielded(self._undo_backup(domain, checkpoint))
+            raise
+        return int(stats.get("disk_processed", stats.get("data_processed", 0)))
+
+    async def _undo_backup(self, domain: str, checkpoint: str) -> None:
+        try:
+            await self._call("abort backup", domain, _abort_job)
+        finally:
+            await self.delete_checkpoint(domain, checkpoint)
+
     # ------------------------------------------------------------------ system snapshots (internal)
 
     async def create_system_snapshot(self, domain: str, name: str, description: str | None = None) -> None:
@@ -502,6 +558,22 @@ def _try_pivot(dom: libvirt.virDomain, disk: str) -> bool | None:
             return False
         raise
     return True
+
+
+def _job_running(dom: libvirt.virDomain) -> bool:
+    kind = int(dom.jobInfo()[0])
+    return bool(kind != libvirt.VIR_DOMAIN_JOB_NONE)
+
+
+def _completed_job(dom: libvirt.virDomain) -> dict[str, Any]:
+    stats: dict[str, Any] = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    return stats
+
+
+def _abort_job(dom: libvirt.virDomain) -> None:
+    """Abort the domain's job if one runs (a backup that already ended has none)."""
+    if _job_running(dom):
+        dom.abortJob()
 
 
 def _drop_snapshots(dom: libvirt.virDomain) -> list[str]:

@@ -12,7 +12,7 @@ import logging
 
 from drivers import hostkeys
 from drivers.commands import HostKeyMismatch
-from drivers.ssh import SshTarget
+from drivers.sshtarget import SshTarget, host_pattern
 from scheduler.api.context import Context
 from scheduler.errors import ValidationError
 from scheduler.hosts.monitor import REPLACE_HINT
@@ -43,7 +43,7 @@ async def accept_server_key(ctx: Context, label: str, target: SshTarget) -> str:
     try:
         added = hostkeys.accept_host_key(known_hosts, target.host, target.port, key)
     except HostKeyMismatch as exc:
-        pattern = hostkeys.host_pattern(target.host, target.port)
+        pattern = host_pattern(target.host, target.port)
         raise HostKeyMismatch(f"{exc}; {REPLACE_HINT.format(pattern=repr(pattern), known_hosts=known_hosts)}",
                               host=target.host, fingerprint=exc.fingerprint) from None
     described = hostkeys.describe(key)

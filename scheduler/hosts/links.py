@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from drivers.commands import Result, Runner
 from drivers.local import LocalRunner
-from drivers.ssh import SshPool, SshSettings, SshTarget
+from drivers.ssh import SshPool, SshSettings
+from drivers.sshtarget import SshTarget
 from drivers.vmm import LOCAL_URI, KvmHost
 from drivers.vmm.uri import host_uri
 from scheduler.config import Config

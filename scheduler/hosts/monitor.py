@@ -42,6 +42,7 @@ from typing import Any
 from drivers import hostkeys
 from drivers.commands import HostKeyMismatch
 from drivers.datastore import all_hypervisor_tools
+from drivers.sshtarget import host_pattern
 from scheduler.errors import DriverError, VmschedError
 from scheduler.hosts.links import Daemon, is_local, ssh_target
 from scheduler.hosts.rounds import RoundMonitor
@@ -177,7 +178,7 @@ def explain(exc: BaseException, host: Host, known_hosts: Any) -> str:
     recorded = hostkeys.known_keys(known_hosts, target.host, target.port)
     if recorded:
         text += f" (recorded: {', '.join(hostkeys.describe(key) for key in recorded)})"
-    pattern = hostkeys.host_pattern(target.host, target.port)
+    pattern = host_pattern(target.host, target.port)
     return f"{text}; {REPLACE_HINT.format(pattern=repr(pattern), known_hosts=known_hosts)}"
 
 
