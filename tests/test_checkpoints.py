@@ -7,7 +7,7 @@ import json
 import pytest
 from lxml import etree
 
-from drivers.vmm.checkpoints import backup_xml, checkpoint_xml, parse_bitmaps
+from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_bitmaps, parse_checkpoint_name
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
@@ -53,3 +53,19 @@ def test_bitmaps_with_their_flags() -> None:
     assert parse_bitmaps(json.dumps({"format": "raw"})) == []
     with pytest.raises(ValidationError, match="cannot read the bitmaps"):
         parse_bitmaps("{not json")
+
+
+def test_a_journaled_checkpoint_is_recovered_only_when_it_is_vmscheds() -> None:
+    from drivers.tm.plan import Step, artifacts_from_steps, step
+
+    ours = artifacts_from_steps([step(Step.CHECKPOINT, "9", checkpoint="vmsched-5-3")])
+    assert ours is not None and ours.checkpoint == "vmsched-5-3" and ours.refused == []
+    foreign = artifacts_from_steps([step(Step.CHECKPOINT, "9", checkpoint="one-5-3")])
+    assert foreign is not None and foreign.checkpoint is None and foreign.refused == ["one-5-3"]
+
+
+def test_checkpoint_names_are_vmscheds_only() -> None:
+    assert checkpoint_name(7, 3) == "vmsched-7-3" and parse_checkpoint_name("vmsched-7-3") == (7, 3)
+    assert parse_checkpoint_name("one-7-3") is None and parse_checkpoint_name("vmsched-7-3x") is None
+    with pytest.raises(ValidationError):
+        checkpoint_name(-1, 0)

@@ -1,6 +1,7 @@
 """Transfer drivers (OpenNebula's TM_MAD), one module per kind of disk: ``qcow2`` for file disks.
 
-``qcow2.capture`` stages one ``disk.<disk_id>.0`` per disk on the host for upload; ``qcow2.recover``
+``qcow2.capture`` stages one ``disk.<disk_id>.<increment>`` per disk on the host for upload (a full copy,
+or an increment by changed-block tracking); ``qcow2.recover``
 undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts.
 """
 
@@ -12,13 +13,15 @@ from drivers.tm.qcow2 import (
     CaptureOptions,
     CaptureRequest,
     CaptureResult,
+    ChainBroken,
     DiskImage,
+    Increment,
     RecoveryReport,
     capture,
     recover,
 )
 
 __all__ = [
-    "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "DiskImage", "DiskSource", "FsFreeze", "RecoveryReport",
-    "Step", "capture", "fs_freeze", "overlay_path", "recover", "staging_dir", "staging_file",
+    "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "ChainBroken", "DiskImage", "DiskSource", "FsFreeze",
+    "Increment", "RecoveryReport", "Step", "capture", "fs_freeze", "overlay_path", "recover", "staging_dir", "staging_file",
 ]

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any
 
+from drivers.vmm.checkpoints import parse_checkpoint_name
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
@@ -54,6 +55,7 @@ class Step(StrEnum):
     OVERLAY = "overlay"
     STAGING = "staging"
     COMMITTED = "committed"
+    CHECKPOINT = "checkpoint"  # an increment's libvirt checkpoint (and its bitmaps), created with its backup job
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ class Artifacts:
     committed: set[str] = field(default_factory=set)
     staging: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    checkpoint: str | None = None  # the increment's checkpoint, deleted unless the increment is kept
 
     def record(self, entry: Mapping[str, Any]) -> None:
         if entry.get("tm") != TM or str(entry.get("run")) != self.run:
@@ -233,6 +236,10 @@ class Artifacts:
                 self.staging.append(path)
         elif name == Step.COMMITTED:
             self.committed.add(str(entry.get("target")))
+        elif name == Step.CHECKPOINT:
+            checkpoint = str(entry.get("checkpoint", ""))
+            if self._ours(checkpoint, parse_checkpoint_name(checkpoint) is not None):
+                self.checkpoint = checkpoint
 
     def _ours(self, path: str, ours: bool) -> bool:
         if not ours and path not in self.refused:

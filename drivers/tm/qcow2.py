@@ -19,12 +19,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, RunSink
 from drivers.tm import plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
+from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_checkpoint_name
 from drivers.vmm.errors import GuestAgentError, VmmError
 from drivers.vmm.kvm import KvmHost
 from drivers.vmm.states import DomainState
@@ -39,6 +41,11 @@ class CaptureError(DriverError):
     """A capture or its cleanup could not finish; the message says what is left and where."""
 
 
+class ChainBroken(CaptureError):
+    """An increment cannot continue its chain (its previous checkpoint is gone): the next backup of the VM
+    must start a new chain with a full base. The message says why."""
+
+
 @dataclass(frozen=True)
 class CaptureOptions:
     parallel: int = 2  # disks converted at the same time
@@ -47,6 +54,15 @@ class CaptureOptions:
     convert_timeout: float = 6 * 3600.0
     commit_deadline: float = 600.0  # per overlay; past it the commit is aborted and the overlay kept
     command_timeout: float = 120.0  # mkdir, rm, qemu-img info
+
+
+@dataclass(frozen=True)
+class Increment:
+    """Capture increment ``increment_id`` of the VM's chain by changed-block tracking (live VMs, qcow2 disks):
+    0 is the chain's full base, any other what changed since checkpoint ``increment_id - 1``."""
+
+    vm_id: int
+    increment_id: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class CaptureRequest:
     options: CaptureOptions = CaptureOptions()
     # Report each disk's staged bytes to the sink: one qemu-img info per disk, a stat every progress_interval.
     progress: bool = False
+    increment: Increment | None = None  # None: a full copy by snapshot and convert
 
 
 @dataclass(frozen=True)
@@ -120,10 +137,16 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
     if state not in (DomainState.SHUTOFF, DomainState.RUNNING, DomainState.PAUSED):
         raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
                            "are backed up", host=kvm.name)
-    if state is DomainState.SHUTOFF:
+    paused = state is DomainState.PAUSED
+    if request.increment is not None:
+        if state is DomainState.SHUTOFF:
+            raise CaptureError(f"{session.where}: increments of a powered-off VM are not supported yet",
+                               host=kvm.name)
+        body = session.increment(disks, request.fs_freeze, request.increment, paused=paused)
+    elif state is DomainState.SHUTOFF:
         body = session.cold(disks)
     else:
-        body = session.live(disks, request.fs_freeze, paused=state is DomainState.PAUSED)
+        body = session.live(disks, request.fs_freeze, paused=paused)
     async with session.guarded(body) as result:
         yield result
 
@@ -188,7 +211,7 @@ class _Session:
             yield value
         except BaseException as exc:
             await shielded(_finish(release))
-            await shielded(self.discard_staged())
+            await shielded(self.discard())
             self.note_problems(exc)
             raise
         await shielded(_finish(release))
@@ -229,6 +252,68 @@ class _Session:
         images = await self.convert_all(disks, shared=True)
         return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
                              snapshot_seconds=window)
+
+    async def increment(self, disks: Sequence[DiskSource], mode: FsFreeze, increment: Increment, *,
+                        paused: bool) -> CaptureResult:
+        """One increment by changed-block tracking: a push-mode backup job writes what changed since the
+        previous checkpoint (the whole disk for the base) into ``disk.<id>.<increment>``, creating the next
+        checkpoint as it starts; the guest is quiesced only for that start. Each increment then reads
+        through the previous one (its backing file, by relative name)."""
+        if paused and mode is not FsFreeze.NONE:
+            mode = FsFreeze.NONE
+        current = await self.kvm.disks(self.domain)
+        number = increment.increment_id
+        targets = {d.target: plan.staging_file(self.staging, d.disk_id, number) for d in disks}
+        name = checkpoint_name(increment.vm_id, number)
+        since = checkpoint_name(increment.vm_id, number - 1) if number else None
+        try:
+            job_xml = backup_xml(current, targets, since)
+            mark_xml = checkpoint_xml(name, current, targets)
+        except ValidationError as exc:
+            raise CaptureError(f"{self.where}: {exc}", host=self.kvm.name) from exc
+        await self.check_chain(increment, since)
+        await self.command(["mkdir", "-p", "--", self.staging])
+        for target in targets.values():
+            await self.note(Step.STAGING, path=target)
+        await self.note(Step.CHECKPOINT, checkpoint=name)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        frozen, thawed_first = await self.quiesce(mode)
+        self.sink.reached("quiesced")
+        try:
+            await self.kvm.begin_backup(self.domain, job_xml, mark_xml)
+            self.sink.reached("snapshot")
+        finally:
+            await shielded(self.unquiesce())
+        window = loop.time() - started
+        await self.kvm.finish_backup(self.domain, name, deadline=self.options.convert_timeout)
+        images = []
+        for disk in disks:
+            path = targets[disk.target]
+            if number:
+                previous = PurePosixPath(plan.staging_file(self.staging, disk.disk_id, number - 1)).name
+                await self.command(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", previous, path])
+            virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", path]))
+            images.append(DiskImage(disk.disk_id, disk.target, path, virtual, actual))
+        log.info("%s: increment %d of %s (checkpoint %s) taken with a %.3f s pause", self.where, number,
+                 ", ".join(targets), name, window)
+        return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
+                             snapshot_seconds=window)
+
+    async def check_chain(self, increment: Increment, since: str | None) -> None:
+        """Before increment n: vmsched's checkpoints n and later of this VM are leftovers of runs that were not
+        kept (removed, newest first: their changes stay tracked by the previous one); checkpoint n-1 must
+        exist, or the chain is broken. Checkpoints that are not vmsched's, or of other VMs, are left alone."""
+        names = await self.kvm.checkpoints(self.domain)
+        stale = [name for name in names if (parsed := parse_checkpoint_name(name)) is not None
+                 and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id]
+        for name in reversed(stale):
+            log.warning("%s: checkpoint %s was left by a run that did not finish: deleted", self.where, name)
+            await self.kvm.delete_checkpoint(self.domain, name)
+        if since is not None and since not in names:
+            raise ChainBroken(f"{self.where}: checkpoint {since} of the previous increment is gone (deleted outside "
+                              "vmsched, or the domain was redefined); the chain cannot continue: a new one starts "
+                              "with a full backup", host=self.kvm.name)
 
     # ------------------------------------------------------------------ quiesce
 
@@ -342,11 +427,21 @@ class _Session:
         for target, overlay in list(self.artifacts.overlays.items()):
             await self.attempt(f"commit {target} back from {overlay}", self.drop_overlay(target, overlay))
         if discard or self.problems:
-            await self.discard_staged()
+            await self.discard()
 
-    async def discard_staged(self) -> None:
+    async def discard(self) -> None:
+        """The capture is not kept: its staged files go, and so does its checkpoint (its bitmaps merged into
+        the previous one, which then tracks every change since)."""
         for path in list(self.artifacts.staging):
             await self.attempt(f"remove {path}", self.remove_staged(path))
+        checkpoint = self.artifacts.checkpoint
+        if checkpoint is not None:
+            await self.attempt(f"delete checkpoint {checkpoint}", self.drop_checkpoint(checkpoint))
+
+    async def drop_checkpoint(self, checkpoint: str) -> None:
+        if await self.kvm.delete_checkpoint(self.domain, checkpoint):
+            self.report.removed.append(checkpoint)
+        self.artifacts.checkpoint = None
 
     async def attempt(self, what: str, work: Awaitable[None]) -> None:
         try:

@@ -363,10 +363,20 @@ class KvmHost:
         """Run a push-mode backup job to its end, creating checkpoint ``checkpoint`` as it starts; the bytes
         it copied. If the job fails, is cancelled or outlasts ``deadline`` seconds, it is aborted and the
         checkpoint it created deleted again, so the next attempt never meets a leftover bitmap."""
+        await self.begin_backup(domain, backup_xml, checkpoint_xml)
+        return await self.finish_backup(domain, checkpoint, deadline=deadline, poll_interval=poll_interval)
+
+    async def begin_backup(self, domain: str, backup_xml: str, checkpoint_xml: str) -> None:
+        """Start a push-mode backup job and, atomically with it, the checkpoint: the point in time of the
+        backup is now (a frozen guest may be thawed as soon as this returns)."""
+        await self._call("backup", domain, lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, 0))
+
+    async def finish_backup(self, domain: str, checkpoint: str, *, deadline: float,
+                            poll_interval: float = 0.05) -> int:
+        """Wait for the backup job begun with checkpoint ``checkpoint``; the bytes it copied (see backup)."""
         operation = "backup"
         loop = asyncio.get_running_loop()
         give_up = loop.time() + deadline
-        await self._call(operation, domain, lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, 0))
         try:
             while await self._call(operation, domain, _job_running):
                 if loop.time() >= give_up:
