@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 
-class RunSink(Protocol):
+class DriverSink(Protocol):
     async def journal(self, entry: dict[str, Any]) -> None:
         """Make ``entry`` durable; the artifact it names is created only after this returns."""
 
@@ -48,6 +48,6 @@ class NoSink:
         return None
 
 
-NO_SINK: RunSink = NoSink()
+NO_SINK: DriverSink = NoSink()
 
-__all__ = ["NO_SINK", "NoSink", "RunSink"]
+__all__ = ["NO_SINK", "DriverSink", "NoSink"]

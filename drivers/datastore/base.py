@@ -22,7 +22,7 @@ from drivers.commands import CommandFailed, Runner, shielded
 from drivers.datastore import layout
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
-from drivers.sink import NO_SINK, RunSink
+from drivers.sink import NO_SINK, DriverSink
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 
@@ -138,11 +138,11 @@ class BackupDatastore(Protocol):
 
     async def new_backup_id(self, vm_id: int) -> str: ...
 
-    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
+    async def upload(self, request: UploadRequest, sink: DriverSink = NO_SINK) -> UploadResult:
         """The sink is told the process groups started ("source" or "server" side) and, when the request
         asks, the bytes sent per file."""
 
-    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str | None:
+    async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> str | None:
         """Copy the file; the sha256 of the bytes written when the copy computed it on the way, else None.
         The sink is told each process group started ("host" or "local" side)."""
 

@@ -32,7 +32,7 @@ from drivers.datastore.base import (
 from drivers.datastore.limits import priority
 from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, remote, rsync_options
 from drivers.local import LocalRunner
-from drivers.sink import NO_SINK, RunSink
+from drivers.sink import NO_SINK, DriverSink
 from drivers.sshtarget import SshTarget
 from scheduler.model.objects.datastore import Datastore
 
@@ -51,7 +51,7 @@ class FsDatastore(TreeDatastore):
     def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> FsDatastore:
         return cls(datastore, None, **settings)
 
-    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
+    async def upload(self, request: UploadRequest, sink: DriverSink = NO_SINK) -> UploadResult:
         """Copy (local hypervisor) or pull (remote one) ``files`` of ``staging_dir`` into ``backup_id``."""
         source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
         vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
@@ -73,7 +73,7 @@ class FsDatastore(TreeDatastore):
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)
 
-    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> None:
+    async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> None:
         """Copy (local hypervisor) or push with rsync over ssh (remote one) the file to the destination."""
         source = self.layout.file_path(request.vm_id, request.backup_id, request.name)
         hypervisor: SshTarget | None = getattr(request.target, "target", None)

@@ -67,7 +67,7 @@ from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from drivers.datastore.limits import priority
 from drivers.datastore.rsync import _HOST, _USER, DEFAULT_SSH, DEFAULT_USER, RunnerFactory
-from drivers.sink import NO_SINK, RunSink
+from drivers.sink import NO_SINK, DriverSink
 from drivers.sshtarget import SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -483,7 +483,7 @@ class ResticDatastore:
             if not any(matches(s, backup_id) for s in taken):
                 return backup_id
 
-    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> ResticUpload:
+    async def upload(self, request: UploadRequest, sink: DriverSink = NO_SINK) -> ResticUpload:
         """``restic backup`` of ``files`` run on the hypervisor ``source``, hashing them meanwhile."""
         source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
         vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
@@ -579,7 +579,7 @@ class ResticDatastore:
                               f"{MAX_SMALL_FILE} bytes")
         return result.stdout
 
-    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str:
+    async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> str:
         """``restic dump`` of the file, run on the hypervisor (against the SFTP server) into the destination
         there; the sha256 of the bytes written."""
         runner, vm_id, destination, timeout = request.target, request.vm_id, request.destination, request.timeout

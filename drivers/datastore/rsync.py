@@ -34,7 +34,7 @@ from drivers.datastore.base import (
     streamed_to,
 )
 from drivers.datastore.limits import checked_bwlimit, priority
-from drivers.sink import NO_SINK, RunSink
+from drivers.sink import NO_SINK, DriverSink
 from drivers.sshtarget import SshTarget
 from scheduler.errors import ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -112,7 +112,7 @@ class RsyncDatastore(TreeDatastore):
     def connect(cls, datastore: Datastore, pool: RunnerFactory, **settings: float) -> RsyncDatastore:
         return cls(datastore, pool.runner(server_target(datastore)), **settings)
 
-    async def upload(self, request: UploadRequest, sink: RunSink = NO_SINK) -> UploadResult:
+    async def upload(self, request: UploadRequest, sink: DriverSink = NO_SINK) -> UploadResult:
         """Send ``files`` of ``staging_dir`` (on the hypervisor ``source`` runs on) into backup ``backup_id``."""
         source, staging_dir, files, timeout = request.source, request.staging_dir, request.files, request.timeout
         vm_id, backup_id, ssh_command = request.vm_id, request.backup_id, request.ssh_command
@@ -129,7 +129,7 @@ class RsyncDatastore(TreeDatastore):
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)
 
-    async def fetch(self, request: FetchRequest, sink: RunSink = NO_SINK) -> str:
+    async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> str:
         """``ssh <server> cat`` run on the hypervisor into the destination, hashing the bytes on the way."""
         source = self.layout.file_path(request.vm_id, request.backup_id, request.name)
         server = self.target

@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from drivers.commands import Runner, shielded
-from drivers.sink import NO_SINK, RunSink
+from drivers.sink import NO_SINK, DriverSink
 from drivers.tm import plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
 from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_checkpoint_name
@@ -117,7 +117,7 @@ async def _finish(task: asyncio.Future[None]) -> None:
 
 @asynccontextmanager
 async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
-                  sink: RunSink = NO_SINK) -> AsyncIterator[CaptureResult]:
+                  sink: DriverSink = NO_SINK) -> AsyncIterator[CaptureResult]:
     """Stage ``disk.<disk_id>.0`` (qcow2, sparse, backing chain flattened) of each disk in the request's
     staging dir; inside the ``async with`` block the staged files are there to upload while the overlays
     are committed back, and leaving the block waits for that commit. The sink is told each step before its
@@ -152,7 +152,7 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
-                  sink: RunSink = NO_SINK, options: CaptureOptions = CaptureOptions()) -> RecoveryReport:
+                  sink: DriverSink = NO_SINK, options: CaptureOptions = CaptureOptions()) -> RecoveryReport:
     """Undo what a capture that died left, from its journaled ``steps``: resume/thaw the guest, commit back
     every overlay the guest still runs on, delete overlays and staged files. Idempotent; files whose names
     are not the run's are left alone. CaptureError (after doing the rest) when something could not be undone."""
@@ -171,7 +171,7 @@ async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dic
 class _Session:
     """One capture (or recovery) of one domain: the artifacts it journaled and the cleanup they need."""
 
-    def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, sink: RunSink,
+    def __init__(self, kvm: KvmHost, runner: Runner, domain: str, artifacts: Artifacts, sink: DriverSink,
                  options: CaptureOptions, *, staging: str = "", nice: int | None = None,
                  ionice: int | None = None, progress: bool = False) -> None:
         self.kvm, self.runner, self.domain, self.artifacts = kvm, runner, domain, artifacts

@@ -101,7 +101,7 @@ class _Backup:
     current_phase: str = ""
     upload_processes: int = 0
 
-    # -- what the drivers tell the run (drivers.sink.RunSink) ------------------------------------------
+    # -- what the drivers tell the run (drivers.sink.DriverSink) ---------------------------------------
     async def journal(self, entry: dict[str, Any]) -> None:
         await self.ctx.sink.step(entry)
 
