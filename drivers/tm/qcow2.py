@@ -27,6 +27,7 @@ from drivers.sink import NO_SINK, DriverSink
 from drivers.tm import plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
 from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_checkpoint_name
+from drivers.vmm.domainxml import Disk
 from drivers.vmm.errors import GuestAgentError, VmmError
 from drivers.vmm.kvm import KvmHost
 from drivers.vmm.states import DomainState
@@ -130,8 +131,9 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
                        staging=request.staging_dir, nice=request.nice, ionice=request.ionice,
                        progress=request.progress)
     state = await kvm.state(request.domain)
+    current = await kvm.disks(request.domain)
     try:
-        plan.check_sources(disks, await kvm.disks(request.domain))
+        plan.check_sources(disks, current)
     except ValidationError as exc:
         raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
     if state not in (DomainState.SHUTOFF, DomainState.RUNNING, DomainState.PAUSED):
@@ -142,7 +144,7 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         if state is DomainState.SHUTOFF:
             raise CaptureError(f"{session.where}: increments of a powered-off VM are not supported yet",
                                host=kvm.name)
-        body = session.increment(disks, request.fs_freeze, request.increment, paused=paused)
+        body = session.increment(disks, current, request.fs_freeze, request.increment, paused=paused)
     elif state is DomainState.SHUTOFF:
         body = session.cold(disks)
     else:
@@ -253,15 +255,14 @@ class _Session:
         return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
                              snapshot_seconds=window)
 
-    async def increment(self, disks: Sequence[DiskSource], mode: FsFreeze, increment: Increment, *,
-                        paused: bool) -> CaptureResult:
+    async def increment(self, disks: Sequence[DiskSource], current: Sequence[Disk], mode: FsFreeze,
+                        increment: Increment, *, paused: bool) -> CaptureResult:
         """One increment by changed-block tracking: a push-mode backup job writes what changed since the
         previous checkpoint (the whole disk for the base) into ``disk.<id>.<increment>``, creating the next
         checkpoint as it starts; the guest is quiesced only for that start. Each increment then reads
         through the previous one (its backing file, by relative name)."""
         if paused and mode is not FsFreeze.NONE:
             mode = FsFreeze.NONE
-        current = await self.kvm.disks(self.domain)
         number = increment.increment_id
         targets = {d.target: plan.staging_file(self.staging, d.disk_id, number) for d in disks}
         name = checkpoint_name(increment.vm_id, number)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
 
 from lxml import etree
 
@@ -27,7 +26,7 @@ from scheduler.backup.urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
 from scheduler.hosts import imageds, vmtemplates
-from scheduler.hosts.links import HostLinks
+from scheduler.hosts.links import Daemon, HostLinks
 from scheduler.model.objects.common import Ownership
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host
@@ -149,30 +148,19 @@ def disk_targets(vm_xml: str) -> dict[int, str]:
             for disk in root.iter("DISK") if (disk.findtext("DISK_ID") or "").strip().isdigit()}
 
 
-class RestoreContext(Protocol):
-    """What a restore to new images needs of the daemon (the API's context has it)."""
-
-    state: State
-    links: HostLinks | None
-
-    def now(self) -> int: ...
-
-
 def this_machine() -> Host:
     """The scheduler's own machine as a host (no SSH_HOST): where an image datastore without BRIDGE_LIST is."""
     return Host(id=-1, name="localhost")
 
 
-async def restore(ctx: RestoreContext, owner: Ownership, backup_id: int, ds_id: int, options_text: str) -> str:
+async def restore(ctx: Daemon, owner: Ownership, backup_id: int, ds_id: int, options_text: str) -> str:
     """``one.image.restore``: ``"<template_id> <image_id> ..."`` (template -1 with ``DISK_ID``)."""
     state = ctx.state
     backup = state.images.get(backup_id)
     target = state.datastores.get(ds_id)
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
-    links = ctx.links
-    if links is None:
-        raise ActionError("this daemon has no host connections; restores cannot run")
+    links = ctx.connections("restores cannot run")
     vm_xml, domain_xml = await read_backup(state, links, backup)
     sizes = disk_sizes(vm_xml, disk_ids)
     if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
@@ -208,7 +196,7 @@ async def _fetch_started(side: str, pgid: int) -> None:
     crash_point("image-restore-fetch")
 
 
-async def _records(ctx: RestoreContext, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
+async def _records(ctx: Daemon, disk_ids: list[int], base: str, owner: Ownership, target: Datastore,
                    sizes: dict[int, int], urls: dict[int, str], backup: Image) -> dict[int, int]:
     """The LOCKED image records, in one transaction: {disk_id: image_id}."""
     created: dict[int, int] = {}
@@ -224,7 +212,7 @@ async def _records(ctx: RestoreContext, disk_ids: list[int], base: str, owner: O
     return created
 
 
-async def _finish(ctx: RestoreContext, owner: Ownership, created: dict[int, int], template: tuple[str, Template] | None) -> int:
+async def _finish(ctx: Daemon, owner: Ownership, created: dict[int, int], template: tuple[str, Template] | None) -> int:
     """One transaction: every image READY and the template (if any) created; the template id, or -1. A
     daemon that dies before it finds only LOCKED images at start-up (:func:`recover_interrupted`)."""
     template_id = -1
