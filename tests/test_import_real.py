@@ -83,6 +83,16 @@ class Api:
         return self.wait_action(vm_id, self.schedule_now(vm_id, action, args))
 
 
+def staged_state(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory, staging: str) -> Path:
+    """A new daemon state dir whose sched.conf stages backups under ``staging`` on the hypervisors."""
+    state = tmp_path_factory.mktemp("daemon") / "state"
+    state.mkdir(parents=True)
+    (state / "sched.conf").write_text(
+        f'LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0" ]\nBACKUP_BASE_PATH = "{staging}"\n'
+        f'SSH = [ KNOWN_HOSTS = "{realenv.ssh.known_hosts}", KEY = "{realenv.ssh.client_key}" ]\n')
+    return state
+
+
 def real_daemon(realenv: RealEnv, state_dir: Path, host_template: str = "") -> Iterator[Api]:
     """A daemon with host1 and host2 registered (SSH settings from the realenv)."""
     config = f'SSH = [ KNOWN_HOSTS = "{realenv.ssh.known_hosts}", KEY = "{realenv.ssh.client_key}" ]\n'

@@ -27,7 +27,7 @@ from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 from tests.test_backup_crash_real import Env, images_of, processes, register, stop, wait_done
 from tests.test_backup_real import same_image, snapshot_copy
-from tests.test_import_real import Api, real_daemon
+from tests.test_import_real import Api, real_daemon, staged_state
 
 pytestmark = pytest.mark.realenv
 PASSWORD = f"pw-{secrets.token_hex(8)}"
@@ -37,11 +37,7 @@ PASSWORD = f"pw-{secrets.token_hex(8)}"
 def restic_env(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int, Path]]:
     marker = f"vmsched-restictest-{secrets.token_hex(5)}"
     base = realenv.backup.data_dir / marker
-    state = tmp_path_factory.mktemp("daemon") / "state"
-    state.mkdir(parents=True)
-    (state / "sched.conf").write_text(
-        f'LISTEN = [ ADDRESS = "127.0.0.1", PORT = "0" ]\nBACKUP_BASE_PATH = "/var/tmp/{marker}"\n'
-        f'SSH = [ KNOWN_HOSTS = "{realenv.ssh.known_hosts}", KEY = "{realenv.ssh.client_key}" ]\n')
+    state = staged_state(realenv, tmp_path_factory, f"/var/tmp/{marker}")
     backup = realenv.backup
     for api in real_daemon(realenv, state):
         ds_id = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]

@@ -18,10 +18,11 @@ from drivers.tm.qcow2 import (
     Increment,
     RecoveryReport,
     capture,
+    prune_checkpoints,
     recover,
 )
 
 __all__ = [
     "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "ChainBroken", "DiskImage", "DiskSource", "FsFreeze",
-    "Increment", "RecoveryReport", "Step", "capture", "fs_freeze", "overlay_path", "recover", "staging_dir", "staging_file",
+    "Increment", "RecoveryReport", "Step", "capture", "fs_freeze", "overlay_path", "prune_checkpoints", "recover", "staging_dir", "staging_file",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -43,8 +43,12 @@ class CaptureError(DriverError):
 
 
 class ChainBroken(CaptureError):
-    """An increment cannot continue its chain (its previous checkpoint is gone): the next backup of the VM
-    must start a new chain with a full base. The message says why."""
+    """An increment cannot continue its chain (its previous checkpoint is gone, a disk was resized): the
+    backup starts a new chain with a full base instead. ``reason`` says why, without the host and domain."""
+
+    def __init__(self, where: str, reason: str, *, host: str | None = None) -> None:
+        super().__init__(f"{where}: {reason}; a new chain starts with a full backup", host=host)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class Increment:
 
     vm_id: int
     increment_id: int
+    # disk_id -> virtual size in bytes at the chain's base: a disk resized since cannot continue the chain
+    sizes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,18 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         body = session.live(disks, request.fs_freeze, paused=paused)
     async with session.guarded(body) as result:
         yield result
+
+
+async def prune_checkpoints(kvm: KvmHost, domain: str, vm_id: int, keep_from: int) -> list[str]:
+    """After increment ``n`` of VM ``vm_id`` is recorded, its checkpoints older than ``keep_from`` (``n - 1``:
+    the last two stay, so a retried increment still finds its parent) are deleted, oldest first: each is
+    one more bitmap every guest write updates. Other VMs' and foreign checkpoints are left alone."""
+    doomed = sorted((parsed[1], name) for name in await kvm.checkpoints(domain)
+                    if (parsed := parse_checkpoint_name(name)) is not None and parsed[0] == vm_id
+                    and parsed[1] < keep_from)
+    for _, name in doomed:
+        await kvm.delete_checkpoint(domain, name)
+    return [name for _, name in doomed]
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
@@ -272,7 +290,7 @@ class _Session:
             mark_xml = checkpoint_xml(name, current, targets)
         except ValidationError as exc:
             raise CaptureError(f"{self.where}: {exc}", host=self.kvm.name) from exc
-        await self.check_chain(increment, since)
+        await self.check_chain(increment, since, disks)
         await self.command(["mkdir", "-p", "--", self.staging])
         for target in targets.values():
             await self.note(Step.STAGING, path=target)
@@ -301,10 +319,17 @@ class _Session:
         return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
                              snapshot_seconds=window)
 
-    async def check_chain(self, increment: Increment, since: str | None) -> None:
+    async def check_chain(self, increment: Increment, since: str | None, disks: Sequence[DiskSource]) -> None:
         """Before increment n: vmsched's checkpoints n and later of this VM are leftovers of runs that were not
         kept (removed, newest first: their changes stay tracked by the previous one); checkpoint n-1 must
-        exist, or the chain is broken. Checkpoints that are not vmsched's, or of other VMs, are left alone."""
+        exist and no disk may have been resized since the base, or the chain is broken. Checkpoints that are
+        not vmsched's, or of other VMs, are left alone."""
+        for disk in disks if since is not None else ():
+            expected = increment.sizes.get(disk.disk_id)
+            size = await self.kvm.block_capacity(self.domain, disk.target)
+            if expected is not None and size != expected:
+                raise ChainBroken(self.where, f"disk {disk.disk_id} ({disk.target}) is {size} bytes, it was "
+                                  f"{expected} at the chain's base (resized)", host=self.kvm.name)
         names = await self.kvm.checkpoints(self.domain)
         stale = [name for name in names if (parsed := parse_checkpoint_name(name)) is not None
                  and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id]
@@ -312,9 +337,8 @@ class _Session:
             log.warning("%s: checkpoint %s was left by a run that did not finish: deleted", self.where, name)
             await self.kvm.delete_checkpoint(self.domain, name)
         if since is not None and since not in names:
-            raise ChainBroken(f"{self.where}: checkpoint {since} of the previous increment is gone (deleted outside "
-                              "vmsched, or the domain was redefined); the chain cannot continue: a new one starts "
-                              "with a full backup", host=self.kvm.name)
+            raise ChainBroken(self.where, f"checkpoint {since} of the previous increment is gone (deleted outside "
+                              "vmsched, or the domain was redefined)", host=self.kvm.name)
 
     # ------------------------------------------------------------------ quiesce
 

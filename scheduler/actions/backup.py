@@ -53,9 +53,10 @@ def check(state: State, vm: Vm, args: str) -> None:
 
 
 async def run(ctx: RunContext) -> str | None:
-    """A full backup into the datastore of ARGS (``scheduler.backup.run``). ``reset`` only matters to
-    increment chains, which this version does not make: every backup is FULL."""
-    return await perform(ctx, parse_args(ctx.args).ds_id)
+    """A backup into the datastore of ARGS (``scheduler.backup.run``): a full one, or in MODE=INCREMENT the
+    next link of the VM's chain; ``reset`` starts a new chain (spec §6.6)."""
+    args = parse_args(ctx.args)
+    return await perform(ctx, args.ds_id, reset=args.reset)
 
 
 SPECS = (ActionSpec(NAME, "backup", True, validate, run, args_format=ARGS_FORMAT, check=check),)

@@ -64,7 +64,7 @@ async def _remove_image_file(ctx: Context, image: Image) -> None:
 
 
 async def _remove_backup_files(ctx: Context, image: Image, vm_id: int, force: bool) -> None:
-    sources = [inc.source for inc in image.increments] or ([image.source] if image.source else [])
+    sources = image.sources
     datastore = ctx.state.datastores.find(image.datastore_id)
     if not sources or datastore is None or ctx.links is None:
         return

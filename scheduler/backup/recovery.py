@@ -117,7 +117,7 @@ async def _recover_upload(state: State, links: HostLinks, steps: list[dict[str, 
     vm_id, backup_id = upload.vm, upload.backup_id
     try:
         await store.cleanup_partial(vm_id)
-        recorded = any(i.source == backup_id and i.datastore_id == datastore.id for i in state.images.all())
+        recorded = any(backup_id in i.sources and i.datastore_id == datastore.id for i in state.images.all())
         if not recorded and await store.exists(vm_id, backup_id):
             await store.rm(vm_id, [backup_id])
     except Exception as exc:  # noqa: BLE001 - every part of the recovery is tried

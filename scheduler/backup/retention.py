@@ -35,17 +35,18 @@ async def apply_keep_last(state: State, links: HostLinks, vm_id: int) -> list[in
 
 async def _delete_backup(state: State, links: HostLinks, vm_id: int, image_id: int) -> None:
     image = state.images.find(image_id)
-    if image is not None and image.source:
+    if image is not None and image.sources:
         datastore = state.datastores.get(image.datastore_id)
         try:
-            await open_datastore(datastore, links.pool).rm(vm_id, [image.source])
+            await open_datastore(datastore, links.pool).rm(vm_id, image.sources)
         except NotFound:
             log.warning("VM %s: files of backup image %s were gone already", vm_id, image_id)
     await forget_image(state, vm_id, image_id)
 
 
 async def forget_image(state: State, vm_id: int, image_id: int) -> None:
-    """Remove an image record, from its datastore's IMAGES and from the VM's BACKUP_IDS."""
+    """Remove an image record, from its datastore's IMAGES and from the VM's BACKUP_IDS (and its chain
+    pointers when it held the VM's chain)."""
     async with state.mutation() as m:
         image = state.images.find(image_id)
         if image is not None:
@@ -56,7 +57,10 @@ async def forget_image(state: State, vm_id: int, image_id: int) -> None:
                 m.put("datastore", datastore)
             m.delete("image", image_id)
         vm = state.vms.find(vm_id)
-        if vm is not None and image_id in vm.backup_ids:
+        chain = vm is not None and backups.incremental_backup_id(vm.backup_config) == image_id
+        if vm is not None and (image_id in vm.backup_ids or chain):
             vm = state.vms.editable(vm_id)
             vm.backup_ids = backups.del_backup_id(vm.backup_ids, image_id)
+            if chain:  # the chain went with its image: the next backup is a new base (spec §6.2)
+                vm.backup_config = backups.reset_chain(vm.backup_config)
             m.put("vm", vm)

@@ -35,6 +35,7 @@ from drivers.datastore.layout import DOMAIN_XML, VM_XML
 from drivers.datastore.limits import io_limits
 from drivers.tm.qcow2 import CaptureOptions
 from scheduler.actions.base import RunContext
+from scheduler.backup.chain import Link, add_link, new_chain, next_link, start_chain
 from scheduler.backup.checks import (
     backup_image,
     backup_state,
@@ -51,6 +52,7 @@ from scheduler.backup.steps import STEPS, Process, Staging, Upload, VmStateSaved
 from scheduler.backup.transport import upload_ssh
 from scheduler.engine.progress import CAPTURE, RECORD, UPLOAD
 from scheduler.engine.steps import Step
+from scheduler.errors import ActionError
 from scheduler.hosts.links import HostLinks
 from scheduler.hosts.placement import Placement, locate_for_run
 from scheduler.model import backup_config as backups
@@ -96,6 +98,7 @@ class _Backup:
     store: BackupDatastore
     where: Placement
     disks: list[Vector]
+    link: Link | None = None  # MODE=INCREMENT: the chain link this run takes
     restore_to: tuple[VmState, LcmState] | None = None
     staging: str = ""
     current_phase: str = ""
@@ -151,13 +154,20 @@ class _Backup:
         return int(self.where.vm.id)
 
 
-async def perform(ctx: RunContext, ds_id: int) -> str:
-    """The whole backup of ``ctx.vm`` into datastore ``ds_id``; the run's message."""
+async def perform(ctx: RunContext, ds_id: int, *, reset: bool = False) -> str:
+    """The whole backup of ``ctx.vm`` into datastore ``ds_id`` (an increment goes where its chain is;
+    ``reset`` starts a new chain); the run's message."""
     settings = BackupSettings.from_config(getattr(ctx, "config", None))
     vm = ctx.state.vms.get(ctx.vm.id)
-    datastore = target_datastore(ctx.state, ds_id)
     backup_state(vm)
     disks = selected_disks(vm)
+    link = next_link(vm, {image.id: image for image in ctx.state.images.all()},
+                     [int(d["DISK_ID"]) for d in disks], reset=reset)
+    if link is not None and link.image is not None and link.image.datastore_id != ds_id:
+        log.info("VM %s: increment %d goes to datastore %d, where its chain (image %d) is, not to %d",
+                 vm.id, link.increment_id, link.image.datastore_id, link.image.id, ds_id)
+        ds_id = link.image.datastore_id
+    datastore = target_datastore(ctx.state, ds_id)
     links = ctx.connections("backups cannot run")
     where = await locate_for_run(ctx)
     check_tools(where.host, datastore)
@@ -165,16 +175,42 @@ async def perform(ctx: RunContext, ds_id: int) -> str:
     store = open_datastore(datastore, links.pool)
     if capacity_check_on(datastore, settings.capacity_check):
         check_space(await store.monitor(), reservation_mb(disks))
-    run = _Backup(ctx, settings, datastore, store, where, disks)
+    run = _Backup(ctx, settings, datastore, store, where, disks, link)
     try:
         await _enter_backup_state(run, LcmState.BACKUP if live else LcmState.BACKUP_POWEROFF)
         image = await _backup(run)
     finally:
         await _leave_backup_state(run)
-    removed = await apply_keep_last(ctx.state, links, vm.id)
-    kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
-    return (f"{'live' if live else 'cold'} backup {image.source} of VM {vm.id} stored in datastore {ds_id} as image "
-            f"{image.id} ({image.size} MB){kept}")
+    kept = ""
+    if run.link is None or run.link.increment_id == 0:  # KEEP_LAST counts images (spec §7.1)
+        removed = await apply_keep_last(ctx.state, links, vm.id)
+        kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
+    else:
+        await _prune_checkpoints(run)
+    return f"{_what(run, live)} of VM {vm.id} stored in datastore {ds_id} as image {image.id} ({image.size} MB){kept}"
+
+
+def _what(run: _Backup, live: bool) -> str:
+    kind = "live" if live else "cold"
+    link = run.link
+    if link is None:
+        return f"{kind} backup"
+    if link.increment_id:
+        return f"{kind} increment {link.increment_id}"
+    return f"{kind} full base of a new chain" + (f" ({link.reason})" if link.reason else "")
+
+
+async def _prune_checkpoints(run: _Backup) -> None:
+    """The checkpoints no increment will start from again go; a failure costs bitmaps, not backups."""
+    assert run.link is not None
+    try:
+        removed = await tm.prune_checkpoints(run.where.kvm, run.where.ref, run.vm_id, run.link.increment_id - 1)
+    except Exception as exc:  # noqa: BLE001 - logged; the next increment prunes again
+        log.warning("VM %s: cannot delete its older checkpoints: %s", run.vm_id, exc)
+        return
+    if removed:
+        log.info("VM %s: checkpoint(s) %s deleted (the chain goes on from the newer ones)", run.vm_id,
+                 ", ".join(removed))
 
 
 async def _enter_backup_state(run: _Backup, lcm: LcmState) -> None:
@@ -210,7 +246,6 @@ async def _backup(run: _Backup) -> Image:
     ctx, where = run.ctx, run.where
     run.staging = tm.staging_dir(run.settings.base_path, run.vm_id, ctx.run_id)
     await run.note(Staging(where.host.id, where.ref, run.staging))
-    limits = io_limits(run.datastore)  # the convert on the hypervisor is held to the datastore's limits too
     complete: list[str] = []  # the backup id once its upload is complete
 
     async def upload(captured: tm.CaptureResult) -> tuple[str, UploadResult]:
@@ -232,20 +267,34 @@ async def _backup(run: _Backup) -> Image:
         try:
             sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
             run.phase(CAPTURE)
-            request = tm.CaptureRequest(where.ref, sources, tm.fs_freeze(backups.fs_freeze(where.vm.backup_config)),
-                                        ctx.run_id, run.staging, nice=limits.nice, ionice=limits.ionice,
-                                        options=CaptureOptions(rate_limit=limits.rate),
-                                        progress=ctx.sink.progress is not None)
-            async with tm.capture(where.kvm, run.runner, request, run) as captured:  # overlays committed meanwhile
-                backup_id, uploaded = await upload(captured)
+            try:
+                async with tm.capture(where.kvm, run.runner, _request(run, sources), run) as captured:
+                    backup_id, uploaded = await upload(captured)  # overlays committed meanwhile
+            except tm.ChainBroken as broken:  # raised before anything was captured
+                log.warning("VM %s: %s", run.vm_id, broken)
+                run.link = new_chain(broken.reason)
+                async with tm.capture(where.kvm, run.runner, _request(run, sources), run) as captured:
+                    backup_id, uploaded = await upload(captured)
         finally:
             await remove_staging(run.runner, run.staging)
         run.phase(RECORD)
-        return await _record(run, backup_id, uploaded)
+        return await _record(run, backup_id, uploaded, captured)
     except BaseException:
         for backup_id in complete:
             await shielded(_forget_upload(run.store, run.vm_id, backup_id))
         raise
+
+
+def _request(run: _Backup, sources: list[tm.DiskSource]) -> tm.CaptureRequest:
+    """What the transfer driver captures: a full copy, or the run's link of the chain."""
+    limits = io_limits(run.datastore)  # the convert on the hypervisor is held to the datastore's limits too
+    increment = None
+    if run.link is not None:
+        increment = tm.Increment(run.vm_id, run.link.increment_id, run.link.sizes)
+    return tm.CaptureRequest(run.where.ref, sources, tm.fs_freeze(backups.fs_freeze(run.where.vm.backup_config)),
+                             run.ctx.run_id, run.staging, nice=limits.nice, ionice=limits.ionice,
+                             options=CaptureOptions(rate_limit=limits.rate),
+                             progress=run.ctx.sink.progress is not None, increment=increment)
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:
@@ -290,22 +339,37 @@ async def _forget_upload(store: BackupDatastore, vm_id: int, backup_id: str) -> 
         log.error("cannot remove unrecorded backup %s of VM %s: %s", backup_id, vm_id, exc)
 
 
-async def _record(run: _Backup, backup_id: str, uploaded: UploadResult) -> Image:
-    """One transaction: the image, the datastore's IMAGES, the VM's BACKUP_IDS and its state back."""
-    ctx = run.ctx
+async def _record(run: _Backup, backup_id: str, uploaded: UploadResult, captured: tm.CaptureResult) -> Image:
+    """One transaction: the image (new, or the chain's with one more link), the datastore's IMAGES, the VM's
+    BACKUP_IDS and chain pointers, and its state back."""
+    ctx, link = run.ctx, run.link
     tz = ZoneInfo(run.settings.timezone)
     disk_ids = [int(d["DISK_ID"]) for d in run.disks]
+    now = ctx.clock.now()
+    sizes = {PurePosixPath(disk.path).name: disk.virtual_size for disk in captured.images}
     async with ctx.state.mutation() as m:
-        image_id = await m.new_id("image")
         vm = ctx.state.vms.editable(run.vm_id)
-        image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, ctx.clock.now(), tz)
-        datastore = ctx.state.datastores.editable(run.datastore.id)
-        datastore.images = sorted({*datastore.images, image_id})
-        vm.backup_ids = backups.add_backup_id(vm.backup_ids, image_id)
+        if link is not None and link.image is not None:
+            chain = ctx.state.images.find(link.image.id)
+            if chain is None:
+                raise ActionError(f"chain image {link.image.id} was deleted while increment {link.increment_id} "
+                                  "was taken: the increment is not kept", retryable=True)
+            image = add_link(chain, run.datastore, link.increment_id, backup_id, uploaded.size_mb, uploaded.sha256,
+                             sizes, now)
+        else:
+            image_id = await m.new_id("image")
+            image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, now, tz)
+            if link is not None:
+                image = start_chain(image, run.datastore, link, uploaded.size_mb, sizes, now)
+            datastore = ctx.state.datastores.editable(run.datastore.id)
+            datastore.images = sorted({*datastore.images, image_id})
+            vm.backup_ids = backups.add_backup_id(vm.backup_ids, image_id)
+            m.put("datastore", datastore)
+        if link is not None:
+            vm.backup_config = backups.with_chain(vm.backup_config, image.id, link.increment_id)
         if run.restore_to is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
             set_states(vm, *run.restore_to)
         m.put("image", image)
-        m.put("datastore", datastore)
         m.put("vm", vm)
         ctx.sink.complete(m)  # the run's success commits with its image, never apart
     run.restore_to = None

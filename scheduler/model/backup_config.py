@@ -216,8 +216,13 @@ def member_of_job(config: Vector) -> int | None:
 
 def reset_chain(config: Vector) -> Vector:
     """A copy with both chain pointers at -1: the next INCREMENT backup starts a new image."""
+    return with_chain(config, NO_CHAIN, NO_CHAIN)
+
+
+def with_chain(config: Vector, image_id: int, increment_id: int) -> Vector:
+    """A copy whose chain is image ``image_id`` ending at increment ``increment_id`` (spec §6.2)."""
     result = config.copy()
-    _set_chain(result, NO_CHAIN, NO_CHAIN)
+    _set_chain(result, image_id, increment_id)
     return result
 
 

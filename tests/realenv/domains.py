@@ -48,7 +48,8 @@ def new_name() -> str:
     return NAME_PREFIX + secrets.token_hex(4)
 
 
-def domain_xml(name: str, vda: Path, vdb: Path, cdrom: Path | None = None, memory_mib: int = 64) -> str:
+def domain_xml(name: str, vda: Path, vdb: Path, cdrom: Path | None = None, memory_mib: int = 64,
+               vdb_format: str = "raw") -> str:
     """The domain XML of a tiny domain (pure)."""
     cdrom_xml = ("" if cdrom is None else
                  "    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
@@ -64,7 +65,7 @@ def domain_xml(name: str, vda: Path, vdb: Path, cdrom: Path | None = None, memor
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file={quoteattr(str(vda))}/><target dev='vda' bus='virtio'/></disk>
-    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file={quoteattr(str(vdb))}/><target dev='vdb' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='{vdb_format}'/><source file={quoteattr(str(vdb))}/><target dev='vdb' bus='virtio'/></disk>
 {cdrom_xml}    <controller type='usb' model='none'/>
     <serial type='pty'/><console type='pty'/>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
@@ -74,13 +75,14 @@ def domain_xml(name: str, vda: Path, vdb: Path, cdrom: Path | None = None, memor
 """
 
 
-def make_disks(directory: Path, *, vda_mib: int = 64, vdb_mib: int = 32,
-               cdrom: bool = False) -> tuple[Path, Path, Path | None]:
-    """Create the qcow2 vda, the raw vdb and (if asked) a 1 MiB blank cdrom image in ``directory``."""
+def make_disks(directory: Path, *, vda_mib: int = 64, vdb_mib: int = 32, cdrom: bool = False,
+               vdb_format: str = "raw") -> tuple[Path, Path, Path | None]:
+    """Create the qcow2 vda, the vdb (raw unless asked) and (if asked) a 1 MiB blank cdrom image in
+    ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    vda, vdb = directory / "vda.qcow2", directory / "vdb.raw"
+    vda, vdb = directory / "vda.qcow2", directory / f"vdb.{vdb_format}"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(vda), f"{vda_mib}M"])
-    run(["qemu-img", "create", "-q", "-f", "raw", str(vdb), f"{vdb_mib}M"])
+    run(["qemu-img", "create", "-q", "-f", vdb_format, str(vdb), f"{vdb_mib}M"])
     iso = None
     if cdrom:
         iso = directory / "cdrom.iso"
@@ -130,11 +132,11 @@ class Hypervisor:
         return self.conn.lookupByName(dom.name)
 
     def define(self, directory: Path, *, name: str | None = None, cdrom: bool = False,
-               start: bool = False) -> TinyDomain:
+               start: bool = False, vdb_format: str = "raw") -> TinyDomain:
         name = name or new_name()
-        vda, vdb, iso = make_disks(directory / name, cdrom=cdrom)
+        vda, vdb, iso = make_disks(directory / name, cdrom=cdrom, vdb_format=vdb_format)
         dom = TinyDomain(name=name, host=self.host.name, directory=directory / name, vda=vda, vdb=vdb, cdrom=iso)
-        self.conn.defineXML(domain_xml(name, vda, vdb, iso))
+        self.conn.defineXML(domain_xml(name, vda, vdb, iso, vdb_format=vdb_format))
         if start:
             self.start(dom)
         return dom
@@ -165,6 +167,14 @@ class Hypervisor:
     def disk_sources(self, dom: TinyDomain) -> dict[str, Path]:
         """Current source file of each disk target (changes with snapshots and pivots)."""
         return disk_sources(self.lookup(dom).XMLDesc())
+
+    def checkpoints(self, dom: TinyDomain) -> list[str]:
+        """The domain's libvirt checkpoints, by name."""
+        return sorted(checkpoint.getName() for checkpoint in self.lookup(dom).listAllCheckpoints())
+
+    def delete_checkpoint(self, dom: TinyDomain, name: str) -> None:
+        """Delete one checkpoint as an operator would with ``virsh checkpoint-delete`` (its bitmaps too)."""
+        self.lookup(dom).checkpointLookupByName(name).delete()
 
     def qemu_io(self, dom: TinyDomain, disk: str, command: str) -> str:
         line = hmp_qemu_io(disk, command)

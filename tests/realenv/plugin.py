@@ -83,9 +83,10 @@ def tiny_domain(hypervisors: Callable[[str], Hypervisor],
                 tmp_path: Path) -> Iterator[Callable[..., TinyDomain]]:
     made: list[TinyDomain] = []
 
-    def make(host: str | HostInfo = "host1", *, start: bool = True, cdrom: bool = False) -> TinyDomain:
+    def make(host: str | HostInfo = "host1", *, start: bool = True, cdrom: bool = False,
+             vdb_format: str = "raw") -> TinyDomain:
         name = host.name if isinstance(host, HostInfo) else host
-        dom = hypervisors(name).define(tmp_path / "domains", cdrom=cdrom, start=False)
+        dom = hypervisors(name).define(tmp_path / "domains", cdrom=cdrom, start=False, vdb_format=vdb_format)
         made.append(dom)
         if start:
             hypervisors(name).start(dom)

@@ -91,6 +91,11 @@ class Image:
         self.backup_disk_ids = sorted(set(self.backup_disk_ids))
 
     @property
+    def sources(self) -> list[str]:
+        """Every backup on the datastore this image records: one per increment of a chain, else SOURCE."""
+        return [increment.source for increment in self.increments] or ([self.source] if self.source else [])
+
+    @property
     def running_vms(self) -> int:
         return len(self.vms)
 

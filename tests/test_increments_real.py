@@ -1,0 +1,197 @@
+"""MODE=INCREMENT end to end against the real environment: a daemon backs up a running TCG domain (two qcow2
+disks) into fs, rsync and restic datastores, and each backup adds one link to the VM's chain image.
+
+What each link must hold comes from outside the code under test: a ``qemu-img convert`` copy of the disk taken
+just before each backup. The links are read back from the datastore by hand (the files of fs and rsync, a
+``restic dump`` on the backup server), put in one directory where each finds its predecessor by name, and
+compared with ``qemu-img compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.realenv.domains import Hypervisor, TinyDomain
+from tests.realenv.model import RealEnv
+from tests.test_backup_crash_real import wait_done
+from tests.test_backup_real import same_image, snapshot_copy
+from tests.test_import_real import Api, real_daemon, staged_state
+from tests.test_restic_backup_real import PASSWORD, restic_on_server
+from tests.xsd import validate
+
+pytestmark = pytest.mark.realenv
+MiB = 1 << 20
+INCREMENT = 'BACKUP_CONFIG = [ MODE = "INCREMENT" ]'
+
+
+@dataclass
+class Chains:
+    api: Api
+    realenv: RealEnv
+    datastores: dict[str, int]
+    bases: dict[str, Path]
+
+    def image(self, image_id: int) -> etree._Element:
+        return etree.fromstring(str(self.api.call("one.image.info", image_id)).encode())
+
+    def pointers(self, vm_id: int) -> tuple[int, int]:
+        config = self.api.vm(vm_id).find("BACKUPS/BACKUP_CONFIG")
+        assert config is not None
+        return int(config.findtext("INCREMENTAL_BACKUP_ID") or "-9"), int(config.findtext("LAST_INCREMENT_ID") or "-9")
+
+    def backup(self, vm_id: int, kind: str, reset: bool = False) -> str:
+        """One backup through ``one.vm.backup``; the run's message."""
+        self.api.call("one.vm.backup", vm_id, self.datastores[kind], reset)
+        status = wait_done(self.api, vm_id)
+        assert status["STATE"] == "done", f"{status}\n{self.api.daemon.log()[-3000:]}"
+        return str(status["MESSAGE"])
+
+    def fetch_link(self, kind: str, vm_id: int, source: str, name: str, into: Path) -> Path:
+        """File ``name`` of backup ``source`` copied out of the datastore by hand, into ``into``."""
+        target = into / name
+        if kind == "restic":
+            repo = self.bases[kind] / str(vm_id)
+            [found] = json.loads(restic_on_server(self.realenv, repo, "snapshots", "--json", "--tag",
+                                                         f"vmsched-backup-{source}"))
+            path = next(str(p) for p in found["paths"] if str(p).endswith(f"/{name}"))
+            target.write_bytes(restic_on_server(self.realenv, repo, "dump", str(found["id"]), path))
+        else:
+            shutil.copyfile(self.bases[kind] / str(vm_id) / source / name, target)
+        return target
+
+
+@pytest.fixture(scope="module")
+def chains(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chains]:
+    marker = f"vmsched-inctest-{secrets.token_hex(5)}"
+    state = staged_state(realenv, tmp_path_factory, f"/var/tmp/{marker}")
+    backup = realenv.backup
+    bases = {"fs": tmp_path_factory.mktemp("fsds"), "rsync": backup.data_dir / f"{marker}-rsync",
+             "restic": backup.data_dir / f"{marker}-restic"}
+    texts = {
+        "fs": f'NAME = "fsinc"\nTYPE = "BACKUP_DS"\nDS_MAD = "fs"\nBASE_PATH = "{bases["fs"]}"',
+        "rsync": (f'NAME = "rsyncinc"\nTYPE = "BACKUP_DS"\nDS_MAD = "rsync"\nBASE_PATH = "{bases["rsync"]}"\n'
+                  f'RSYNC_HOST = "{backup.address}"\nRSYNC_USER = "{backup.user}"\nRSYNC_PORT = "{backup.ssh_port}"'),
+        "restic": (f'NAME = "resticinc"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\nBASE_PATH = "{bases["restic"]}"\n'
+                   f'RESTIC_SFTP_SERVER = "{backup.address}"\nRESTIC_SFTP_USER = "{backup.user}"\n'
+                   f'RESTIC_SFTP_PORT = "{backup.ssh_port}"\nRESTIC_PASSWORD = "{PASSWORD}"'),
+    }
+    for api in real_daemon(realenv, state):
+        datastores = {kind: int(api.call("one.datastore.allocate", text, -1))  # type: ignore[call-overload]
+                      for kind, text in texts.items()}
+        yield Chains(api, realenv, datastores, bases)
+    for kind in ("rsync", "restic"):
+        subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(bases[kind])]), timeout=30, check=False)
+
+
+def increments(image: etree._Element) -> list[tuple[int, str, int, str, int]]:
+    """(ID, TYPE, PARENT_ID, SOURCE, SIZE) of each BACKUP_INCREMENTS/INCREMENT."""
+    return [(int(i.findtext("ID") or ""), i.findtext("TYPE") or "", int(i.findtext("PARENT_ID") or ""),
+             i.findtext("SOURCE") or "", int(i.findtext("SIZE") or "")) for i in image.iterfind("BACKUP_INCREMENTS/INCREMENT")]
+
+
+def incremental_vm(chains: Chains, tiny_domain: Callable[..., TinyDomain]) -> tuple[TinyDomain, int]:
+    dom = tiny_domain("host1", vdb_format="qcow2")
+    vm_id = chains.api.import_one("host1", dom.name)
+    chains.api.call("one.vm.updateconf", vm_id, INCREMENT, 1)
+    return dom, vm_id
+
+
+@pytest.mark.parametrize("kind", ["fs", "rsync", "restic"])
+def test_each_backup_adds_a_link_and_each_link_is_the_disk_at_its_backup(
+        chains: Chains, kind: str, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom, vm_id = incremental_vm(chains, tiny_domain)
+    before = []
+    for n, (pattern, offset) in enumerate([(0x11, "0"), (0x22, "16M"), (0x33, "40M")]):
+        host1.write_pattern(dom, "vda", pattern=pattern, offset=offset, length="1M")
+        host1.write_pattern(dom, "vdb", pattern=pattern + 1, offset=str(n) + "M", length="512k")
+        before.append((snapshot_copy(dom.vda, tmp_path / f"vda.at-{n}", "qcow2"),
+                       snapshot_copy(dom.vdb, tmp_path / f"vdb.at-{n}", "qcow2")))
+        message = chains.backup(vm_id, kind)
+        assert ("full base of a new chain" if n == 0 else f"increment {n}") in message
+
+    [image_id] = [int(i.text or "") for i in chains.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    assert chains.pointers(vm_id) == (image_id, 2)
+    image = chains.image(image_id)
+    validate(image, "image")
+    links = increments(image)
+    assert [(i, t, p) for i, t, p, _, _ in links] == [(0, "FULL", -1), (1, "INCREMENT", 0), (2, "INCREMENT", 1)]
+    assert int(image.findtext("SIZE") or "") == sum(size for *_, size in links)
+    assert image.findtext("SOURCE") == links[0][3] and len({source for _, _, _, source, _ in links}) == 3
+    urls = {u.findtext("DISK_ID"): u.findtext("URL") or "" for u in image.iterfind("TEMPLATE/BACKUP_URL")}
+    chain_text = ",".join(f"{i}:{source}" for i, _, _, source, _ in links)
+    assert set(urls) == {"0", "1"} and all(f"/{chain_text}/" in url for url in urls.values()), urls
+    assert urls["0"].endswith("/disk.0.2")
+
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    for n, (_, _, _, source, _) in enumerate(links):
+        for disk in (0, 1):
+            chains.fetch_link(kind, vm_id, source, f"disk.{disk}.{n}", rebuilt)
+    for n, (vda_then, vdb_then) in enumerate(before):
+        assert same_image(rebuilt / f"disk.0.{n}", vda_then), f"disk 0 at increment {n}"
+        assert same_image(rebuilt / f"disk.1.{n}", vdb_then), f"disk 1 at increment {n}"
+    for n in (1, 2):  # an increment holds what changed (1 MiB + 512 KiB), not the disk (96 MiB)
+        assert (rebuilt / f"disk.0.{n}").stat().st_blocks * 512 < 4 * MiB
+    # the checkpoints of the last two links stay; older ones are pruned
+    assert host1.checkpoints(dom) == [f"vmsched-{vm_id}-1", f"vmsched-{vm_id}-2"]
+    assert host1.disk_sources(dom) == {"vda": dom.vda, "vdb": dom.vdb} and host1.state(dom) == "running"
+
+
+def test_a_chain_whose_checkpoint_was_deleted_heals_with_a_new_full(
+        chains: Chains, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom, vm_id = incremental_vm(chains, tiny_domain)
+    chains.backup(vm_id, "fs")
+    chains.backup(vm_id, "fs")
+    [first] = [int(i.text or "") for i in chains.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    host1.delete_checkpoint(dom, f"vmsched-{vm_id}-1")
+    host1.write_pattern(dom, "vda", pattern=0x44, offset="8M", length="1M")
+    now = snapshot_copy(dom.vda, tmp_path / "vda.now", "qcow2")
+
+    message = chains.backup(vm_id, "fs")
+    assert "full base of a new chain" in message and "vmsched-" in message and "gone" in message
+    ids = [int(i.text or "") for i in chains.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    assert ids[0] == first and len(ids) == 2
+    second = chains.image(ids[1])
+    assert "gone" in (second.findtext("TEMPLATE/NEW_CHAIN_REASON") or "")
+    assert [i[:3] for i in increments(second)] == [(0, "FULL", -1)]
+    assert [i[0] for i in increments(chains.image(first))] == [0, 1]  # the old chain is kept as it was
+    assert chains.pointers(vm_id) == (ids[1], 0)
+    base = chains.fetch_link("fs", vm_id, increments(second)[0][3], "disk.0.0", tmp_path)
+    assert same_image(base, now)
+    assert host1.checkpoints(dom) == [f"vmsched-{vm_id}-0"]
+
+    message = chains.backup(vm_id, "fs")  # and the new chain goes on
+    assert "increment 1" in message and chains.pointers(vm_id) == (ids[1], 1)
+
+
+def test_reset_and_deleting_the_chain_image_start_new_chains(
+        chains: Chains, tiny_domain: Callable[..., TinyDomain]) -> None:
+    _, vm_id = incremental_vm(chains, tiny_domain)
+    chains.backup(vm_id, "rsync")
+    chains.backup(vm_id, "rsync")
+    [first] = [int(i.text or "") for i in chains.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    sources = [i[3] for i in increments(chains.image(first))]
+    message = chains.backup(vm_id, "rsync", reset=True)
+    assert "full base of a new chain (a reset was asked for" in message
+    second, last = chains.pointers(vm_id)
+    assert second != first and last == 0
+
+    chains.api.call("one.image.delete", second, False)
+    assert chains.pointers(vm_id) == (-1, -1)
+    chains.api.call("one.image.delete", first, False)
+    assert not any((chains.bases["rsync"] / str(vm_id) / source).exists() for source in sources)
+    message = chains.backup(vm_id, "rsync")
+    assert message.startswith("live full base of a new chain of VM")
