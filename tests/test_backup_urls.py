@@ -72,7 +72,7 @@ def test_chain_up_to_an_increment_not_in_it() -> None:
 
 def test_a_chain_of_increments_is_refused_for_now() -> None:
     assert backup_urls.single_source(((0, "8a3454"),)) == "8a3454"
-    with pytest.raises(ActionError, match="increments are not supported yet"):
+    with pytest.raises(ActionError, match="downloading an increment of a chain is not supported yet"):
         backup_urls.single_source(((0, "8a3454"), (1, "f6e63e")))
 
 

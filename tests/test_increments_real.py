@@ -13,6 +13,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.test_backup_crash_real import wait_done
 from tests.test_backup_real import same_image, snapshot_copy
 from tests.test_import_real import Api, real_daemon, staged_state
 from tests.test_restic_backup_real import PASSWORD, restic_on_server
+from tests.test_restore_real import wait_run
 from tests.xsd import validate
 
 pytestmark = pytest.mark.realenv
@@ -39,6 +41,7 @@ class Chains:
     realenv: RealEnv
     datastores: dict[str, int]
     bases: dict[str, Path]
+    images_ds: int
 
     def image(self, image_id: int) -> etree._Element:
         return etree.fromstring(str(self.api.call("one.image.info", image_id)).encode())
@@ -87,7 +90,10 @@ def chains(realenv: RealEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for api in real_daemon(realenv, state):
         datastores = {kind: int(api.call("one.datastore.allocate", text, -1))  # type: ignore[call-overload]
                       for kind, text in texts.items()}
-        yield Chains(api, realenv, datastores, bases)
+        images = tmp_path_factory.mktemp("images")
+        images_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                                 f'NAME = "imgsinc"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{images}"', -1))
+        yield Chains(api, realenv, datastores, bases, images_ds)
     for kind in ("rsync", "restic"):
         subprocess.run(realenv.ssh_argv("backup", ["rm", "-rf", "--", str(bases[kind])]), timeout=30, check=False)
 
@@ -96,6 +102,14 @@ def increments(image: etree._Element) -> list[tuple[int, str, int, str, int]]:
     """(ID, TYPE, PARENT_ID, SOURCE, SIZE) of each BACKUP_INCREMENTS/INCREMENT."""
     return [(int(i.findtext("ID") or ""), i.findtext("TYPE") or "", int(i.findtext("PARENT_ID") or ""),
              i.findtext("SOURCE") or "", int(i.findtext("SIZE") or "")) for i in image.iterfind("BACKUP_INCREMENTS/INCREMENT")]
+
+
+def wait_state(api: Api, vm_id: int, state: str) -> None:
+    """Until the daemon shows the VM in ``state`` (its monitoring follows libvirt's events)."""
+    deadline = time.monotonic() + 60
+    while api.vm(vm_id).findtext("STATE") != state:
+        assert time.monotonic() < deadline, api.daemon.log()[-3000:]
+        time.sleep(0.05)
 
 
 def incremental_vm(chains: Chains, tiny_domain: Callable[..., TinyDomain]) -> tuple[TinyDomain, int]:
@@ -143,9 +157,38 @@ def test_each_backup_adds_a_link_and_each_link_is_the_disk_at_its_backup(
         assert same_image(rebuilt / f"disk.1.{n}", vdb_then), f"disk 1 at increment {n}"
     for n in (1, 2):  # an increment holds what changed (1 MiB + 512 KiB), not the disk (96 MiB)
         assert (rebuilt / f"disk.0.{n}").stat().st_blocks * 512 < 4 * MiB
+    for n, (vda_then, vdb_then) in enumerate(before):  # one.image.restore at each increment
+        reply = str(chains.api.call("one.image.restore", image_id, chains.images_ds, f'INCREMENT_ID = "{n}"\n'
+                                    f'NAME = "{kind}-at-{n}"\nNO_IP = "YES"'))
+        _, *restored = map(int, reply.split())
+        files = {int((chains.image(i).findtext("TEMPLATE/RESTORED_FROM") or "").split(":")[1]):
+                 Path(chains.image(i).findtext("SOURCE") or "") for i in restored}
+        assert same_image(files[0], vda_then) and same_image(files[1], vdb_then), f"restore at increment {n}"
+        assert not subprocess.run(["qemu-img", "info", "--backing-chain", str(files[0])], capture_output=True,
+                                  text=True, check=True).stdout.count("backing file")  # self-contained
+    assert "has no increment 3 (its increments: 0, 1, 2)" in chains.api.failure(
+        "one.image.restore", image_id, chains.images_ds, 'INCREMENT_ID = "3"')
     # the checkpoints of the last two links stay; older ones are pruned
     assert host1.checkpoints(dom) == [f"vmsched-{vm_id}-1", f"vmsched-{vm_id}-2"]
     assert host1.disk_sources(dom) == {"vda": dom.vda, "vdb": dom.vdb} and host1.state(dom) == "running"
+
+    whole = dict(chains.api.call("vmsched.image.verify", image_id, -1))  # type: ignore[call-overload]
+    assert whole["OK"] and whole["MESSAGE"].startswith("3 links, 12 files match"), whole
+    assert "6 disk files consistent" in whole["MESSAGE"], whole
+    assert {f["FILE"] for f in whole["FILES"]} >= {f"{links[1][3]}/disk.0.1", f"{links[2][3]}/vm.xml"}
+    middle = dict(chains.api.call("vmsched.image.verify", image_id, 1))  # type: ignore[call-overload]
+    assert middle["OK"] and middle["MESSAGE"].startswith("2 links, 8 files"), middle
+    if kind == "fs":  # a damaged link fails the verification of every increment built on it
+        damaged = chains.bases["fs"] / str(vm_id) / links[1][3] / "disk.1.1"
+        with damaged.open("r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 0xFF]))
+        broken = dict(chains.api.call("vmsched.image.verify", image_id, -1))  # type: ignore[call-overload]
+        assert not broken["OK"] and f"link {links[1][3]}: verification failed: disk.1.1: sha256 mismatch" in \
+            broken["MESSAGE"], broken
+        assert dict(chains.api.call("vmsched.image.verify", image_id, 0))["OK"]  # type: ignore[call-overload]
 
 
 def test_a_chain_whose_checkpoint_was_deleted_heals_with_a_new_full(
@@ -195,3 +238,32 @@ def test_reset_and_deleting_the_chain_image_start_new_chains(
     assert not any((chains.bases["rsync"] / str(vm_id) / source).exists() for source in sources)
     message = chains.backup(vm_id, "rsync")
     assert message.startswith("live full base of a new chain of VM")
+
+
+def test_a_vm_restored_in_place_at_a_middle_increment(
+        chains: Chains, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom, vm_id = incremental_vm(chains, tiny_domain)
+    middle = (tmp_path / "vda.middle", tmp_path / "vdb.middle")
+    for n in range(3):
+        host1.write_pattern(dom, "vda", pattern=0x50 + n, offset=f"{8 * n}M", length="2M")
+        host1.write_pattern(dom, "vdb", pattern=0x60 + n, offset=f"{n}M", length="1M")
+        if n == 1:
+            snapshot_copy(dom.vda, middle[0], "qcow2")
+            snapshot_copy(dom.vdb, middle[1], "qcow2")
+        chains.backup(vm_id, "rsync")
+    image_id, last = chains.pointers(vm_id)
+    assert last == 2
+    host1.destroy(dom)
+    wait_state(chains.api, vm_id, "8")  # POWEROFF, seen by the daemon's monitoring
+    chains.api.call("one.vm.restore", vm_id, image_id, 1, -1)
+    status = wait_run(chains, "vmsched.vm.restorestatus", vm_id)  # type: ignore[arg-type]
+    assert status["STATE"] == "done", f"{status}\n{chains.api.daemon.log()[-3000:]}"
+    assert f"increment 1 {increments(chains.image(image_id))[1][3]}" in str(status["MESSAGE"])
+    assert same_image(dom.vda, middle[0]) and same_image(dom.vdb, middle[1])
+    assert chains.pointers(vm_id) == (-1, -1)  # an in-place restore ends the chain (spec §6.2)
+    host1.start(dom)
+    wait_state(chains.api, vm_id, "3")
+    message = chains.backup(vm_id, "rsync")  # the next backup is a new base, checkpoints and all
+    assert "full base of a new chain" in message

@@ -49,9 +49,15 @@ def read_check(status: int, stdout: bytes, stderr: bytes) -> ImageCheck:
     return ImageCheck(False, f"check failed: {detail}")
 
 
+def alone(path: str) -> str:
+    """The qcow2 file ``path`` opened without its backing file (an increment's is beside it only once a
+    chain is rebuilt): what ``qemu-img`` checks is that file's own metadata."""
+    return "json:" + json.dumps({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": path}})
+
+
 async def qemu_img_check(server: Runner, path: str, timeout: float = CHECK_TIMEOUT) -> ImageCheck:  # noqa: ASYNC109
-    """``qemu-img check`` of the qcow2 file ``path`` on ``server``."""
-    argv = ["qemu-img", "check", "-f", "qcow2", "--output=json", "--", path]
+    """``qemu-img check`` of the qcow2 file ``path`` on ``server`` (the file alone, not its backing chain)."""
+    argv = ["qemu-img", "check", "--output=json", "--", alone(path)]
     try:
         result = await server.run(argv, timeout=timeout, check=False)
     except CommandTimeout:

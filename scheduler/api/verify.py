@@ -2,7 +2,7 @@
 
 The files are read on the datastore's server (the backup server over the pooled SSH connection for
 ``rsync``, out of the repository by ``restic dump`` on the SFTP server for ``restic``, this machine for ``fs``): their sha256 against the image's ``TEMPLATE/CHECKSUMS``, and ``qemu-img
-check`` of each disk file (:mod:`scheduler.backup.verify` says what the answers mean). Nothing is restored.
+check`` of each disk file; for a chain, every link up to the increment (:mod:`scheduler.backup.verify` says what the answers mean). Nothing is restored.
 The outcome is recorded on the image (``VERIFIED``, ``VERIFY_TIME``, ``VERIFY_MESSAGE``) and returned as
 ``{OK, MESSAGE, FILES: [{FILE, SHA256_OK, CHECK}]}``; a failed verification is a result, not an error.
 """
@@ -34,23 +34,28 @@ async def verify(ctx: Context, caller: Caller, image_id: int, increment: int) ->
     image = ctx.state.images.get(image_id)
     require(caller, image.ownership.uid, Right.USE, "IMAGE", image_id, "verify")
     backup_urls.check_backup_image(image)
-    source = backup_urls.single_source(backup_urls.chain_up_to(backup_urls.image_chain(image), increment))
+    chain = backup_urls.chain_up_to(backup_urls.image_chain(image), increment)
     datastore = ctx.state.datastores.get(image.datastore_id)
     if datastore.ds_mad not in DRIVERS:
         raise ActionError(f"verifying backups in a {datastore.ds_mad!r} datastore is not supported yet "
                           f"({', '.join(DRIVERS)} are)")
     if ctx.links is None:
         raise ActionError("this daemon has no host connections; backups cannot be verified")
-    result = await check_backup(open_datastore(datastore, ctx.links.pool), image, source)
+    store = open_datastore(datastore, ctx.links.pool)
+    if not image.increments:
+        result = await check_backup(store, image, chain[0][1])
+    else:  # every link the increment is made of, each against its own checksums
+        result = verification.of_chain([(source, await check_backup(store, image, source, n)) for n, source in chain])
     await _record(ctx, image_id, result)
     log.info("image %s verified: %s", image_id, result.message)
     return result.to_struct()
 
 
-async def check_backup(store: Any, image: Image, source: str) -> verification.Verification:
-    """Hash and check the backup's files on the datastore's server."""
+async def check_backup(store: Any, image: Image, source: str, increment_id: int | None = None) -> verification.Verification:
+    """Hash and check the files of backup ``source`` (increment ``increment_id`` of a chain) on the
+    datastore's server."""
     vm_id = backup_urls.image_vm_id(image)
-    recorded = backup_urls.checksums(image)
+    recorded = backup_urls.checksums(image, increment_id)
     try:
         present = await store.list_backup(vm_id, source)
     except NotFound:

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.backup.urls import url_vectors
+from scheduler.backup.urls import increment_of, url_vectors
 from scheduler.errors import ActionError
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.datastore import Datastore
@@ -87,12 +87,6 @@ def base_sizes(image: Image) -> dict[int, int]:
         if increment_of(vector) == first and name.startswith("disk.") and size.isdigit():
             sizes[int(name.split(".")[1])] = int(size)
     return sizes
-
-
-def increment_of(vector: Vector) -> int:
-    """The INCREMENT_ID of a CHECKSUMS vector; 0 for a full backup's, which has none."""
-    raw = (vector.get("INCREMENT_ID") or "0").strip()
-    return int(raw) if raw.isdigit() else 0
 
 
 def checksum_vectors(increment_id: int, sha256: Mapping[str, str], virtual_sizes: Mapping[str, int]) -> list[Vector]:

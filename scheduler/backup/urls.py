@@ -14,8 +14,9 @@ Grammar: ``<proto>://<backup_ds_id>/<bj_id>/<chain>/<file_path>``
   ``backup/``): the VM id sits before ``backup/`` as OpenNebula's downloader expects.
 
 So ``rsync://100//0:8a3454//var/lib/one/datastores/100/6/8a3454/disk.0.0`` is disk 0 of backup ``8a3454``
-of VM 6. vmsched takes full backups only for now: the chain model is kept (parse, format, cut), but
-anything that would read a chain of more than one link says so (:func:`single_source`).
+of VM 6, and ``rsync://100//0:8a3454,1:f6e63e//.../6/f6e63e/disk.0.1`` that disk at increment 1 of a chain
+(restores and verification read every link; the HTTP download serves single-link URLs for now and says so
+for longer chains: :func:`single_source`).
 
 Each backup image carries its URLs as ``TEMPLATE/BACKUP_URL = [ DISK_ID, URL ]`` vectors
 (:func:`url_vectors`); the download endpoint and the restore find a URL's image with :func:`locate`, which
@@ -39,7 +40,7 @@ from scheduler.model.template import Vector
 PROTOS = tuple(DRIVERS)  # a backup URL names its datastore's kind
 RBD_SUFFIX = "+rbd"
 URL_ATTRIBUTE = "BACKUP_URL"
-NOT_YET = "increments are not supported yet"
+NOT_YET = "downloading an increment of a chain is not supported yet"
 IMAGE_HEADER = "X-Vmsched-Image-Id"  # the download endpoint's reply names the URL's image in this header
 
 Chain = layout.Chain
@@ -133,9 +134,10 @@ def chain_up_to(chain: Chain, increment_id: int = -1) -> Chain:
 
 
 def single_source(chain: Chain) -> str:
-    """The one backup of a full-backup chain; a chain of increments is refused for now."""
+    """The one backup of a single-link chain; a longer chain is refused (by the download) for now."""
     if len(chain) != 1:
-        raise ActionError(f"chain {format_chain(chain)}: {NOT_YET} (vmsched takes full backups only)")
+        raise ActionError(f"chain {format_chain(chain)}: {NOT_YET}; restore it with `vmsched image restore "
+                          "IMAGE --increment N` (one self-contained qcow2 per disk), or download its base")
     return chain[0][1]
 
 
@@ -215,14 +217,21 @@ def check_backup_image(image: Image) -> None:
 
 # --- checksums ------------------------------------------------------------------------------------------------
 
-def checksums(image: Image) -> dict[str, str]:
-    """``{file name: sha256}`` from the image's ``TEMPLATE/CHECKSUMS`` vectors."""
+def checksums(image: Image, increment_id: int | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` from the image's ``TEMPLATE/CHECKSUMS`` vectors: all of them (a chain's disk
+    files have names of their own), or those of increment ``increment_id``."""
     found = {}
     for vector in image.template.vectors("CHECKSUMS"):
         name, digest = vector.get("FILE") or "", (vector.get("SHA256") or "").lower()
-        if name and digest:
+        if name and digest and increment_id in (None, increment_of(vector)):
             found[name] = digest
     return found
+
+
+def increment_of(vector: Vector) -> int:
+    """The INCREMENT_ID of a CHECKSUMS vector; 0 for a full backup's, which has none."""
+    raw = (vector.get("INCREMENT_ID") or "0").strip()
+    return int(raw) if raw.isdigit() else 0
 
 
 def expected_sha256(image: Image, file_name: str) -> str:

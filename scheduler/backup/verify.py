@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,22 @@ def verdict(image_id: int, recorded: Mapping[str, str], present: Iterable[str], 
     elif disks:
         message += f"; qemu-img check: {len(disks)} disk{'s' if len(disks) != 1 else ''} consistent"
     return Verification(True, message, tuple(files))
+
+
+def of_chain(links: Sequence[tuple[str, Verification]]) -> Verification:
+    """One verification of a chain from each link's (backup source, verification): sound when every link
+    is; files named ``<source>/<file>``."""
+    files = tuple(dataclasses.replace(f, file=f"{source}/{f.file}") for source, v in links for f in v.files)
+    failed = [(source, v) for source, v in links if not v.ok]
+    if failed:
+        return Verification(False, _cut("; ".join(f"link {source}: {v.message}" for source, v in failed)), files)
+    message = f"{len(links)} links, {len(files)} files match their recorded sha256"
+    checked = sum(1 for f in files if f.check != "-")
+    if any(NO_QEMU_IMG in v.message for _, v in links):
+        message += f"; {NO_QEMU_IMG}"
+    elif checked:
+        message += f"; qemu-img check: {checked} disk file{'s' if checked != 1 else ''} consistent"
+    return Verification(True, message, files)
 
 
 def recorded_on(image: Image, verification: Verification, now: int) -> Image:

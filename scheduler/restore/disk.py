@@ -19,8 +19,10 @@ path names the run, so :func:`remove_temps` and the process killer (``drivers.pr
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import PurePosixPath
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
@@ -30,6 +32,7 @@ from drivers.datastore.layout import check_path, disk_file_name
 from drivers.datastore.limits import io_limits
 from drivers.sink import NoSink
 from scheduler.backup.transport import upload_ssh
+from scheduler.backup.urls import Chain, chain_up_to, image_chain
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.links import HostLinks
 from scheduler.model.objects.datastore import Datastore
@@ -45,7 +48,10 @@ COMMAND_TIMEOUT = 120.0
 STEP = STEPS.key  # the key of the journal steps of a restore
 FORMATS = ("qcow2", "raw")
 STORED_FORMAT = "qcow2"  # what a backup's disk.<id>.<inc> file is
-TEMP_KINDS = ("fetch", "raw")
+TEMP_KINDS = ("fetch", "raw", "merge")  # the first kind's path is also the stem of a chain's later files
+# rm -f each path given, and the later files of a chain ("$1".<n>, see link_path)
+_REMOVE_TEMPS = 'rm -f -- "$@" "$1".[0-9]*'
+
 QEMU_IMG_CHECK_OK = (0, 3)  # 3: leaked clusters only, which lose no data
 
 StepJournal = Callable[[dict[str, Any]], Awaitable[None]]
@@ -120,41 +126,73 @@ def step(name: str, **fields: Any) -> dict[str, Any]:
 
 async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int, host: Any, target_path: str,
                      target_format: str, *, run_id: int, journal: StepJournal | None = None,
-                     started: ProcessStarted | None = None) -> None:
-    """Put disk ``disk_id`` of backup ``image`` at ``target_path`` on ``host``, in ``target_format``
-    (``qcow2`` as stored, or ``raw``), verified against the image's recorded sha256 and by ``qemu-img
-    check``; an existing ``target_path`` is replaced only once all of that succeeded. ``journal`` is told
-    each temporary file before it exists; ``started`` each heavy command's process group."""
+                     started: ProcessStarted | None = None, increment_id: int = -1) -> None:
+    """Put disk ``disk_id`` of backup ``image`` (as it was at increment ``increment_id`` of its chain; -1:
+    the last) at ``target_path`` on ``host``, in ``target_format`` (``qcow2`` or ``raw``). Each file of the
+    chain is verified against the image's recorded sha256, the chain is linked up (each increment onto the
+    copy of the one before) and checked by ``qemu-img check``, then merged into one self-contained file;
+    an existing ``target_path`` is replaced only once all of that succeeded. ``journal`` is told each
+    temporary file before it exists; ``started`` each heavy command's process group."""
     target = checked_target(target_path, target_format)
-    name = backup_file(image, disk_id)
-    expected = recorded_sha256(image, name)
+    links_of = chain_links(image, disk_id, increment_id)
     datastore = source_datastore(state, image)
     runner = links.runner(host)
-    fetched = temp_path(target, "fetch", run_id)
+    fetched = [link_path(temp_path(target, "fetch", run_id), n) for n in range(len(links_of))]
     try:
-        await _journal(journal, STEPS.entry(Temp(host.id, fetched)))
-        try:
-            ssh = await upload_ssh(links, host, runner, datastore)
-            request = FetchRequest(runner, backup_vm_id(image), image.source, name, fetched, FETCH_TIMEOUT,
+        ssh = await upload_ssh(links, host, runner, datastore)
+        store = open_datastore(datastore, links.pool)
+        for (source, name), path in zip(links_of, fetched, strict=True):
+            await _journal(journal, STEPS.entry(Temp(host.id, path)))
+            request = FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT,
                                    ssh_command=ssh, label=restore_label(run_id))
-            digest = await open_datastore(datastore, links.pool).fetch(request, _Started(started))
-        except CommandFailed as exc:
-            server = server_of(datastore)
-            raise ActionError(f"copying {name} of backup image {image.id} from "
-                              f"{f'backup server {server}' if server else 'this machine'} (datastore {datastore.id}) "
-                              f"to {host.name}:{fetched} failed: {exc}; nothing was restored") from exc
-        await _verify(runner, datastore, fetched, expected, f"{name} of backup image {image.id}", started, digest)
-        final = fetched
-        if target_format == "raw":
-            final = temp_path(target, "raw", run_id)
+            try:
+                digest = await store.fetch(request, _Started(started))
+            except CommandFailed as exc:
+                server = server_of(datastore)
+                raise ActionError(f"copying {name} of backup image {image.id} from "
+                                  f"{f'backup server {server}' if server else 'this machine'} (datastore "
+                                  f"{datastore.id}) to {host.name}:{path} failed: {exc}; nothing was restored") from exc
+            await _verify_sha256(runner, datastore, path, recorded_sha256(image, name),
+                                 f"{name} of backup image {image.id}", started, digest)
+        for previous, path in itertools.pairwise(fetched):  # each increment reads through the one before
+            await runner.run(["qemu-img", "rebase", "-u", "-f", STORED_FORMAT, "-F", STORED_FORMAT, "-b",
+                              PurePosixPath(previous).name, path], timeout=COMMAND_TIMEOUT)
+        await _check(runner, fetched[-1], started)
+        final = fetched[-1]
+        if target_format == "raw" or len(fetched) > 1:
+            final = temp_path(target, "raw" if target_format == "raw" else "merge", run_id)
             await _journal(journal, STEPS.entry(Temp(host.id, final)))
-            await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", "raw", fetched, final],
-                       started, FETCH_TIMEOUT)
+            await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", target_format, fetched[-1],
+                                final], started, FETCH_TIMEOUT)
         await runner.run(["mv", "-f", "-T", "--", final, target], timeout=COMMAND_TIMEOUT)
     finally:
         await shielded(remove_temps(runner, target, run_id))
-    log.info("disk %s of backup image %s restored to %s:%s (%s, sha256 verified)", disk_id, image.id,
-             host.name, target, target_format)
+    log.info("disk %s of backup image %s restored up to %s to %s:%s (%s, %d file(s), sha256 verified)", disk_id,
+             image.id, links_of[-1][1], host.name, target, target_format, len(links_of))
+
+
+def chain_links(image: Image, disk_id: int, increment_id: int = -1) -> list[tuple[str, str]]:
+    """(backup source, file name) of each file disk ``disk_id`` of the image is made of, base first, up to
+    ``increment_id`` (-1: the last)."""
+    backup_file(image, disk_id)
+    return [(source, disk_file_name(disk_id, n)) for n, source in chain_to(image, increment_id)]
+
+
+def chain_to(image: Image, increment_id: int = -1) -> Chain:
+    """The image's chain up to increment ``increment_id`` (-1: all of it); an error naming the image's
+    increments when it has no such one."""
+    try:
+        return chain_up_to(image_chain(image), increment_id)
+    except ValidationError:
+        known = ", ".join(str(n) for n, _ in image_chain(image))
+        raise ActionError(f"backup image {image.id} has no increment {increment_id} (its increments: "
+                          f"{known})") from None
+
+
+def link_path(first: str, n: int) -> str:
+    """The temporary file of the n-th file of a chain: the first one's path, then ``.<n>`` (so that a marker
+    naming the first finds them all)."""
+    return first if n == 0 else f"{first}.{n}"
 
 
 class _Started(NoSink):
@@ -168,10 +206,9 @@ class _Started(NoSink):
             await self.started(side, pgid)
 
 
-async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, what: str,
-                  started: ProcessStarted | None, digest: str | None = None) -> None:
-    """The copy's sha256 (``digest`` when the copy computed it) must be the recorded one, and qemu-img must
-    find the qcow2 sound."""
+async def _verify_sha256(runner: Any, datastore: Datastore, path: str, expected: str, what: str,
+                         started: ProcessStarted | None, digest: str | None = None) -> None:
+    """The copy's sha256 (``digest`` when the copy computed it) must be the recorded one."""
     limits = io_limits(datastore)
     if digest is None:
         digest = (await hash_files(runner, [path], FETCH_TIMEOUT, limits.nice, limits.ionice,
@@ -179,6 +216,10 @@ async def _verify(runner: Any, datastore: Datastore, path: str, expected: str, w
     if digest != expected:
         raise ActionError(f"{what}: sha256 of the copy is {digest}, the backup recorded {expected}: the backup "
                           "file is damaged or was changed; nothing was restored")
+
+
+async def _check(runner: Any, path: str, started: ProcessStarted | None) -> None:
+    """qemu-img must find the qcow2 (and the chain under it) sound."""
     argv = ["qemu-img", "check", "-q", "-f", STORED_FORMAT, path]
     result = await runner.run(argv, timeout=FETCH_TIMEOUT, check=False, started=on_side(started, "host"))
     if result.exit_status not in QEMU_IMG_CHECK_OK:
@@ -193,7 +234,7 @@ async def _run(runner: Any, argv: list[str], started: ProcessStarted | None, tim
 async def remove_temps(runner: Any, target_path: str, run_id: int) -> None:
     """``rm -f`` the run's temporary files next to ``target_path``; logged, never raised."""
     try:
-        await runner.run(["rm", "-f", "--", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
+        await runner.run(["sh", "-c", _REMOVE_TEMPS, "sh", *temp_paths(target_path, run_id)], timeout=COMMAND_TIMEOUT)
         # and what a killed datastore command of this run left (restic dump: its password file)
         await remove_leftovers(runner, restore_label(run_id), COMMAND_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - a leftover is reported; recovery removes it later

@@ -1,11 +1,11 @@
 """In-place restore of a powered-off VM from one of its backups (spec §8.4), as an engine run.
 
 Checks (:func:`check_request`, shared with ``one.vm.restore``): the VM is POWEROFF, the image is a BACKUP
-image of this VM, the increment is the full backup (-1 or 0: this version makes no increments), the disk is
+image of this VM, the increment is one of the image's chain (-1: the last), the disk is
 one of the image's BACKUP_DISK_IDS (-1: all of them) and still a disk of the VM. The run then puts the VM in
 ACTIVE/RESTORE and, for each disk, fetches the backed-up file next to the domain's current disk file
 (``<disk>.vmsched-new-<run>.part``, :func:`scheduler.restore.disk.fetch_disk`: verified against the
-recorded sha256, in the disk's own format). A failure up to here removes what was fetched: the VM is
+recorded sha256, a chain merged up to the increment, in the disk's own format). A failure up to here removes what was fetched: the VM is
 exactly as it was. Then the swap, shielded from cancellation: each current file is renamed aside
 (``<disk>.vmsched-old-<run>.part``) and the new one renamed in; when every disk is swapped the old files
 go, libvirt's snapshot and checkpoint metadata of the domain is dropped (the disks hold none of it now),
@@ -39,7 +39,7 @@ from scheduler.model import backup_config as backups
 from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageType, LcmState, VmState
 from scheduler.model.objects.vm import Vm, set_states
-from scheduler.restore.disk import fetch_disk, remove_temps
+from scheduler.restore.disk import chain_to, fetch_disk, remove_temps
 from scheduler.restore.steps import STEPS, Swap, Temp, VmStateSaved
 from scheduler.store.state import State
 
@@ -61,7 +61,6 @@ class RestoreArgs:
 
 
 COMMAND_TIMEOUT = 120.0
-FULL_INCREMENT = 0  # the only increment of a full backup
 Recoverer = Callable[[Any], Awaitable[None]]
 
 
@@ -91,9 +90,7 @@ def check_request(state: State, vm: Vm, image_id: int, increment_id: int, disk_i
     if vm.id not in image.vms:
         owners = ", ".join(map(str, image.vms)) or "no VM"
         raise ActionError(f"backup image {image_id} is a backup of {owners}, not of VM {vm.id}")
-    if increment_id not in (LAST, FULL_INCREMENT):
-        raise ActionError(f"backup image {image_id} has no increment {increment_id}: it holds one full backup "
-                          f"(increment {FULL_INCREMENT}); use -1 or {FULL_INCREMENT}")
+    chain_to(image, increment_id)  # an error naming the image's increments when it has no such one
     if disk_id != LAST and disk_id not in image.backup_disk_ids:
         known = ", ".join(map(str, image.backup_disk_ids)) or "none"
         raise ActionError(f"backup image {image_id} has no disk {disk_id} (its disks: {known})")
@@ -151,6 +148,7 @@ class _Restore:
     where: Placement
     image: Image
     disk_ids: list[int]
+    increment_id: int = LAST
     restore_to: tuple[VmState, LcmState] | None = None
     files: list[DiskFile] = field(default_factory=list)
     swapping: bool = False  # from the swap step on, the swap itself records the VM's state
@@ -181,7 +179,7 @@ async def perform(ctx: RunContext, args: RestoreArgs) -> str:
     ctx.connections("restores cannot run")
     where = await locate_for_run(ctx)
     await _require_shut_off(where, "a restore writes its disks")
-    run = _Restore(ctx, where, image, disk_ids)
+    run = _Restore(ctx, where, image, disk_ids, args.increment_id)
     try:
         await _enter_restore_state(run)
         run.files = disk_files(where.vm, disk_ids, await where.kvm.xml(where.ref, inactive=True), ctx.run_id)
@@ -191,7 +189,9 @@ async def perform(ctx: RunContext, args: RestoreArgs) -> str:
         if run.restore_to is not None and not run.swapping:
             await restore_state(ctx.state, run.vm_id, run.restore_to)
     disks = ", ".join(map(str, disk_ids))
-    return (f"restored disk(s) {disks} of VM {run.vm_id} from backup image {image.id} ({image.source}, "
+    increment, source = chain_to(image, args.increment_id)[-1]
+    at = f"increment {increment} " if image.increments else ""
+    return (f"restored disk(s) {disks} of VM {run.vm_id} from backup image {image.id} ({at}{source}, "
             f"datastore {image.datastore_id}), sha256 verified; {dropped}")
 
 
@@ -219,7 +219,8 @@ async def _fetch_all(run: _Restore) -> None:
         for disk in run.files:
             await run.journal(STEPS.entry(Temp(host.id, disk.new)))
             await fetch_disk(run.links, ctx.state, run.image, disk.disk_id, host, disk.new, disk.format,
-                             run_id=ctx.run_id, journal=run.journal, started=run.fetch_started)
+                             run_id=ctx.run_id, journal=run.journal, started=run.fetch_started,
+                             increment_id=run.increment_id)
         ctx.sink.reached("restore-fetched")
     except BaseException:
         await shielded(_remove(run.runner, [disk.new for disk in run.files]))

@@ -34,7 +34,7 @@ from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import ImageState, ImageType
 from scheduler.model.objects.vmtemplate import DOMAIN_XML_KEY
 from scheduler.model.template import Template
-from scheduler.restore.disk import fetch_disk, remove_temps, temp_path
+from scheduler.restore.disk import chain_to, fetch_disk, remove_temps, temp_path
 from scheduler.restore.template import clean_vm_template, restored_domain_xml
 from scheduler.store.state import State
 
@@ -91,9 +91,7 @@ def check_request(state: State, backup: Image, target: Datastore, options: Resto
         raise ActionError(f"the backup datastore {backup.datastore_id} of image {backup.id} does not exist")
     if not imageds.is_image_datastore(target):
         raise ActionError("Destination can be only an image datastore")
-    if options.increment not in (-1, 0):
-        raise ActionError(f"backup image {backup.id} has no increment {options.increment} (full backups only: "
-                          "use -1 or 0)")
+    chain_to(backup, options.increment)  # an error naming the image's increments when it has no such one
     if options.disk_id is None:
         return list(backup.backup_disk_ids)
     if options.disk_id not in backup.backup_disk_ids:
@@ -124,14 +122,15 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-async def read_backup(state: State, links: HostLinks, backup: Image) -> tuple[str, str]:
-    """(vm.xml, domain.xml) of the backup, from its datastore."""
+async def read_backup(state: State, links: HostLinks, backup: Image, increment_id: int = -1) -> tuple[str, str]:
+    """(vm.xml, domain.xml) of the backup (as they were at increment ``increment_id``), from its datastore."""
     datastore = state.datastores.get(backup.datastore_id)
     store = open_datastore(datastore, links.pool)
     vm_id = backup.vms[0] if backup.vms else -1
+    source = chain_to(backup, increment_id)[-1][1]
     try:
-        vm_xml = (await store.read_file(vm_id, backup.source, VM_XML)).decode()
-        domain_xml = (await store.read_file(vm_id, backup.source, DOMAIN_XML)).decode()
+        vm_xml = (await store.read_file(vm_id, source, VM_XML)).decode()
+        domain_xml = (await store.read_file(vm_id, source, DOMAIN_XML)).decode()
     except NotFound as exc:
         raise ActionError(f"backup image {backup.id}: {exc}") from exc
     return vm_xml, domain_xml
@@ -161,13 +160,13 @@ async def restore(ctx: Daemon, owner: Ownership, backup_id: int, ds_id: int, opt
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
     links = ctx.connections("restores cannot run")
-    vm_xml, domain_xml = await read_backup(state, links, backup)
+    vm_xml, domain_xml = await read_backup(state, links, backup, options.increment)
     sizes = disk_sizes(vm_xml, disk_ids)
     if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
         raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
                           f"{target.free_mb} MB free")
     host = imageds.bridge_host(state, target) or this_machine()
-    urls = disk_urls(backup, state.datastores.get(backup.datastore_id))
+    urls = disk_urls(backup, state.datastores.get(backup.datastore_id), options.increment)
     base = base_name(backup, options)
     created = await _records(ctx, disk_ids, base, owner, target, sizes, urls, backup)
     try:
@@ -180,7 +179,7 @@ async def restore(ctx: Daemon, owner: Ownership, backup_id: int, ds_id: int, opt
         await runner.run(["mkdir", "-p", "--", target.base_path], timeout=COMMAND_TIMEOUT)
         for disk_id, image_id in created.items():
             await fetch_disk(links, state, backup, disk_id, host, imageds.image_path(target, image_id, "qcow2"),
-                             "qcow2", run_id=image_id, started=_fetch_started)
+                             "qcow2", run_id=image_id, started=_fetch_started, increment_id=options.increment)
         crash_point("image-restore-fetched")
         template_id = await _finish(ctx, owner, created, template)
     except BaseException as exc:
