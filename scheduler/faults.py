@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 CRASH_ENV = "VMSCHED_CRASH_AT"
 POINTS = ("quiesced", "snapshot", "convert", "converted", "upload", "uploaded",  # a backup
           "restore-fetch", "restore-fetched", "restore-swap",  # an in-place restore
-          "image-restore-fetch", "image-restore-fetched")  # a restore to new images
+          "image-restore-fetch", "image-restore-fetched",  # a restore to new images
+          "flatten-merged", "flatten-switched")  # KEEP_LAST merging the oldest increments of a chain
 
 
 def armed() -> set[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from drivers.datastore import merge
 from scheduler.backup import chain
 from scheduler.errors import ActionError
 from scheduler.model.objects.datastore import Datastore
@@ -97,3 +100,44 @@ def test_a_link_added_sums_the_sizes_and_points_the_urls_at_it() -> None:
 def test_the_reason_of_a_new_chain_is_kept_on_its_image() -> None:
     image = chain.start_chain(full_image(), DATASTORE, chain.new_chain("checkpoint gone"), 30, {}, 1000)
     assert image.template.get(chain.REASON) == "checkpoint gone"
+
+
+def chain_of(links: int) -> Image:
+    image = base()
+    for n in range(1, links):
+        image = chain.add_link(image, DATASTORE, n, f"{n:06x}", 2, {f"disk.0.{n}": f"{n:x}" * 64, "vm.xml": "e" * 64},
+                               {}, 1000 + n)
+    return image
+
+
+@pytest.mark.parametrize(("links", "keep", "merged"), [
+    (3, 2, [0, 1]), (4, 2, [0, 1, 2]), (2, 2, []), (3, None, []), (3, 0, []), (5, 1, [0, 1, 2, 3, 4]),
+])
+def test_keep_last_merges_the_oldest_links_into_the_kth_newest(links: int, keep: int | None, merged: list[int]) -> None:
+    assert [n for n, _ in chain.flatten_cut(chain_of(links), keep)] == merged
+
+
+def test_a_flattened_chain_starts_at_its_merged_base_and_keeps_the_later_links() -> None:
+    image = chain_of(4)
+    cut = chain.flatten_cut(image, 2)
+    flat = chain.flattened(image, DATASTORE, cut, "ffffff", 40, {"disk.0.2": "f" * 64, "disk.1.2": "9" * 64}, 5000)
+    assert [(i.id, i.type, i.parent_id, i.source, i.size, i.date) for i in flat.increments] == [
+        (2, "FULL", -1, "ffffff", 40, 1002), (3, "INCREMENT", 2, "000003", 2, 1003)]
+    assert flat.size == 42 and flat.sources == ["ffffff", "000003"]
+    sums = {(v["FILE"], v["INCREMENT_ID"], v.get("VIRTUAL_SIZE")) for v in flat.template.vectors("CHECKSUMS")}
+    assert sums == {("disk.0.2", "2", str(64 << 20)), ("disk.1.2", "2", str(32 << 20)),
+                    ("disk.0.3", "3", None), ("vm.xml", "3", None)}
+    assert chain.base_sizes(flat) == {0: 64 << 20, 1: 32 << 20}
+    assert flat.template.vectors("BACKUP_URL")[0]["URL"] == "rsync://100//2:ffffff,3:000003//srv/bk/7/000003/disk.0.3"
+    validate(flat.to_xml(), "image")
+    with pytest.raises(ActionError, match="no longer starts with the links that were merged"):
+        chain.flattened(flat, DATASTORE, cut, "eeeeee", 1, {}, 6000)
+
+
+def test_the_merge_opens_the_chain_base_first_without_touching_the_files() -> None:
+    spec = merge.chain_spec(["/s/a/disk.0.0", "/s/b/disk.0.1"])
+    assert json.loads(spec.removeprefix("json:")) == {
+        "driver": "qcow2", "file": {"driver": "file", "filename": "/s/b/disk.0.1"},
+        "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/s/a/disk.0.0"}, "backing": None}}
+    assert merge.convert_argv(["/x"], "/out") == ["qemu-img", "convert", "-q", "-O", "qcow2", merge.chain_spec(["/x"]),
+                                                  "/out"]

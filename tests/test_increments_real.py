@@ -267,3 +267,51 @@ def test_a_vm_restored_in_place_at_a_middle_increment(
     wait_state(chains.api, vm_id, "3")
     message = chains.backup(vm_id, "rsync")  # the next backup is a new base, checkpoints and all
     assert "full base of a new chain" in message
+
+
+def snapshots_of(chains: Chains, vm_id: int) -> int:
+    repo = chains.bases["restic"] / str(vm_id)
+    return len(json.loads(restic_on_server(chains.realenv, repo, "snapshots", "--json")))
+
+
+def check_restore_points(chains: Chains, image_id: int, expected: dict[int, tuple[Path, Path]], name: str) -> None:
+    """Each increment the image lists restores (one.image.restore) to the disks as they were at it."""
+    image = chains.image(image_id)
+    assert [i[0] for i in increments(image)] == sorted(expected)
+    for n, disks in expected.items():
+        for disk_id, then in enumerate(disks):
+            reply = str(chains.api.call("one.image.restore", image_id, chains.images_ds,
+                                        f'INCREMENT_ID = "{n}"\nNAME = "{name}-{n}"\nDISK_ID = "{disk_id}"'))
+            [restored] = map(int, reply.split()[1:])
+            assert same_image(Path(chains.image(restored).findtext("SOURCE") or ""), then), f"disk {disk_id} at {n}"
+            chains.api.call("one.image.delete", restored, False)
+
+
+@pytest.mark.parametrize("kind", ["fs", "rsync", "restic"])
+def test_keep_last_merges_the_oldest_increments_and_keeps_k_restore_points(
+        chains: Chains, kind: str, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom, vm_id = incremental_vm(chains, tiny_domain)
+    chains.api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ MODE = "INCREMENT", KEEP_LAST = "2" ]', 1)
+    at: dict[int, tuple[Path, Path]] = {}
+    for n in range(4):
+        host1.write_pattern(dom, "vda", pattern=0x70 + n, offset=f"{4 + 8 * n}M", length="2M")
+        at[n] = (snapshot_copy(dom.vda, tmp_path / f"vda.{n}", "qcow2"), snapshot_copy(dom.vdb, tmp_path / f"vdb.{n}", "qcow2"))
+        message = chains.backup(vm_id, kind)
+        if n >= 2:
+            assert f"KEEP_LAST merged increments {n - 2}-{n - 1} into a new base" in message, message
+    image_id, last = chains.pointers(vm_id)
+    assert last == 3
+    image = chains.image(image_id)
+    validate(image, "image")
+    links = increments(image)
+    assert [(i, t, p) for i, t, p, _, _ in links] == [(2, "FULL", -1), (3, "INCREMENT", 2)]
+    assert int(image.findtext("SIZE") or "") == sum(size for *_, size in links)
+    assert image.findtext("STATE") == "1" and image.find("TEMPLATE/FLATTEN") is None
+    if kind == "restic":
+        assert snapshots_of(chains, vm_id) == 2
+    else:
+        assert sorted(p.name for p in (chains.bases[kind] / str(vm_id)).iterdir()) == sorted(s for *_, s, _ in links)
+    check_restore_points(chains, image_id, {2: at[2], 3: at[3]}, f"{kind}-kept")
+    assert dict(chains.api.call("vmsched.image.verify", image_id, -1))["OK"]  # type: ignore[call-overload]

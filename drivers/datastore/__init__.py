@@ -12,7 +12,15 @@ from __future__ import annotations
 from typing import Protocol
 
 from drivers.commands import Runner
-from drivers.datastore.base import BackupDatastore, Capacity, FetchRequest, UploadRequest, UploadResult, run_label
+from drivers.datastore.base import (
+    BackupDatastore,
+    Capacity,
+    FetchRequest,
+    FlattenRequest,
+    UploadRequest,
+    UploadResult,
+    run_label,
+)
 from drivers.datastore.fs import FsDatastore
 from drivers.datastore.restic import ResticDatastore, sftp_target
 from drivers.datastore.rsync import RsyncDatastore, RunnerFactory, server_target
@@ -22,7 +30,7 @@ from scheduler.model.objects.datastore import Datastore
 from scheduler.model.template import Template
 
 __all__ = [
-    "DRIVERS", "BackupDatastore", "Capacity", "FetchRequest", "check_backup_template", "check_ports", "server_attributes", "UploadRequest", "UploadResult", "driver_of",
+    "DRIVERS", "BackupDatastore", "Capacity", "FetchRequest", "FlattenRequest", "check_backup_template", "check_ports", "server_attributes", "UploadRequest", "UploadResult", "driver_of",
     "all_hypervisor_tools", "hypervisor_tools", "open_datastore", "remove_leftovers", "run_label", "server_of", "url_path",
 ]  # fmt: skip
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from drivers.commands import CommandFailed, Runner, shielded
-from drivers.datastore import layout
+from drivers.datastore import layout, merge
 from drivers.datastore.check import ImageCheck, qemu_img_check
 from drivers.datastore.layout import Layout
 from drivers.sink import NO_SINK, DriverSink
@@ -121,6 +121,19 @@ class FetchRequest:
 
 
 @dataclass(frozen=True)
+class FlattenRequest:
+    """Merge the chain ``links`` (``(increment id, backup id)``, base first) of VM ``vm_id`` into the new backup
+    ``backup_id``: one self-contained ``disk.<id>.<n>`` per disk (``n`` the last link's increment) and that
+    link's ``vm.xml`` and ``domain.xml``. The links themselves are left as they are."""
+
+    vm_id: int
+    links: Sequence[tuple[int, str]]
+    disk_ids: Sequence[int]
+    backup_id: str
+    timeout: float  # seconds for the whole merge
+
+
+@dataclass(frozen=True)
 class UploadResult:
     """One uploaded backup: its allocated size on the hypervisor (like ``du -sm``) and each file's sha256."""
 
@@ -145,6 +158,10 @@ class BackupDatastore(Protocol):
     async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> str | None:
         """Copy the file; the sha256 of the bytes written when the copy computed it on the way, else None.
         The sink is told each process group started ("host" or "local" side)."""
+
+    async def flatten(self, request: FlattenRequest, sink: DriverSink = NO_SINK) -> UploadResult:
+        """Write the merged backup where the datastore keeps its backups, all of it or nothing; the sink is
+        told each process group started ("server" side)."""
 
     async def rm(self, vm_id: int, sources: Sequence[str]) -> None: ...
 
@@ -375,6 +392,30 @@ class TreeDatastore:
         if removed:
             log.info("datastore %s: removed partial uploads of VM %s: %s", self.datastore.id, vm_id, removed)
         return removed
+
+    async def flatten(self, request: FlattenRequest, sink: DriverSink = NO_SINK) -> UploadResult:
+        """Merge the links on the server into ``.tmp-<backup_id>`` (qemu-img reads them in place), copy the last
+        link's descriptions beside, hash, and rename the directory into place."""
+        vm_id, (last, newest) = request.vm_id, request.links[-1]
+        tmp = await self._begin(vm_id, request.backup_id)
+        try:
+            names = [layout.disk_file_name(disk_id, last) for disk_id in request.disk_ids]
+            for disk_id, name in zip(request.disk_ids, names, strict=True):
+                chain = [self.layout.file_path(vm_id, source, layout.disk_file_name(disk_id, n))
+                         for n, source in request.links]
+                await self.server.run(merge.convert_argv(chain, f"{tmp}/{name}"), timeout=request.timeout,
+                                      started=on_side(sink.process_started, "server"))
+            descriptions = [self.layout.file_path(vm_id, newest, name) for name in (layout.VM_XML, layout.DOMAIN_XML)]
+            await self._run(["cp", "--", *descriptions, tmp])
+            paths = [f"{tmp}/{name}" for name in (*names, layout.VM_XML, layout.DOMAIN_XML)]
+            digests = await hash_files(self.server, paths, request.timeout)
+            sizes = await staged_sizes(self.server, paths, request.timeout)
+            await self._commit(vm_id, request.backup_id)
+        except BaseException:
+            await shielded(self._discard(tmp))
+            raise
+        return UploadResult(size_mb=math.ceil(sum(b for _, b in sizes) / MIB),
+                            sha256={path.rsplit("/", 1)[-1]: digest for path, digest in digests.items()})
 
     # --- upload scaffolding: temporary directory, commit, discard, progress ----------------------------------
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drivers.commands import Result, Runner, Started, shielded, stderr_tail
-from drivers.datastore import layout
+from drivers.datastore import layout, merge
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     MAX_SMALL_FILE,
@@ -47,6 +47,7 @@ from drivers.datastore.base import (
     PROGRESS_INTERVAL,
     Capacity,
     FetchRequest,
+    FlattenRequest,
     ProcessStarted,
     Progress,
     UploadRequest,
@@ -565,6 +566,57 @@ class ResticDatastore:
         async with self._repository(vm_id) as path:
             await self._changing(self.server, path, ["forget", *ids, "--prune", *self.settings.prune_options])
 
+    async def flatten(self, request: FlattenRequest, sink: DriverSink = NO_SINK) -> UploadResult:
+        """On the server: each link's disk files dumped beside the repository, merged by qemu-img into one file
+        per disk, and backed up with the last link's descriptions as a new snapshot (tagged with
+        ``backup_id``); the dumps are removed whatever happens."""
+        vm_id, (last, newest) = request.vm_id, request.links[-1]
+        repo = self.layout.vm_dir(vm_id)
+        work = f"{repo}.vmsched-flatten-{layout.check_backup_id(request.backup_id)}"
+        started = on_side(sink.process_started, "server")
+        snapshots = {source: await self._snapshot(vm_id, source) for _, source in request.links}
+        try:
+            await self._run_on_server(["mkdir", "-p", "--", f"{work}/out"])
+            names = []
+            for disk_id in request.disk_ids:
+                chain = []
+                for n, source in request.links:
+                    name = layout.disk_file_name(disk_id, n)
+                    chain.append(await self._dump(vm_id, snapshots[source], source, name, f"{work}/{name}",
+                                                  request.timeout, started))
+                names.append(layout.disk_file_name(disk_id, last))
+                await self.server.run(merge.convert_argv(chain, f"{work}/out/{names[-1]}"), timeout=request.timeout,
+                                      started=started)
+            for name in (layout.VM_XML, layout.DOMAIN_XML):
+                await self._dump(vm_id, snapshots[newest], newest, name, f"{work}/out/{name}", request.timeout, started)
+            paths = [f"{work}/out/{name}" for name in (*names, layout.VM_XML, layout.DOMAIN_XML)]
+            digests = await hash_files(self.server, paths, request.timeout)
+            async with self._repository(vm_id) as path:
+                await self._changing(self.server, path, ["backup", "--json", "--force", "--tag", f"{TAG_PREFIX}{vm_id}",
+                                                         "--tag", f"{BACKUP_TAG_PREFIX}{request.backup_id}", "--",
+                                                         *paths], timeout=request.timeout, priority=True,
+                                     started=started)
+            sizes = [int(n) for n in (await self._run_on_server(["stat", "-c", "%b %B", "--", *paths])).split()]
+        finally:
+            await shielded(_remove_quietly(self.server, work, self.command_timeout, recursive=True))
+        allocated = sum(sizes[i] * sizes[i + 1] for i in range(0, len(sizes), 2))
+        return UploadResult(size_mb=math.ceil(allocated / MIB),
+                            sha256={path.rsplit("/", 1)[-1]: digest for path, digest in digests.items()})
+
+    async def _dump(self, vm_id: int, snapshot: dict[str, Any], source: str, name: str, into: str,
+                    timeout: float, started: Started | None) -> str:  # noqa: ASYNC109
+        """File ``name`` of backup ``source`` restored into the file ``into`` on the server; ``into``."""
+        path = self._path_in(snapshot, vm_id, source, name)
+        repo = self.layout.vm_dir(vm_id)
+        result = await self._restic(self.server, repo, ["dump", "--no-lock", str(snapshot["id"]), path], timeout=timeout,
+                                    priority=True, started=started, wrap=["sh", "-c", 'f=$1; shift; "$@" > "$f"', "sh", into])
+        if result.exit_status != 0:
+            raise self._failed(self.server, repo, ["dump"], result)
+        return into
+
+    async def _run_on_server(self, argv: Sequence[str]) -> bytes:
+        return (await self.server.run(argv, timeout=self.command_timeout)).stdout
+
     async def stat(self, vm_id: int, source: str, disk_id: int) -> int:
         """Virtual size (MB) of disk ``disk_id`` as recorded in the snapshot's vm.xml."""
         return layout.disk_size_mb(await self.read_file(vm_id, source, layout.VM_XML), disk_id)
@@ -696,8 +748,8 @@ def _host(runner: Runner) -> str:
     return str(getattr(runner, "host", None) or "local")
 
 
-async def _remove_quietly(runner: Runner, path: str, timeout: float) -> None:  # noqa: ASYNC109
+async def _remove_quietly(runner: Runner, path: str, timeout: float, *, recursive: bool = False) -> None:  # noqa: ASYNC109
     try:
-        await runner.run(["rm", "-f", "--", path], timeout=timeout, check=False)
+        await runner.run(["rm", "-rf" if recursive else "-f", "--", path], timeout=timeout, check=False)
     except DriverError as exc:
-        log.warning("%s: cannot remove password file %s: %s", _host(runner), path, exc)
+        log.warning("%s: cannot remove %s: %s", _host(runner), path, exc)

@@ -10,6 +10,7 @@ from scheduler.api.context import Context
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.api.registry import registry
 from scheduler.api.rpc import Param
+from scheduler.backup.chain import being_flattened
 from scheduler.backup.retention import forget_image
 from scheduler.backup.urls import with_urls
 from scheduler.errors import ActionError, DriverError, NotFound, ValidationError
@@ -42,6 +43,9 @@ async def delete(ctx: Context, caller: Caller, image_id: int, force: bool) -> in
         await _remove_image_file(ctx, image)
     if image.type == ImageType.BACKUP:
         vm = ctx.state.vms.find(vm_id)
+        if being_flattened(image):
+            raise ActionError(f"Active backup on the associated VM {vm_id}: the oldest increments of image "
+                              f"{image_id} are being merged; delete it when that is done")
         if vm is not None and vm.lcm_state in (LcmState.BACKUP, LcmState.BACKUP_POWEROFF):
             raise ActionError(f"Active backup on the associated VM {vm_id}: delete image {image_id} when it has ended")
         await _remove_backup_files(ctx, image, vm_id, force)

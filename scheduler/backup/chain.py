@@ -30,6 +30,7 @@ from scheduler.model.objects.vm import Vm
 from scheduler.model.template import Vector
 
 REASON = "NEW_CHAIN_REASON"
+FLATTEN = "FLATTEN"  # on the image while its oldest links are merged (scheduler.backup.flatten)
 CHECKSUMS = "CHECKSUMS"
 URLS = "BACKUP_URL"
 
@@ -145,3 +146,41 @@ def _with_urls(image: Image, datastore: Datastore) -> Image:
 
 def _ids(ids: Sequence[int]) -> str:
     return ", ".join(map(str, sorted(ids))) or "none"
+
+
+# ---- KEEP_LAST by flattening (spec §6.5) ------------------------------------------------------------
+
+
+def being_flattened(image: Image) -> bool:
+    return image.template.get_vector(FLATTEN) is not None
+
+
+def flatten_cut(image: Image, keep_last: int | None) -> list[tuple[int, str]]:
+    """The links to merge so that ``keep_last`` restore points remain: the oldest ``n - K + 1`` (their
+    newest becomes the new base); none when the chain is not longer than K."""
+    links = sorted((increment.id, increment.source) for increment in image.increments)
+    if not keep_last or keep_last < 1 or len(links) <= keep_last:
+        return []
+    return links[: len(links) - keep_last + 1]
+
+
+def flattened(image: Image, datastore: Datastore, merged: Sequence[tuple[int, str]], backup_id: str, size_mb: int,
+              sha256: Mapping[str, str], now: float) -> Image:
+    """The chain image once ``merged`` (base first) is one backup ``backup_id``: its last id is the new FULL
+    base (its date kept), every older link is gone, and the later ones are untouched. The disks keep the
+    VIRTUAL_SIZE the old base recorded."""
+    base_id = merged[-1][0]
+    old = {increment.id: increment for increment in image.increments}
+    if sorted((increment.id, increment.source) for increment in image.increments)[: len(merged)] != list(merged):
+        raise ActionError(f"chain image {image.id} no longer starts with the links that were merged")
+    sizes = {f"disk.{disk_id}.{base_id}": size for disk_id, size in base_sizes(image).items()}
+    template = image.template.copy()
+    kept = [vector for vector in template.vectors(CHECKSUMS) if increment_of(vector) > base_id]
+    template.remove(CHECKSUMS)
+    for vector in [*checksum_vectors(base_id, sha256, sizes), *kept]:
+        template.add(CHECKSUMS, vector)
+    base = Increment(id=base_id, type=FULL, parent_id=-1, source=backup_id, size=size_mb, date=old[base_id].date)
+    increments = [base, *(increment for increment in image.increments if increment.id > base_id)]
+    chain = dataclasses.replace(image, template=template, increments=increments, modtime=int(now),
+                                size=sum(increment.size for increment in increments))
+    return _with_urls(chain, datastore)

@@ -47,6 +47,7 @@ from scheduler.backup.checks import (
     selected_disks,
     target_datastore,
 )
+from scheduler.backup.flatten import keep_last_links
 from scheduler.backup.retention import apply_keep_last
 from scheduler.backup.steps import STEPS, Process, Staging, Upload, VmStateSaved
 from scheduler.backup.transport import upload_ssh
@@ -187,6 +188,8 @@ async def perform(ctx: RunContext, ds_id: int, *, reset: bool = False) -> str:
         kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
     else:
         await _prune_checkpoints(run)
+        kept = await keep_last_links(ctx.state, links, vm.id, image.id,
+                                     backups.keep_last(ctx.state.vms.get(vm.id).backup_config), ctx.clock.now())
     return f"{_what(run, live)} of VM {vm.id} stored in datastore {ds_id} as image {image.id} ({image.size} MB){kept}"
 
 

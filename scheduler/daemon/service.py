@@ -24,6 +24,7 @@ from scheduler.actions.registry import is_backup
 from scheduler.api.auth import SessionCache
 from scheduler.api.methods import Context, make_authenticator, registry
 from scheduler.api.server import Dispatcher, make_app
+from scheduler.backup import flatten
 from scheduler.backup.recovery import make_recoverer
 from scheduler.config import Config, load_config
 from scheduler.daemon import bootstrap
@@ -162,6 +163,7 @@ class Daemon:
         await engine.ready.wait()  # start-up recovery done
         if not parts.simulated:
             await image_restore.recover_interrupted(parts.state, parts.links)
+            await flatten.recover(parts.state, parts.links)
         monitor_task = self._start_monitors()
         gc.freeze()  # what start-up loaded lives on: keep it out of every later collection
         app = make_app(parts.dispatcher, self.config.message_size, metrics=partial(render_metrics, engine, parts.board))

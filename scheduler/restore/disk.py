@@ -31,6 +31,7 @@ from drivers.datastore.base import hash_files, on_side
 from drivers.datastore.layout import check_path, disk_file_name
 from drivers.datastore.limits import io_limits
 from drivers.sink import NoSink
+from scheduler.backup.chain import being_flattened
 from scheduler.backup.transport import upload_ssh
 from scheduler.backup.urls import Chain, chain_up_to, image_chain
 from scheduler.errors import ActionError, ValidationError
@@ -180,7 +181,10 @@ def chain_links(image: Image, disk_id: int, increment_id: int = -1) -> list[tupl
 
 def chain_to(image: Image, increment_id: int = -1) -> Chain:
     """The image's chain up to increment ``increment_id`` (-1: all of it); an error naming the image's
-    increments when it has no such one."""
+    increments when it has no such one (or while its oldest increments are being merged)."""
+    if being_flattened(image):
+        raise ActionError(f"backup image {image.id}: its oldest increments are being merged (KEEP_LAST); try "
+                          "again when that is done", retryable=True)
     try:
         return chain_up_to(image_chain(image), increment_id)
     except ValidationError:
