@@ -11,10 +11,14 @@ Each link, read through its chain, is the disk exactly as it was at its backup.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import libvirt_qemu
 import pytest
 import pytest_asyncio
 
@@ -22,6 +26,7 @@ from drivers.tm.plan import DiskSource, FsFreeze
 from drivers.tm.qcow2 import CaptureError, CaptureRequest, ChainBroken, Increment, capture, recover
 from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_bitmaps
 from drivers.vmm.errors import VmmError
+from drivers.vmm.states import DomainState
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 from tests.realenv.procs import run
@@ -249,3 +254,162 @@ async def test_a_chain_whose_checkpoint_is_gone_is_broken_and_foreign_checkpoint
             pass
     assert await host1.kvm.checkpoints(dom.name) == ["theirs"]
     assert staged(tmp_path / "5" / "82") == []
+
+
+def qmp(hv: Hypervisor, dom: TinyDomain, command: str, **arguments: object) -> dict:
+    reply = libvirt_qemu.qemuMonitorCommand(hv.lookup(dom), json.dumps({"execute": command, "arguments": arguments}), 0)
+    return dict(json.loads(reply))
+
+
+def vda_node(hv: Hypervisor, dom: TinyDomain) -> str:
+    nodes = qmp(hv, dom, "query-named-block-nodes", flat=True)["return"]
+    return str(next(n["node-name"] for n in nodes if n.get("drv") == "qcow2" and n.get("file") == str(dom.vda)))
+
+
+@real
+async def test_a_checkpoint_whose_libvirt_record_was_lost_is_redefined_from_its_bitmaps(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    dom, hv = tiny_domain(), hypervisors("host1")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 91, 0), Journal()):
+        pass
+    await host1.kvm.delete_checkpoint(dom.name, "vmsched-5-0", metadata_only=True)  # libvirt forgot it
+    assert await host1.kvm.checkpoints(dom.name) == []
+    hv.write_pattern(dom, "vda", pattern=0x77, offset="24M", length="2M")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 92, 1), Journal()) as first:
+        assert 2 * MiB <= first.images[0].actual_size < 4 * MiB  # an increment, not a full
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0", "vmsched-5-1"]
+
+
+@real
+async def test_a_bitmap_no_checkpoint_names_is_removed_so_the_next_checkpoint_can_be_made(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    """An interrupted run (or a lost record) left bitmap vmsched-5-0 in the image: creating checkpoint
+    vmsched-5-0 again would fail with "Bitmap already exists"."""
+    dom, hv = tiny_domain(), hypervisors("host1")
+    qmp(hv, dom, "block-dirty-bitmap-add", node=vda_node(hv, dom), name="vmsched-5-0", persistent=True)
+    qmp(hv, dom, "block-dirty-bitmap-add", node=vda_node(hv, dom), name="someone-elses", persistent=True)
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 95, 0), Journal()):
+        pass
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0"]
+    names = [b.name for b in (await host1.kvm.disk_bitmaps(dom.name))[str(dom.vda)]]
+    assert sorted(names) == ["someone-elses", "vmsched-5-0"]  # the foreign bitmap is left alone
+
+
+def kill_qemu(dom: TinyDomain) -> None:
+    """SIGKILL the domain's QEMU, as a host crash would: it stores no bitmap on the way out."""
+    [pid] = run(["pgrep", "-f", f"guest={dom.name},"]).stdout.split()
+    os.kill(int(pid), signal.SIGKILL)
+
+
+@real
+async def test_a_bitmap_left_inconsistent_by_a_killed_qemu_breaks_the_chain_and_the_next_base_clears_it(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    """A QEMU killed after it had loaded a stored bitmap leaves it flagged in-use in the image; the next QEMU
+    loads it inconsistent. Such a bitmap cannot say what changed: the chain is broken, and the new base
+    replaces the checkpoint and its bitmap without "Bitmap already exists"."""
+    dom, hv = tiny_domain(), hypervisors("host1")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 97, 0), Journal()):
+        pass
+    hv.destroy(dom)  # a clean stop: QEMU stores the bitmap
+    hv.start(dom)
+    kill_qemu(dom)
+    await _until_off(host1, dom)
+    [left] = parse_bitmaps(run(["qemu-img", "info", "-U", "--output=json", str(dom.vda)]).stdout)
+    assert left.name == "vmsched-5-0" and "in-use" in left.flags and not left.sound
+    hv.start(dom)
+    with pytest.raises(ChainBroken, match=r"checkpoint vmsched-5-0 of the previous increment cannot be trusted: "
+                                          r"bitmap vmsched-5-0 of disk 0 \(vda\) is not usable \(inconsistent"):
+        async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 98, 1), Journal()):
+            pass
+    await _new_base_replaces_it(host1, dom, tmp_path, 99)
+
+
+@real
+async def test_a_bitmap_lost_with_a_killed_qemu_breaks_the_chain_and_the_next_base_clears_its_record(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    """A bitmap created while QEMU runs reaches the image only when QEMU closes it: killed before that, it is
+    gone, though libvirt still has the checkpoint's record."""
+    dom, hv = tiny_domain(), hypervisors("host1")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 121, 0), Journal()):
+        pass
+    kill_qemu(dom)
+    await _until_off(host1, dom)
+    assert bitmap_names(dom.vda) == [] and await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0"]
+    hv.start(dom)
+    with pytest.raises(ChainBroken, match=r"checkpoint vmsched-5-0 of the previous increment cannot be trusted: "
+                                          r"disk 0 \(vda\) has no bitmap vmsched-5-0"):
+        async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 122, 1), Journal()):
+            pass
+    await _new_base_replaces_it(host1, dom, tmp_path, 123)
+
+
+async def _new_base_replaces_it(host: Host, dom: TinyDomain, tmp_path: Path, run_id: int) -> None:
+    async with capture(host.kvm, host.runner, request(dom, tmp_path, run_id, 0), Journal()):
+        pass
+    assert await host.kvm.checkpoints(dom.name) == ["vmsched-5-0"]
+    [fresh] = (await host.kvm.disk_bitmaps(dom.name))[str(dom.vda)]
+    assert fresh.name == "vmsched-5-0" and fresh.sound
+
+
+async def _until_off(host: Host, dom: TinyDomain) -> None:
+    """Until libvirt has seen the killed QEMU go (when its monitor socket closes), asked every 50 ms."""
+    for _ in range(int(DEADLINE / 0.05)):
+        if await host.kvm.state(dom.name) is DomainState.SHUTOFF:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{dom.name} still not shut off {DEADLINE} s after its QEMU was killed")
+
+
+def bitmap_names(path: Path) -> list[str]:
+    return sorted(b.name for b in parse_bitmaps(run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout))
+
+
+@real
+async def test_a_powered_off_vm_takes_increments_from_its_persistent_bitmaps_and_live_ones_follow(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    dom, hv = tiny_domain(start=False), hypervisors("host1")
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(dom.vda)])
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 101, 0), Journal()) as base:
+        assert not base.live
+        shutil.copy(base.images[0].path, chain)
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0"] and bitmap_names(dom.vda) == ["vmsched-5-0"]
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 20M 2M", str(dom.vda)])  # written while off: tracked too
+    at_one = copy_of(dom.vda, "qcow2", tmp_path / "at-1")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 102, 1), Journal()) as first:
+        assert 2 * MiB <= first.images[0].actual_size < 3 * MiB  # what changed, not the disk
+        shutil.copy(first.images[0].path, chain)
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0", "vmsched-5-1"]
+    assert bitmap_names(dom.vda) == ["vmsched-5-0", "vmsched-5-1"]
+    assert same_content(chain / "disk.0.1", at_one) and staged(tmp_path / "5" / "102") == ["disk.0.1"]
+    assert run(["pgrep", "-f", f"{tmp_path}/5/102/nbd"], check=False).stdout == ""
+
+    hv.start(dom)  # and the chain goes on live: libvirt knows checkpoint 1, QEMU loaded its bitmap
+    hv.write_pattern(dom, "vda", pattern=0x33, offset="40M", length="1M")
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 103, 2), Journal()) as second:
+        assert MiB <= second.images[0].actual_size < 2 * MiB
+        shutil.copy(second.images[0].path, chain)
+    assert same_content(chain / "disk.0.2", dom.vda)
+
+
+@real
+async def test_a_powered_off_increment_that_is_not_kept_leaves_no_bitmap(
+        host1: Host, tiny_domain: Callable[..., TinyDomain], tmp_path: Path) -> None:
+    dom = tiny_domain(start=False)
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 111, 0), Journal()):
+        pass
+    with pytest.raises(RuntimeError, match="went away"):
+        async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 112, 1), Journal()):
+            raise RuntimeError("the backup server went away")
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0"] and bitmap_names(dom.vda) == ["vmsched-5-0"]
+    journal = Journal()
+    async with capture(host1.kvm, host1.runner, request(dom, tmp_path, 113, 1), journal):
+        pass  # captured, then the daemon died before recording it
+    await recover(host1.kvm, host1.runner, dom.name, journal.steps)
+    assert await host1.kvm.checkpoints(dom.name) == ["vmsched-5-0"] and bitmap_names(dom.vda) == ["vmsched-5-0"]

@@ -7,7 +7,15 @@ import json
 import pytest
 from lxml import etree
 
-from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_bitmaps, parse_checkpoint_name
+from drivers.vmm.checkpoints import (
+    backup_xml,
+    checkpoint_name,
+    checkpoint_xml,
+    parse_bitmaps,
+    parse_checkpoint_name,
+    parse_node_bitmaps,
+    redefine_xml,
+)
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
@@ -69,3 +77,30 @@ def test_checkpoint_names_are_vmscheds_only() -> None:
     assert parse_checkpoint_name("one-7-3") is None and parse_checkpoint_name("vmsched-7-3x") is None
     with pytest.raises(ValidationError):
         checkpoint_name(-1, 0)
+
+
+def test_a_running_qemus_bitmaps_per_image_file_with_the_flags_qemu_img_would_show() -> None:
+    reply = json.dumps({"return": [
+        {"node-name": "libvirt-1-format", "drv": "qcow2", "file": "/d/vda.qcow2", "dirty-bitmaps": [
+            {"name": "vmsched-5-0", "granularity": 65536, "recording": True, "busy": False, "persistent": True},
+            {"name": "vmsched-5-1", "granularity": 65536, "recording": True, "busy": False, "inconsistent": True},
+            {"name": "off", "granularity": 65536, "recording": False, "busy": True}]},
+        {"node-name": "libvirt-1-storage", "drv": "file", "file": "/d/vda.qcow2", "dirty-bitmaps": []},
+        {"node-name": "libvirt-2-format", "drv": "raw", "file": "/d/vdb.raw"},
+    ]})
+    [good, bad, off] = parse_node_bitmaps(reply)["/d/vda.qcow2"]
+    assert good.sound and (good.name, good.granularity, good.flags) == ("vmsched-5-0", 65536, ())
+    assert not bad.sound and bad.flags == ("inconsistent",)
+    assert not off.sound and off.flags == ("not-recording", "busy")
+    assert set(parse_node_bitmaps(reply)) == {"/d/vda.qcow2"}
+    with pytest.raises(ValidationError, match="query-named-block-nodes"):
+        parse_node_bitmaps('{"error": {}}')
+
+
+def test_a_lost_checkpoint_record_is_redefined_with_its_parent_and_its_bitmaps() -> None:
+    root = etree.fromstring(redefine_xml("vmsched-5-2", "vmsched-5-1", 1700000000, ["vda", "vdb"]))
+    assert root.findtext("name") == "vmsched-5-2" and root.findtext("parent/name") == "vmsched-5-1"
+    assert root.findtext("creationTime") == "1700000000"
+    assert [(d.get("name"), d.get("checkpoint"), d.get("bitmap")) for d in root.iterfind("disks/disk")] == [
+        ("vda", "bitmap", "vmsched-5-2"), ("vdb", "bitmap", "vmsched-5-2")]
+    assert etree.fromstring(redefine_xml("vmsched-5-0", None, 1, ["vda"])).find("parent") is None

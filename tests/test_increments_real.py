@@ -315,3 +315,29 @@ def test_keep_last_merges_the_oldest_increments_and_keeps_k_restore_points(
         assert sorted(p.name for p in (chains.bases[kind] / str(vm_id)).iterdir()) == sorted(s for *_, s, _ in links)
     check_restore_points(chains, image_id, {2: at[2], 3: at[3]}, f"{kind}-kept")
     assert dict(chains.api.call("vmsched.image.verify", image_id, -1))["OK"]  # type: ignore[call-overload]
+
+
+def test_a_powered_off_vm_builds_its_chain_too_and_a_live_increment_follows(
+        chains: Chains, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
+        tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom = tiny_domain("host1", start=False, vdb_format="qcow2")
+    vm_id = chains.api.import_one("host1", dom.name)
+    chains.api.call("one.vm.updateconf", vm_id, INCREMENT, 1)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x40 0 1M", str(dom.vda)], check=True, capture_output=True)
+    at_zero = snapshot_copy(dom.vda, tmp_path / "vda.0", "qcow2")
+    assert "cold full base of a new chain" in chains.backup(vm_id, "fs")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 12M 2M", str(dom.vda)], check=True,
+                   capture_output=True)
+    at_one = snapshot_copy(dom.vda, tmp_path / "vda.1", "qcow2")
+    assert "cold increment 1" in chains.backup(vm_id, "fs")
+    host1.start(dom)
+    wait_state(chains.api, vm_id, "3")
+    host1.write_pattern(dom, "vda", pattern=0x42, offset="30M", length="1M")
+    at_two = snapshot_copy(dom.vda, tmp_path / "vda.2", "qcow2")
+    assert "live increment 2" in chains.backup(vm_id, "fs")
+    image_id, last = chains.pointers(vm_id)
+    assert last == 2 and [i[0] for i in increments(chains.image(image_id))] == [0, 1, 2]
+    assert increments(chains.image(image_id))[1][4] <= 3  # MB: the 2 MiB written while off, not the disk
+    check_restore_points(chains, image_id, {0: (at_zero, dom.vdb), 1: (at_one, dom.vdb),
+                                                    2: (at_two, dom.vdb)}, "cold")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,9 +25,17 @@ from typing import Any, TypeVar
 
 from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
-from drivers.tm import plan
+from drivers.tm import dirty, plan
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
-from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_checkpoint_name
+from drivers.vmm.checkpoints import (
+    Bitmap,
+    backup_xml,
+    checkpoint_name,
+    checkpoint_xml,
+    parse_bitmaps,
+    parse_checkpoint_name,
+    redefine_xml,
+)
 from drivers.vmm.domainxml import Disk
 from drivers.vmm.errors import GuestAgentError, VmmError
 from drivers.vmm.kvm import KvmHost
@@ -146,10 +155,9 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
                            "are backed up", host=kvm.name)
     paused = state is DomainState.PAUSED
-    if request.increment is not None:
-        if state is DomainState.SHUTOFF:
-            raise CaptureError(f"{session.where}: increments of a powered-off VM are not supported yet",
-                               host=kvm.name)
+    if request.increment is not None and state is DomainState.SHUTOFF:
+        body = session.cold_increment(disks, current, request.increment)
+    elif request.increment is not None:
         body = session.increment(disks, current, request.fs_freeze, request.increment, paused=paused)
     elif state is DomainState.SHUTOFF:
         body = session.cold(disks)
@@ -306,6 +314,14 @@ class _Session:
             await shielded(self.unquiesce())
         window = loop.time() - started
         await self.kvm.finish_backup(self.domain, name, deadline=self.options.convert_timeout)
+        images = await self.linked(disks, targets, number)
+        log.info("%s: increment %d of %s (checkpoint %s) taken with a %.3f s pause", self.where, number,
+                 ", ".join(targets), name, window)
+        return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
+                             snapshot_seconds=window)
+
+    async def linked(self, disks: Sequence[DiskSource], targets: Mapping[str, str], number: int) -> list[DiskImage]:
+        """The staged increments, each pointed at the previous link by its bare name."""
         images = []
         for disk in disks:
             path = targets[disk.target]
@@ -314,31 +330,132 @@ class _Session:
                 await self.command(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", previous, path])
             virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", path]))
             images.append(DiskImage(disk.disk_id, disk.target, path, virtual, actual))
-        log.info("%s: increment %d of %s (checkpoint %s) taken with a %.3f s pause", self.where, number,
-                 ", ".join(targets), name, window)
-        return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
-                             snapshot_seconds=window)
+        return images
+
+    async def cold_increment(self, disks: Sequence[DiskSource], current: Sequence[Disk],
+                             increment: Increment) -> CaptureResult:
+        """One increment of a powered-off VM, from the persistent bitmaps in its qcow2 files (no QEMU runs
+        the guest): the base is a full convert; a later one copies the ranges dirty since bitmap n-1
+        (:mod:`drivers.tm.dirty`). Then bitmap n is added to every disk and libvirt is given checkpoint n's
+        record, so a live increment can follow as well as a cold one."""
+        number = increment.increment_id
+        targets = {d.target: plan.staging_file(self.staging, d.disk_id, number) for d in disks}
+        name = checkpoint_name(increment.vm_id, number)
+        since = checkpoint_name(increment.vm_id, number - 1) if number else None
+        try:
+            checkpoint_xml(name, current, targets)  # only qcow2 file disks can carry a bitmap
+        except ValidationError as exc:
+            raise CaptureError(f"{self.where}: {exc}", host=self.kvm.name) from exc
+        await self.check_chain(increment, since, disks)
+        await self.command(["mkdir", "-p", "--", self.staging])
+        if since is None:
+            await self.convert_all(disks, shared=False)
+        else:
+            for disk in disks:
+                await self.copy_dirty(disk, since, targets[disk.target])
+        await self.note(Step.CHECKPOINT, checkpoint=name)
+        for disk in disks:
+            await self.command(["qemu-img", "bitmap", "--add", "-f", "qcow2", disk.path, name])
+        parent = since if since in await self.kvm.checkpoints(self.domain) else None
+        await self.kvm.redefine_checkpoint(self.domain, redefine_xml(name, parent, int(time.time()), targets))
+        images = await self.linked(disks, targets, number)
+        log.info("%s: increment %d of %s (checkpoint %s) taken from the bitmaps of the powered-off disks", self.where,
+                 number, ", ".join(targets), name)
+        return CaptureResult(images, live=False)
+
+    async def copy_dirty(self, disk: DiskSource, since: str, target: str) -> None:
+        """``target``: a qcow2 holding the ranges of ``disk`` dirty since bitmap ``since``."""
+        await self.note(Step.STAGING, path=target)
+        socket, pid_file = f"{self.staging}/nbd.{disk.disk_id}.sock", f"{self.staging}/nbd.{disk.disk_id}.pid"
+        extents = dirty.dirty_extents(await self.command(dirty.map_argv(socket, pid_file, since, disk.path)))
+        await self.command(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", disk.path, target])
+        for argv in dirty.copy_argvs(target, dirty.read_commands(extents)):
+            await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
+                                  started=self.convert_started)
+        log.info("%s: disk %d (%s): %d bytes dirty since %s copied into %s", self.where, disk.disk_id, disk.target,
+                 dirty.dirty_bytes(extents), since, target)
 
     async def check_chain(self, increment: Increment, since: str | None, disks: Sequence[DiskSource]) -> None:
-        """Before increment n: vmsched's checkpoints n and later of this VM are leftovers of runs that were not
-        kept (removed, newest first: their changes stay tracked by the previous one); checkpoint n-1 must
-        exist and no disk may have been resized since the base, or the chain is broken. Checkpoints that are
-        not vmsched's, or of other VMs, are left alone."""
-        for disk in disks if since is not None else ():
+        """Before increment n: vmsched's checkpoints n and later of this VM, and its bitmaps no checkpoint
+        names, are leftovers of runs that were not kept (removed: the previous bitmap still tracks every change
+        since it). Checkpoint n-1 must then have a sound bitmap in every disk (its libvirt record is redefined
+        when only that was lost), and no disk may have been resized since the base; otherwise the chain is
+        broken. Checkpoints and bitmaps that are not vmsched's, or of other VMs, are left alone."""
+        if since is not None:
+            await self.check_sizes(increment, disks)
+        names, bitmaps = await self.drop_leftovers(increment, disks)
+        if since is not None:
+            await self.check_since(increment, since, disks, names, bitmaps)
+
+    async def check_sizes(self, increment: Increment, disks: Sequence[DiskSource]) -> None:
+        for disk in disks:
             expected = increment.sizes.get(disk.disk_id)
             size = await self.kvm.block_capacity(self.domain, disk.target)
             if expected is not None and size != expected:
                 raise ChainBroken(self.where, f"disk {disk.disk_id} ({disk.target}) is {size} bytes, it was "
                                   f"{expected} at the chain's base (resized)", host=self.kvm.name)
+
+    async def drop_leftovers(self, increment: Increment,
+                             disks: Sequence[DiskSource]) -> tuple[list[str], dict[str, list[Bitmap]]]:
+        """Remove the stale checkpoints and orphan bitmaps; (the checkpoints left, the disks' bitmaps)."""
         names = await self.kvm.checkpoints(self.domain)
         stale = [name for name in names if (parsed := parse_checkpoint_name(name)) is not None
                  and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id]
+        off = await self.kvm.state(self.domain) is DomainState.SHUTOFF  # libvirt: record only; bitmaps below
         for name in reversed(stale):
-            log.warning("%s: checkpoint %s was left by a run that did not finish: deleted", self.where, name)
-            await self.kvm.delete_checkpoint(self.domain, name)
-        if since is not None and since not in names:
-            raise ChainBroken(self.where, f"checkpoint {since} of the previous increment is gone (deleted outside "
-                              "vmsched, or the domain was redefined)", host=self.kvm.name)
+            log.warning("%s: checkpoint %s is not part of the chain (left by a run that did not finish, or "
+                        "a new chain starts): deleted", self.where, name)
+            try:
+                await self.kvm.delete_checkpoint(self.domain, name, metadata_only=off)
+            except VmmError as exc:  # its bitmap is gone (a killed QEMU never stored it): the record goes alone
+                log.warning("%s: checkpoint %s cannot be deleted with its bitmaps (%s): its record is", self.where,
+                            name, exc)
+                await self.kvm.delete_checkpoint(self.domain, name, metadata_only=True)
+        names = [name for name in names if name not in stale]
+        bitmaps = await self.bitmaps(disks)
+        for disk in disks:  # a bitmap no checkpoint names would make the next checkpoint of its name fail
+            for bitmap in bitmaps.get(disk.path, []):
+                parsed = parse_checkpoint_name(bitmap.name)
+                if parsed is not None and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id \
+                        and bitmap.name not in names:
+                    log.warning("%s: bitmap %s of %s belongs to no checkpoint (left by an interrupted run): "
+                                "removed", self.where, bitmap.name, disk.path)
+                    await self.remove_bitmap(disk.path, bitmap.name)
+        return names, bitmaps
+
+    async def check_since(self, increment: Increment, since: str, disks: Sequence[DiskSource], names: list[str],
+                          bitmaps: dict[str, list[Bitmap]]) -> None:
+        problems = []
+        for disk in disks:
+            found = next((b for b in bitmaps.get(disk.path, []) if b.name == since), None)
+            if found is None:
+                problems.append(f"disk {disk.disk_id} ({disk.target}) has no bitmap {since}")
+            elif not found.sound:
+                problems.append(f"bitmap {since} of disk {disk.disk_id} ({disk.target}) is not usable "
+                                f"({', '.join(found.flags)})")
+        if problems:
+            gone = "is gone" if since not in names else "cannot be trusted"
+            raise ChainBroken(self.where, f"checkpoint {since} of the previous increment {gone}: "
+                              + "; ".join(problems), host=self.kvm.name)
+        if since not in names:  # the bitmaps are sound: only libvirt's record was lost
+            previous = checkpoint_name(increment.vm_id, increment.increment_id - 2) if increment.increment_id > 1 else None
+            await self.kvm.redefine_checkpoint(self.domain, redefine_xml(
+                since, previous if previous in names else None, int(time.time()), [d.target for d in disks]))
+            log.warning("%s: libvirt had no record of checkpoint %s, whose bitmaps are sound in every disk: "
+                        "redefined, the chain goes on", self.where, since)
+
+    async def bitmaps(self, disks: Sequence[DiskSource]) -> dict[str, list[Bitmap]]:
+        """``{disk file: its dirty bitmaps}``: the running QEMU's view, or ``qemu-img info`` of a domain off."""
+        if await self.kvm.state(self.domain) is not DomainState.SHUTOFF:
+            return await self.kvm.disk_bitmaps(self.domain)
+        return {disk.path: parse_bitmaps(await self.command(["qemu-img", "info", "--output=json", disk.path]))
+                for disk in disks}
+
+    async def remove_bitmap(self, path: str, name: str) -> None:
+        if await self.kvm.state(self.domain) is not DomainState.SHUTOFF:
+            await self.kvm.remove_bitmap(self.domain, path, name)
+        else:
+            await self.command(["qemu-img", "bitmap", "--remove", "-f", "qcow2", path, name])
 
     # ------------------------------------------------------------------ quiesce
 
@@ -464,7 +581,19 @@ class _Session:
             await self.attempt(f"delete checkpoint {checkpoint}", self.drop_checkpoint(checkpoint))
 
     async def drop_checkpoint(self, checkpoint: str) -> None:
-        if await self.kvm.delete_checkpoint(self.domain, checkpoint):
+        """Delete the run's checkpoint; a backup job still writing (a daemon that died left it running in
+        QEMU) is aborted first, for the checkpoint cannot go while it runs."""
+        state = await self.kvm.state(self.domain)
+        if state in (DomainState.RUNNING, DomainState.PAUSED):
+            await self.kvm.abort_backup(self.domain)
+        elif state is DomainState.SHUTOFF:  # libvirt deletes no bitmap of a domain that is off
+            for disk in await self.kvm.disks(self.domain):
+                if disk.type == "file" and disk.format == "qcow2" and disk.path and checkpoint in [
+                        b.name for b in parse_bitmaps(await self.command(["qemu-img", "info", "--output=json",
+                                                                          disk.path]))]:
+                    await self.command(["qemu-img", "bitmap", "--remove", "-f", "qcow2", disk.path, checkpoint])
+                    self.report.removed.append(f"{disk.path}:{checkpoint}")
+        if await self.kvm.delete_checkpoint(self.domain, checkpoint, metadata_only=state is DomainState.SHUTOFF):
             self.report.removed.append(checkpoint)
         self.artifacts.checkpoint = None
 

@@ -86,8 +86,8 @@ class Bitmap:
 
     @property
     def sound(self) -> bool:
-        """Usable as the base of an increment: closed cleanly and not marked inconsistent."""
-        return "in-use" not in self.flags and "inconsistent" not in self.flags
+        """Usable as the base of an increment: closed cleanly, not marked inconsistent, still recording."""
+        return not {"in-use", "inconsistent", "not-recording"} & set(self.flags)
 
 
 def parse_bitmaps(info_json: bytes | str) -> list[Bitmap]:
@@ -101,6 +101,41 @@ def parse_bitmaps(info_json: bytes | str) -> list[Bitmap]:
         raise ValidationError(f"cannot read the bitmaps of qemu-img info: {exc}") from None
 
 
+def parse_node_bitmaps(reply: str | bytes) -> dict[str, list[Bitmap]]:
+    """``{image file: its bitmaps}`` of the qcow2 nodes in QMP's ``query-named-block-nodes`` reply (a running
+    QEMU's view: ``inconsistent`` and not ``recording`` become flags, as ``qemu-img info`` would say)."""
+    try:
+        nodes = json.loads(reply)["return"]
+        found: dict[str, list[Bitmap]] = {}
+        for node in nodes:
+            if node.get("drv") != "qcow2" or not node.get("file"):
+                continue
+            bitmaps = [Bitmap(str(b["name"]), int(b["granularity"]),
+                              tuple(flag for flag, on in (("inconsistent", b.get("inconsistent", False)),
+                                                          ("not-recording", not b.get("recording", True)),
+                                                          ("busy", b.get("busy", False))) if on))
+                       for b in node.get("dirty-bitmaps", [])]
+            found.setdefault(str(node["file"]), []).extend(bitmaps)
+        return found
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValidationError(f"cannot read the bitmaps of query-named-block-nodes: {exc}") from None
+
+
+def redefine_xml(name: str, parent: str | None, created: int, targets: Iterable[str]) -> str:
+    """The ``<domaincheckpoint>`` that gives libvirt back its record of checkpoint ``name`` whose bitmaps are
+    in the disks ``targets`` (libvirt lost it: a redefined domain, another host sharing the disks)."""
+    root = etree.Element("domaincheckpoint")
+    etree.SubElement(root, "name").text = name
+    if parent is not None:
+        etree.SubElement(etree.SubElement(root, "parent"), "name").text = parent
+    etree.SubElement(root, "creationTime").text = str(int(created))
+    element = etree.SubElement(root, "disks")
+    for target in targets:
+        etree.SubElement(element, "disk", name=target, checkpoint="bitmap", bitmap=name)
+    return etree.tostring(root, encoding="unicode")
+
+
 __all__ = [
     "PREFIX", "Bitmap", "backup_xml", "checkpoint_name", "checkpoint_xml", "parse_bitmaps", "parse_checkpoint_name",
+    "parse_node_bitmaps", "redefine_xml",
 ]  # fmt: skip

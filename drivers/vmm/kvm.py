@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import libvirt
+import libvirt_qemu
 from lxml import etree
 
 from drivers.commands import shielded
 from drivers.vmm import domainxml, events
+from drivers.vmm.checkpoints import Bitmap, parse_node_bitmaps
 from drivers.vmm.domainxml import Disk
 from drivers.vmm.errors import (
     CommitTimeout,
@@ -342,6 +344,30 @@ class KvmHost:
 
         return await self._call("list checkpoints", domain, names)
 
+    async def redefine_checkpoint(self, domain: str, xml: str) -> None:
+        """Give libvirt back its record of a checkpoint whose bitmaps are in the disks (metadata only)."""
+        await self._call("redefine checkpoint", domain,
+                         lambda dom: dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE))
+
+    async def disk_bitmaps(self, domain: str) -> dict[str, list[Bitmap]]:
+        """``{image file: its dirty bitmaps}`` as the running QEMU of ``domain`` has them (QMP)."""
+        reply = await self._call("query bitmaps", domain, lambda dom: libvirt_qemu.qemuMonitorCommand(
+            dom, json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}}), 0))
+        return parse_node_bitmaps(reply)
+
+    async def remove_bitmap(self, domain: str, path: str, name: str) -> None:
+        """Remove the dirty bitmap ``name`` from the image ``path`` the running domain has open (QMP): one no
+        checkpoint names any more, which would make the next checkpoint of that name fail."""
+        def remove(dom: libvirt.virDomain) -> None:
+            reply = libvirt_qemu.qemuMonitorCommand(
+                dom, json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}}), 0)
+            nodes = [n["node-name"] for n in json.loads(reply)["return"] if n.get("drv") == "qcow2" and n.get("file") == path]
+            for node in nodes:
+                libvirt_qemu.qemuMonitorCommand(dom, json.dumps(
+                    {"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": name}}), 0)
+
+        await self._call(f"remove bitmap {name}", domain, remove)
+
     async def delete_checkpoint(self, domain: str, name: str, *, metadata_only: bool = False) -> bool:
         """Delete checkpoint ``name`` and (unless ``metadata_only``) its bitmaps, merged into its parent's;
         False when there was no such checkpoint."""
@@ -392,9 +418,13 @@ class KvmHost:
             raise
         return int(stats.get("disk_processed", stats.get("data_processed", 0)))
 
+    async def abort_backup(self, domain: str) -> None:
+        """Abort the domain's backup job, if one runs (a daemon that died left it: the job goes on in QEMU)."""
+        await self._call("abort backup", domain, _abort_job)
+
     async def _undo_backup(self, domain: str, checkpoint: str) -> None:
         try:
-            await self._call("abort backup", domain, _abort_job)
+            await self.abort_backup(domain)
         finally:
             await self.delete_checkpoint(domain, checkpoint)
 
