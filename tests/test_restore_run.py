@@ -128,8 +128,7 @@ def test_a_missing_image_is_not_found() -> None:
 
 def test_temporary_names_carry_the_run_and_no_run_is_a_prefix_of_another() -> None:
     assert rd.temp_path("/d/vda.qcow2", "fetch", 5) == "/d/vda.qcow2.vmsched-fetch-5.part"
-    assert rd.temp_paths("/d/x", 5) == ["/d/x.vmsched-fetch-5.part", "/d/x.vmsched-raw-5.part",
-                                        "/d/x.vmsched-merge-5.part"]
+    assert rd.temp_paths("/d/x", 5) == ["/d/x.vmsched-fetch-5.part", "/d/x.vmsched-raw-5.part"]
     first = rd.temp_path("/d/x", "fetch", 5)  # a chain's later files: the first one's name, then .<n>
     assert [rd.link_path(first, n) for n in range(3)] == [first, f"{first}.1", f"{first}.2"]
     assert rr.new_path("/d/x", 5) == "/d/x.vmsched-new-5.part" and rr.old_path("/d/x", 5) == "/d/x.vmsched-old-5.part"

@@ -19,6 +19,7 @@ path names the run, so :func:`remove_temps` and the process killer (``drivers.pr
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from typing import Any
 
 from drivers.commands import CommandFailed, shielded
 from drivers.datastore import DRIVERS, FetchRequest, open_datastore, remove_leftovers, server_of
-from drivers.datastore.base import hash_files, on_side
+from drivers.datastore.base import first_error, hash_files, on_side
 from drivers.datastore.layout import check_path, disk_file_name
 from drivers.datastore.limits import io_limits
 from drivers.sink import NoSink
@@ -49,7 +50,8 @@ COMMAND_TIMEOUT = 120.0
 STEP = STEPS.key  # the key of the journal steps of a restore
 FORMATS = ("qcow2", "raw")
 STORED_FORMAT = "qcow2"  # what a backup's disk.<id>.<inc> file is
-TEMP_KINDS = ("fetch", "raw", "merge")  # the first kind's path is also the stem of a chain's later files
+PARALLEL_FETCHES = 3  # links of a chain copied at the same time
+TEMP_KINDS = ("fetch", "raw")  # the first kind's path is also the stem of a chain's later files
 # rm -f each path given, and the later files of a chain ("$1".<n>, see link_path)
 _REMOVE_TEMPS = 'rm -f -- "$@" "$1".[0-9]*'
 
@@ -131,7 +133,8 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
     """Put disk ``disk_id`` of backup ``image`` (as it was at increment ``increment_id`` of its chain; -1:
     the last) at ``target_path`` on ``host``, in ``target_format`` (``qcow2`` or ``raw``). Each file of the
     chain is verified against the image's recorded sha256, the chain is linked up (each increment onto the
-    copy of the one before) and checked by ``qemu-img check``, then merged into one self-contained file;
+    copy of the one before) and committed into the copy of the base (`qemu-img commit`: only what the
+    increments hold is written), which `qemu-img check` checks, then becomes the disk;
     an existing ``target_path`` is replaced only once all of that succeeded. ``journal`` is told each
     temporary file before it exists; ``started`` each heavy command's process group."""
     target = checked_target(target_path, target_format)
@@ -142,29 +145,43 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
     try:
         ssh = await upload_ssh(links, host, runner, datastore)
         store = open_datastore(datastore, links.pool)
-        for (source, name), path in zip(links_of, fetched, strict=True):
-            await _journal(journal, STEPS.entry(Temp(host.id, path)))
-            request = FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT,
-                                   ssh_command=ssh, label=restore_label(run_id))
-            try:
-                digest = await store.fetch(request, _Started(started))
-            except CommandFailed as exc:
-                server = server_of(datastore)
-                raise ActionError(f"copying {name} of backup image {image.id} from "
-                                  f"{f'backup server {server}' if server else 'this machine'} (datastore "
-                                  f"{datastore.id}) to {host.name}:{path} failed: {exc}; nothing was restored") from exc
-            await _verify_sha256(runner, datastore, path, recorded_sha256(image, name),
-                                 f"{name} of backup image {image.id}", started, digest)
+        bound = asyncio.Semaphore(PARALLEL_FETCHES)
+
+        async def fetch(source: str, name: str, path: str) -> None:
+            async with bound:
+                await _journal(journal, STEPS.entry(Temp(host.id, path)))
+                request = FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT,
+                                       ssh_command=ssh, label=restore_label(run_id))
+                try:
+                    digest = await store.fetch(request, _Started(started))
+                except CommandFailed as exc:
+                    server = server_of(datastore)
+                    raise ActionError(f"copying {name} of backup image {image.id} from "
+                                      f"{f'backup server {server}' if server else 'this machine'} (datastore "
+                                      f"{datastore.id}) to {host.name}:{path} failed: {exc}; nothing was "
+                                      "restored") from exc
+                await _verify_sha256(runner, datastore, path, recorded_sha256(image, name),
+                                     f"{name} of backup image {image.id}", started, digest)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for (source, name), path in zip(links_of, fetched, strict=True):
+                    group.create_task(fetch(source, name, path))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
         for previous, path in itertools.pairwise(fetched):  # each increment reads through the one before
             await runner.run(["qemu-img", "rebase", "-u", "-f", STORED_FORMAT, "-F", STORED_FORMAT, "-b",
                               PurePosixPath(previous).name, path], timeout=COMMAND_TIMEOUT)
-        await _check(runner, fetched[-1], started)
-        final = fetched[-1]
-        if target_format == "raw" or len(fetched) > 1:
-            final = temp_path(target, "raw" if target_format == "raw" else "merge", run_id)
+        if len(fetched) > 1:  # the increments written into the base's copy: only what they hold moves
+            await _run(runner, ["qemu-img", "commit", "-q", "-d", "-f", STORED_FORMAT, "-b", fetched[0], fetched[-1]],
+                       started, FETCH_TIMEOUT)
+        await _check(runner, fetched[0], started)
+        final = fetched[0]
+        if target_format == "raw":
+            final = temp_path(target, "raw", run_id)
             await _journal(journal, STEPS.entry(Temp(host.id, final)))
-            await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", target_format, fetched[-1],
-                                final], started, FETCH_TIMEOUT)
+            await _run(runner, ["qemu-img", "convert", "-q", "-f", STORED_FORMAT, "-O", "raw", fetched[0], final],
+                       started, FETCH_TIMEOUT)
         await runner.run(["mv", "-f", "-T", "--", final, target], timeout=COMMAND_TIMEOUT)
     finally:
         await shielded(remove_temps(runner, target, run_id))
