@@ -61,6 +61,7 @@ from drivers.datastore.base import (
     parse_df,
     run_label,
     staged_paths,
+    staged_sizes,
     streamed_digest,
     streamed_to,
 )
@@ -596,11 +597,10 @@ class ResticDatastore:
                                                          "--tag", f"{BACKUP_TAG_PREFIX}{request.backup_id}", "--",
                                                          *paths], timeout=request.timeout, priority=True,
                                      started=started)
-            sizes = [int(n) for n in (await self._run_on_server(["stat", "-c", "%b %B", "--", *paths])).split()]
+            sizes = await staged_sizes(self.server, paths, self.command_timeout)
         finally:
             await shielded(_remove_quietly(self.server, work, self.command_timeout, recursive=True))
-        allocated = sum(sizes[i] * sizes[i + 1] for i in range(0, len(sizes), 2))
-        return UploadResult(size_mb=math.ceil(allocated / MIB),
+        return UploadResult(size_mb=math.ceil(sum(allocated for _, allocated in sizes) / MIB),
                             sha256={path.rsplit("/", 1)[-1]: digest for path, digest in digests.items()})
 
     async def _dump(self, vm_id: int, snapshot: dict[str, Any], source: str, name: str, into: str,

@@ -412,7 +412,7 @@ class _Session:
                             name, exc)
                 await self.kvm.delete_checkpoint(self.domain, name, metadata_only=True)
         names = [name for name in names if name not in stale]
-        bitmaps = await self.bitmaps(disks)
+        bitmaps = await self.bitmaps([disk.path for disk in disks], off=off)
         for disk in disks:  # a bitmap no checkpoint names would make the next checkpoint of its name fail
             for bitmap in bitmaps.get(disk.path, []):
                 parsed = parse_checkpoint_name(bitmap.name)
@@ -420,7 +420,7 @@ class _Session:
                         and bitmap.name not in names:
                     log.warning("%s: bitmap %s of %s belongs to no checkpoint (left by an interrupted run): "
                                 "removed", self.where, bitmap.name, disk.path)
-                    await self.remove_bitmap(disk.path, bitmap.name)
+                    await self.remove_bitmap(disk.path, bitmap.name, off=off)
         return names, bitmaps
 
     async def check_since(self, increment: Increment, since: str, disks: Sequence[DiskSource], names: list[str],
@@ -444,15 +444,14 @@ class _Session:
             log.warning("%s: libvirt had no record of checkpoint %s, whose bitmaps are sound in every disk: "
                         "redefined, the chain goes on", self.where, since)
 
-    async def bitmaps(self, disks: Sequence[DiskSource]) -> dict[str, list[Bitmap]]:
+    async def bitmaps(self, paths: Sequence[str], *, off: bool) -> dict[str, list[Bitmap]]:
         """``{disk file: its dirty bitmaps}``: the running QEMU's view, or ``qemu-img info`` of a domain off."""
-        if await self.kvm.state(self.domain) is not DomainState.SHUTOFF:
+        if not off:
             return await self.kvm.disk_bitmaps(self.domain)
-        return {disk.path: parse_bitmaps(await self.command(["qemu-img", "info", "--output=json", disk.path]))
-                for disk in disks}
+        return {path: parse_bitmaps(await self.command(["qemu-img", "info", "--output=json", path])) for path in paths}
 
-    async def remove_bitmap(self, path: str, name: str) -> None:
-        if await self.kvm.state(self.domain) is not DomainState.SHUTOFF:
+    async def remove_bitmap(self, path: str, name: str, *, off: bool) -> None:
+        if not off:
             await self.kvm.remove_bitmap(self.domain, path, name)
         else:
             await self.command(["qemu-img", "bitmap", "--remove", "-f", "qcow2", path, name])
@@ -587,12 +586,12 @@ class _Session:
         if state in (DomainState.RUNNING, DomainState.PAUSED):
             await self.kvm.abort_backup(self.domain)
         elif state is DomainState.SHUTOFF:  # libvirt deletes no bitmap of a domain that is off
-            for disk in await self.kvm.disks(self.domain):
-                if disk.type == "file" and disk.format == "qcow2" and disk.path and checkpoint in [
-                        b.name for b in parse_bitmaps(await self.command(["qemu-img", "info", "--output=json",
-                                                                          disk.path]))]:
-                    await self.command(["qemu-img", "bitmap", "--remove", "-f", "qcow2", disk.path, checkpoint])
-                    self.report.removed.append(f"{disk.path}:{checkpoint}")
+            paths = [d.path for d in await self.kvm.disks(self.domain) if d.type == "file" and d.format == "qcow2"
+                     and d.path]
+            for path, bitmaps in (await self.bitmaps(paths, off=True)).items():
+                if checkpoint in [b.name for b in bitmaps]:
+                    await self.remove_bitmap(path, checkpoint, off=True)
+                    self.report.removed.append(f"{path}:{checkpoint}")
         if await self.kvm.delete_checkpoint(self.domain, checkpoint, metadata_only=state is DomainState.SHUTOFF):
             self.report.removed.append(checkpoint)
         self.artifacts.checkpoint = None

@@ -351,20 +351,16 @@ class KvmHost:
 
     async def disk_bitmaps(self, domain: str) -> dict[str, list[Bitmap]]:
         """``{image file: its dirty bitmaps}`` as the running QEMU of ``domain`` has them (QMP)."""
-        reply = await self._call("query bitmaps", domain, lambda dom: libvirt_qemu.qemuMonitorCommand(
-            dom, json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}}), 0))
-        return parse_node_bitmaps(reply)
+        return parse_node_bitmaps(await self._call("query bitmaps", domain, _block_nodes))
 
     async def remove_bitmap(self, domain: str, path: str, name: str) -> None:
         """Remove the dirty bitmap ``name`` from the image ``path`` the running domain has open (QMP): one no
         checkpoint names any more, which would make the next checkpoint of that name fail."""
         def remove(dom: libvirt.virDomain) -> None:
-            reply = libvirt_qemu.qemuMonitorCommand(
-                dom, json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}}), 0)
-            nodes = [n["node-name"] for n in json.loads(reply)["return"] if n.get("drv") == "qcow2" and n.get("file") == path]
+            nodes = [n["node-name"] for n in json.loads(_block_nodes(dom))["return"]
+                     if n.get("drv") == "qcow2" and n.get("file") == path]
             for node in nodes:
-                libvirt_qemu.qemuMonitorCommand(dom, json.dumps(
-                    {"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": name}}), 0)
+                _qmp(dom, "block-dirty-bitmap-remove", node=node, name=name)
 
         await self._call(f"remove bitmap {name}", domain, remove)
 
@@ -608,6 +604,16 @@ def _job_running(dom: libvirt.virDomain) -> bool:
 def _completed_job(dom: libvirt.virDomain) -> dict[str, Any]:
     stats: dict[str, Any] = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     return stats
+
+
+def _qmp(dom: libvirt.virDomain, command: str, **arguments: object) -> str:
+    """One QMP command to the domain's QEMU (through libvirt); its JSON reply."""
+    reply: str = libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": command, "arguments": arguments}), 0)
+    return reply
+
+
+def _block_nodes(dom: libvirt.virDomain) -> str:
+    return _qmp(dom, "query-named-block-nodes", flat=True)
 
 
 def _abort_job(dom: libvirt.virDomain) -> None:

@@ -103,8 +103,8 @@ async def _switch(state: State, vm_id: int, image_id: int, merged: Sequence[tupl
                   size_mb: int, sha256: dict[str, str], now: float) -> None:
     """One transaction: the merged backup is the chain's base; the merged links' backups are to go."""
     async with state.mutation() as m:
-        image = flattened(state.images.get(image_id), state.datastores.get(state.images.get(image_id).datastore_id),
-                          merged, backup_id, size_mb, sha256, now)
+        chain = state.images.get(image_id)
+        image = flattened(chain, state.datastores.get(chain.datastore_id), merged, backup_id, size_mb, sha256, now)
         image.template.set(FLATTEN, Vector([("DROP", " ".join(source for _, source in merged))]))
         image.template.remove("ERROR")
         image.state = ImageState.READY

@@ -270,14 +270,17 @@ async def _backup(run: _Backup) -> Image:
         try:
             sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
             run.phase(CAPTURE)
-            try:
+
+            async def capture_and_upload() -> tuple[tm.CaptureResult, str, UploadResult]:
                 async with tm.capture(where.kvm, run.runner, _request(run, sources), run) as captured:
-                    backup_id, uploaded = await upload(captured)  # overlays committed meanwhile
+                    return captured, *await upload(captured)  # overlays committed meanwhile
+
+            try:
+                captured, backup_id, uploaded = await capture_and_upload()
             except tm.ChainBroken as broken:  # raised before anything was captured
                 log.warning("VM %s: %s", run.vm_id, broken)
                 run.link = new_chain(broken.reason)
-                async with tm.capture(where.kvm, run.runner, _request(run, sources), run) as captured:
-                    backup_id, uploaded = await upload(captured)
+                captured, backup_id, uploaded = await capture_and_upload()
         finally:
             await remove_staging(run.runner, run.staging)
         run.phase(RECORD)
