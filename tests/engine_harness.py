@@ -198,10 +198,13 @@ class EngineHarness:
             await asyncio.sleep(epoch - self.now())
 
     async def settle(self) -> None:
-        """Let the engine react to what just changed (no virtual time passes)."""
-        for _ in range(20):
-            await asyncio.sleep(0)
+        """Let the engine react to what just changed (no virtual time passes): until the loop has
+        nothing left to do at this instant, with every change committed."""
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop)
+        await loop.idle()
         await self.state.durable()
+        await loop.idle()
 
     async def crash_copy(self, target: Path) -> Path:
         """What a crash at this instant leaves on disk: the committed state, copied to ``target``."""
