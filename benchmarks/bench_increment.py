@@ -1,6 +1,7 @@
 """A live increment through vmsched against the full backup before it and the same increment run by hand.
 
-Run: .venv/bin/python -m benchmarks.bench_increment [--data-gib 1] [--disk-gib 4] [--dirty-mib 40] [--json]
+Run: .venv/bin/python -m benchmarks.bench_increment [--data-gib 1] [--disk-gib 4] [--dirty-mib 40] [--rounds 3]
+     [--json]
 
 The real environment is brought up (idempotent). On host1 a TCG domain with no OS gets a ``vda`` qcow2 of
 ``--disk-gib`` GiB holding ``--data-gib`` GiB of random bytes (as bench_backup) and a small qcow2 ``vdb``; a
@@ -15,7 +16,9 @@ daemon backs it up in MODE=INCREMENT into an ``rsync`` datastore on the backup s
 * the same increment by hand: ``virsh backup-begin`` (push mode, incremental since ``bench-hand-0``, into a
   qcow2 on host1) until the job ends, then ``rsync -aS`` of the files to the backup server, timed;
 * the chain grown to 7 links (a 4 MiB write before each) and disk 0 restored at its last increment through
-  ``one.image.restore``, against a restore of one full backup of the same final state (MODE=FULL).
+  ``one.image.restore``, against a restore of one full backup of the same final state (MODE=FULL): the two
+  restores alternate for ``--rounds`` rounds (the first round's order is chain first, the next full first,
+  and so on) and the medians are compared, since one restore of a GiB on a 2-core machine varies by 30 %.
 
 Everything made here is removed at the end (domain, checkpoints, files, staging and backup dirs, the daemon).
 """
@@ -27,6 +30,7 @@ import json
 import secrets
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +68,10 @@ class Figures:
     hand_seconds: float  # virsh backup-begin + rsync
     hand_steps: dict[str, float]
     increment_vs_hand: float
-    chain_restore_seconds: float
+    chain_restore_seconds: float  # median over the rounds
     full_restore_seconds: float
+    chain_restores: list[float]
+    full_restores: list[float]
     restore_ratio: float
     command: str
 
@@ -123,7 +129,18 @@ def hand_increment(env: RealEnv, dom: TinyDomain, staging: str, remote: Path, ti
     timed.total = sum(timed.steps.values())
 
 
-def measure(data_gib: float, disk_gib: float, dirty_mib: int, log: bool) -> Figures:
+def restore_rounds(api: Api, images: dict[str, int], image_ds: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each restore of each of ``images`` (name -> image id), alternating, the order turned each
+    round."""
+    seconds: dict[str, list[float]] = {name: [] for name in images}
+    for n in range(rounds):
+        order = list(images) if n % 2 == 0 else list(reversed(images))
+        for name in order:
+            seconds[name].append(restore_seconds(api, images[name], image_ds, f"{name}{n}"))
+    return seconds
+
+
+def measure(data_gib: float, disk_gib: float, dirty_mib: int, rounds: int, log: bool) -> Figures:
     def say(text: str) -> None:
         if log:
             print(text, file=sys.stderr, flush=True)
@@ -166,12 +183,11 @@ def measure(data_gib: float, disk_gib: float, dirty_mib: int, log: bool) -> Figu
                 vmsched_backup(api, vm_id, ds_id)
             image_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
                                     f'NAME = "benchimgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{work}/imgs"', -1))
-            say("restores ...")
-            chain_restore = restore_seconds(api, image_id, image_ds, "chain")
             api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ MODE = "FULL" ]', 1)
             vmsched_backup(api, vm_id, ds_id)
             full_id = int([i.text for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")][-1] or "")
-            full_restore = restore_seconds(api, full_id, image_ds, "full")
+            say(f"restores, {rounds} round(s) ...")
+            restores = restore_rounds(api, {"chain": image_id, "full": full_id}, image_ds, rounds)
     finally:
         if dom is not None:
             host1.remove(dom)
@@ -180,12 +196,14 @@ def measure(data_gib: float, disk_gib: float, dirty_mib: int, log: bool) -> Figu
             subprocess.run(env.ssh_argv(target, ["rm", "-rf", "--", path]), timeout=60, check=False)
         shutil.rmtree(work, ignore_errors=True)
     dirtied = len(offsets) * WRITE_MIB * MiB
+    chain_restore, full_restore = (statistics.median(restores[name]) for name in ("chain", "full"))
     return Figures(data_gib, disk_gib, dirty_mib, round(full.total, 2), round(increment.total, 2),
                    round(increment.total / full.total, 3), uploaded, dirtied, round(uploaded / dirtied, 3),
                    round(hand.total, 2), {k: round(v, 2) for k, v in hand.steps.items()},
                    round(increment.total / hand.total, 2), round(chain_restore, 2), round(full_restore, 2),
+                   [round(t, 2) for t in restores["chain"]], [round(t, 2) for t in restores["full"]],
                    round(chain_restore / full_restore, 2),
-                   f"{COMMAND} --data-gib {data_gib:g} --disk-gib {disk_gib:g} --dirty-mib {dirty_mib}")
+                   f"{COMMAND} --data-gib {data_gib:g} --disk-gib {disk_gib:g} --dirty-mib {dirty_mib} --rounds {rounds}")
 
 
 def report(f: Figures) -> str:
@@ -199,9 +217,10 @@ def report(f: Figures) -> str:
         f"  by hand: backup-begin + rsync            {f.hand_seconds:7.2f} s   "
         f"({', '.join(f'{k} {v:.2f}' for k, v in f.hand_steps.items())})",
         f"  increment / by hand                      {f.increment_vs_hand:7.2f}",
-        f"  restore at link {CHAIN - 1} of a {CHAIN}-link chain    {f.chain_restore_seconds:7.2f} s",
-        f"  restore of one full, same final state    {f.full_restore_seconds:7.2f} s   (chain / full "
-        f"{f.restore_ratio:.2f})",
+        f"  restore at link {CHAIN - 1} of a {CHAIN}-link chain    {f.chain_restore_seconds:7.2f} s   (median of "
+        f"{', '.join(f'{t:.2f}' for t in f.chain_restores)})",
+        f"  restore of one full, same final state    {f.full_restore_seconds:7.2f} s   (median of "
+        f"{', '.join(f'{t:.2f}' for t in f.full_restores)}; chain / full {f.restore_ratio:.2f})",
         f"reproduce: {f.command}",
     ])
 
@@ -211,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-gib", type=float, default=1.0, help="data written into the disk (GiB)")
     parser.add_argument("--disk-gib", type=float, default=4.0, help="virtual size of the disk (GiB)")
     parser.add_argument("--dirty-mib", type=int, default=40, help="data dirtied before the increment (MiB)")
+    parser.add_argument("--rounds", type=int, default=3, help="restores of each kind, alternating")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    figures = measure(args.data_gib, args.disk_gib, args.dirty_mib, log=not args.json)
+    figures = measure(args.data_gib, args.disk_gib, args.dirty_mib, args.rounds, log=not args.json)
     print(json.dumps(asdict(figures)) if args.json else report(figures))
     return 0
 

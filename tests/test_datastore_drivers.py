@@ -19,7 +19,7 @@ import pytest
 
 from drivers.commands import CommandTimeout, Result, Runner
 from drivers.datastore import open_datastore
-from drivers.datastore.base import TreeDatastore, hash_files
+from drivers.datastore.base import FetchRequest, TreeDatastore, hash_files
 from drivers.datastore.fs import FsDatastore
 from drivers.datastore.rsync import RsyncDatastore
 from drivers.local import LocalRunner
@@ -197,6 +197,34 @@ async def test_rsync_upload_cancelled_leaves_no_rsync_and_no_temp_dir(setup: Set
     leftovers = await sh(setup.server, 'ls -A "$1"', store.layout.vm_dir(VM_ID))
     assert leftovers == ""
     assert not await store.exists(VM_ID, backup_id)
+
+
+@pytest.mark.realenv
+async def test_rsync_fetch_all_brings_files_of_several_backups_to_host1_in_two_sessions(setup: Setup) -> None:
+    """The first file in its own session, the rest cut from one stream: each byte-identical, each digest the
+    server's sha256sum; a file missing on the server fails the whole fetch."""
+    store = rsync_store(setup)
+    sums: dict[str, dict[str, str]] = {}
+    for random_mib in (3, 1):
+        await stage(setup.host1, setup.staging, random_mib=random_mib)
+        backup_id = await store.new_backup_id(VM_ID)
+        await uploads.upload(store, setup.host1, setup.staging, FILES, VM_ID, backup_id, timeout=STEP,
+                             ssh_command=client_ssh(setup.env))
+        sums[backup_id] = await sha256sums(setup.server, store.layout.backup_dir(VM_ID, backup_id), FILES)
+    wanted = [(backup_id, name) for backup_id in sums for name in FILES]
+    into = f"{setup.staging}/fetched"
+    await sh(setup.host1, 'mkdir -p "$1"', into)
+    requests = [FetchRequest(setup.host1, VM_ID, backup_id, name, f"{into}/{n}", STEP, client_ssh(setup.env))
+                for n, (backup_id, name) in enumerate(wanted)]
+    digests = await store.fetch_all(requests)
+    assert digests == [sums[backup_id][name] for backup_id, name in wanted]
+    assert await sha256sums(setup.host1, into, [str(n) for n in range(len(wanted))]) == {
+        str(n): sums[backup_id][name] for n, (backup_id, name) in enumerate(wanted)}
+
+    missing = [*requests[:2], FetchRequest(setup.host1, VM_ID, wanted[0][0], "disk.1.0", f"{into}/x", STEP,
+                                           client_ssh(setup.env))]
+    with pytest.raises(DriverError, match="disk.1.0"):
+        await store.fetch_all(missing)
 
 
 @pytest.mark.realenv

@@ -159,6 +159,10 @@ class BackupDatastore(Protocol):
         """Copy the file; the sha256 of the bytes written when the copy computed it on the way, else None.
         The sink is told each process group started ("host" or "local" side)."""
 
+    async def fetch_all(self, requests: Sequence[FetchRequest], sink: DriverSink = NO_SINK) -> list[str | None]:
+        """Copy several files to one host (a chain's links): what :meth:`fetch` returns, per request, in
+        order; all of them copied or an error."""
+
     async def flatten(self, request: FlattenRequest, sink: DriverSink = NO_SINK) -> UploadResult:
         """Write the merged backup where the datastore keeps its backups, all of it or nothing; the sink is
         told each process group started ("server" side)."""
@@ -275,6 +279,28 @@ async def hash_files(source: Runner, paths: Sequence[str], timeout: float,  # no
     if result.exit_status != 0:
         raise CommandFailed(argv, result.exit_status, result.stderr, host=getattr(source, "host", None))
     return parse_digests(result.stdout, paths)
+
+
+FETCH_PARALLEL = 3  # files of one fetch_all copied at the same time, where each takes its own command
+
+
+async def fetch_each(fetch: Callable[[FetchRequest, DriverSink], Awaitable[str | None]],
+                     requests: Sequence[FetchRequest], sink: DriverSink) -> list[str | None]:
+    """``fetch`` of each request, :data:`FETCH_PARALLEL` at a time; the first failure cancels the rest."""
+    bound = asyncio.Semaphore(FETCH_PARALLEL)
+    digests: list[str | None] = [None] * len(requests)
+
+    async def one(n: int, request: FetchRequest) -> None:
+        async with bound:
+            digests[n] = await fetch(request, sink)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for n, request in enumerate(requests):
+                group.create_task(one(n, request))
+    except BaseExceptionGroup as failed:
+        raise first_error(failed) from None
+    return digests
 
 
 def first_error(error: BaseException) -> BaseException:

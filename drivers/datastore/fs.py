@@ -15,6 +15,8 @@ naming): ``FS_ARGS`` (rsync options for the pull, default ``-aS``), ``FS_BWLIMIT
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from drivers.commands import Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
@@ -25,6 +27,7 @@ from drivers.datastore.base import (
     TreeDatastore,
     UploadRequest,
     UploadResult,
+    fetch_each,
     on_side,
     rsync_ssh,
     staged_paths,
@@ -85,3 +88,7 @@ class FsDatastore(TreeDatastore):
         await self.server.run(argv, timeout=request.timeout, nice=self.nice, ionice=self.ionice,
                               started=on_side(sink.process_started, "local"))
         return None
+
+    async def fetch_all(self, requests: Sequence[FetchRequest], sink: DriverSink = NO_SINK) -> list[str | None]:
+        """One copy per file, a few at a time."""
+        return await fetch_each(self.fetch, requests, sink)

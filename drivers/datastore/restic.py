@@ -53,6 +53,7 @@ from drivers.datastore.base import (
     UploadRequest,
     UploadResult,
     apply_limit,
+    fetch_each,
     first_error,
     hash_files,
     int_attribute,
@@ -647,6 +648,10 @@ class ResticDatastore:
         if result.exit_status != 0:
             raise self._failed(runner, repo, ["dump"], result)
         return streamed_digest(result.stdout)
+
+    async def fetch_all(self, requests: Sequence[FetchRequest], sink: DriverSink = NO_SINK) -> list[str | None]:
+        """One ``restic dump`` per file (a link per snapshot), a few at a time."""
+        return await fetch_each(self.fetch, requests, sink)
 
     async def snapshot_file(self, vm_id: int, source: str, name: str) -> tuple[str, str, int]:
         """(snapshot id, the file's path in the snapshot, its size in bytes) of file ``name`` of backup

@@ -12,8 +12,10 @@ extension, default 22), ``RSYNC_ARGS`` (default ``-aS``; options only), ``RSYNC_
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
+from collections.abc import Sequence
 from typing import Protocol
 
 from drivers.commands import Runner
@@ -26,8 +28,11 @@ from drivers.datastore.base import (
     TreeDatastore,
     UploadRequest,
     UploadResult,
+    fetch_each,
+    first_error,
     int_attribute,
     on_side,
+    parse_digests,
     rsync_ssh,
     staged_paths,
     streamed_digest,
@@ -48,6 +53,19 @@ DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _OWNED_OPTIONS = ("-e", "--rsh")  # the driver sets the transport itself
+# fetch_all, on the backup server: each file's size on a line, then the files one after the other.
+_SIZES_THEN_FILES = 'for f; do stat -L -c %s -- "$f" || exit; done; exec cat -- "$@"'
+# fetch_all, on the hypervisor: $1 = n, then n destinations, then the command printing the above. Each
+# file is cut from the stream by its size (bash's read and head -c never read past what they need from a
+# pipe), checked for length, then all are hashed.
+_RECEIVE_FILES = (
+    'set -o pipefail; n=$1; shift; dests=("${@:1:n}"); shift "$n"; '
+    '"$@" | { sizes=(); for d in "${dests[@]}"; do IFS= read -r size || exit 1; sizes+=("$size"); done; '
+    'i=0; for d in "${dests[@]}"; do head -c "${sizes[i]}" > "$d" || exit 1; '
+    'got=$(stat -c %s -- "$d") || exit 1; '
+    '[ "$got" = "${sizes[i]}" ] || { echo "$d: $got of ${sizes[i]} bytes arrived" >&2; exit 1; }; '
+    'i=$((i+1)); done; } && openssl dgst -sha256 -r -- "${dests[@]}"'
+)
 
 
 class RunnerFactory(Protocol):
@@ -138,3 +156,36 @@ class RsyncDatastore(TreeDatastore):
         result = await request.target.run(argv, timeout=request.timeout, nice=self.nice, ionice=self.ionice,
                                           started=on_side(sink.process_started, "host"))
         return streamed_digest(result.stdout)
+
+    async def fetch_all(self, requests: Sequence[FetchRequest], sink: DriverSink = NO_SINK) -> list[str | None]:
+        """The first file (a chain's base, the big one) through :meth:`fetch`, in its own ssh session whose
+        output is the file itself; at the same time all the others through one more session, so that a chain
+        costs two handshakes, not one per link (a stream cut up by the receiver costs an extra copy through a
+        pipe: measured 1.5x slower for a 1 GiB file, so the base is never in it)."""
+        if len(requests) < 3:
+            return await fetch_each(self.fetch, requests, sink)
+        first, rest = requests[0], requests[1:]
+        try:
+            async with asyncio.TaskGroup() as group:
+                base = group.create_task(self.fetch(first, sink))
+                others = group.create_task(self._fetch_stream(rest, sink))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+        return [base.result(), *others.result()]
+
+    async def _fetch_stream(self, requests: Sequence[FetchRequest], sink: DriverSink) -> list[str]:
+        """The files through one ssh session: the server prints the sizes, then the files; the hypervisor cuts
+        the stream into the destinations and hashes them."""
+        first = requests[0]
+        if any(request.target is not first.target for request in requests):
+            raise ValueError("fetch_all copies to one host")
+        sources = [self.layout.file_path(r.vm_id, r.backup_id, r.name) for r in requests]
+        destinations = [request.destination for request in requests]
+        server = self.target
+        ssh = [*(first.ssh_command or DEFAULT_SSH), "-p", str(server.port), f"{server.user}@{server.host}"]
+        sender = shlex.join(["sh", "-c", _SIZES_THEN_FILES, "sh", *sources])
+        argv = ["bash", "-c", _RECEIVE_FILES, "bash", str(len(requests)), *destinations, *ssh, sender]
+        result = await first.target.run(argv, timeout=first.timeout, nice=self.nice, ionice=self.ionice,
+                                        started=on_side(sink.process_started, "host"))
+        digests = parse_digests(result.stdout, destinations)
+        return [digests[destination] for destination in destinations]

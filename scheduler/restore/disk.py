@@ -19,16 +19,13 @@ path names the run, so :func:`remove_temps` and the process killer (``drivers.pr
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import PurePosixPath
 from typing import Any
 
 from drivers.commands import CommandFailed, shielded
 from drivers.datastore import DRIVERS, FetchRequest, open_datastore, remove_leftovers, server_of
-from drivers.datastore.base import first_error, hash_files, on_side
+from drivers.datastore.base import hash_files, on_side
 from drivers.datastore.layout import check_path, disk_file_name
 from drivers.datastore.limits import io_limits
 from drivers.sink import NoSink
@@ -50,7 +47,9 @@ COMMAND_TIMEOUT = 120.0
 STEP = STEPS.key  # the key of the journal steps of a restore
 FORMATS = ("qcow2", "raw")
 STORED_FORMAT = "qcow2"  # what a backup's disk.<id>.<inc> file is
-PARALLEL_FETCHES = 3  # links of a chain copied at the same time
+# each file ($2, $3, ...) backed by the one before it, by relative name (they share a directory)
+_REBASE_ONTO_PREVIOUS = (f'while [ "$#" -gt 1 ]; do qemu-img rebase -u -f {STORED_FORMAT} -F {STORED_FORMAT} '
+                         '-b "${1##*/}" "$2" || exit; shift; done')
 TEMP_KINDS = ("fetch", "raw")  # the first kind's path is also the stem of a chain's later files
 # rm -f each path given, and the later files of a chain ("$1".<n>, see link_path)
 _REMOVE_TEMPS = 'rm -f -- "$@" "$1".[0-9]*'
@@ -145,36 +144,29 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
     try:
         ssh = await upload_ssh(links, host, runner, datastore)
         store = open_datastore(datastore, links.pool)
-        bound = asyncio.Semaphore(PARALLEL_FETCHES)
-
-        async def fetch(source: str, name: str, path: str) -> None:
-            async with bound:
-                await _journal(journal, STEPS.entry(Temp(host.id, path)))
-                request = FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT,
-                                       ssh_command=ssh, label=restore_label(run_id))
-                try:
-                    digest = await store.fetch(request, _Started(started))
-                except CommandFailed as exc:
-                    server = server_of(datastore)
-                    raise ActionError(f"copying {name} of backup image {image.id} from "
-                                      f"{f'backup server {server}' if server else 'this machine'} (datastore "
-                                      f"{datastore.id}) to {host.name}:{path} failed: {exc}; nothing was "
-                                      "restored") from exc
-                await _verify_sha256(runner, datastore, path, recorded_sha256(image, name),
-                                     f"{name} of backup image {image.id}", started, digest)
-
+        requests = [FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT, ssh_command=ssh,
+                                 label=restore_label(run_id)) for (source, name), path in zip(links_of, fetched, strict=True)]
+        for path in fetched:
+            await _journal(journal, STEPS.entry(Temp(host.id, path)))
         try:
-            async with asyncio.TaskGroup() as group:
-                for (source, name), path in zip(links_of, fetched, strict=True):
-                    group.create_task(fetch(source, name, path))
-        except BaseExceptionGroup as failed:
-            raise first_error(failed) from None
-        for previous, path in itertools.pairwise(fetched):  # each increment reads through the one before
-            await runner.run(["qemu-img", "rebase", "-u", "-f", STORED_FORMAT, "-F", STORED_FORMAT, "-b",
-                              PurePosixPath(previous).name, path], timeout=COMMAND_TIMEOUT)
-        if len(fetched) > 1:  # the increments written into the base's copy: only what they hold moves
-            await _run(runner, ["qemu-img", "commit", "-q", "-d", "-f", STORED_FORMAT, "-b", fetched[0], fetched[-1]],
-                       started, FETCH_TIMEOUT)
+            digests = await store.fetch_all(requests, _Started(started))
+        except CommandFailed as exc:
+            server = server_of(datastore)
+            names = ", ".join(name for _, name in links_of)
+            raise ActionError(f"copying {names} of backup image {image.id} from "
+                              f"{f'backup server {server}' if server else 'this machine'} (datastore "
+                              f"{datastore.id}) to {host.name}:{target} failed: {exc}; nothing was "
+                              "restored") from exc
+        for (_, name), path, digest in zip(links_of, fetched, digests, strict=True):
+            await _verify_sha256(runner, datastore, path, recorded_sha256(image, name),
+                                 f"{name} of backup image {image.id}", started, digest)
+        if len(fetched) > 1:
+            # each increment reads through the one before, then all are written into the base's copy: only
+            # what they hold moves. No flush (cache "unsafe"): the copy is a temporary file until the rename,
+            # as durable as a single fetched file is (a crash before the rename discards it).
+            await _run(runner, ["sh", "-c", _REBASE_ONTO_PREVIOUS, "sh", *fetched], started, COMMAND_TIMEOUT)
+            await _run(runner, ["qemu-img", "commit", "-q", "-d", "-t", "unsafe", "-f", STORED_FORMAT,
+                                "-b", fetched[0], fetched[-1]], started, FETCH_TIMEOUT)
         await _check(runner, fetched[0], started)
         final = fetched[0]
         if target_format == "raw":
