@@ -6,7 +6,7 @@ import pytest
 
 from scheduler.backup import urls as backup_urls
 from scheduler.backup.urls import BackupUrl, disk_urls, expected_sha256, locate, parse_url, url_vectors, with_urls
-from scheduler.errors import ActionError, NotFound, ValidationError
+from scheduler.errors import NotFound, ValidationError
 from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.image import Image, Increment
 from scheduler.model.objects.states import DatastoreType, ImageType
@@ -68,12 +68,6 @@ def test_chain_up_to(up_to: int, expected: str) -> None:
 def test_chain_up_to_an_increment_not_in_it() -> None:
     with pytest.raises(ValidationError, match="increment 5 is not in the chain"):
         backup_urls.chain_up_to(backup_urls.parse_chain("0:a1a1a1,1:b2b2b2"), 5)
-
-
-def test_a_chain_of_increments_is_refused_for_now() -> None:
-    assert backup_urls.single_source(((0, "8a3454"),)) == "8a3454"
-    with pytest.raises(ActionError, match="downloading an increment of a chain is not supported yet"):
-        backup_urls.single_source(((0, "8a3454"), (1, "f6e63e")))
 
 
 # --- an image's URLs -------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
 from tests.test_backup_crash_real import wait_done
 from tests.test_backup_real import same_image, snapshot_copy
+from tests.test_download_verify_real import http_get, vmsched
 from tests.test_import_real import Api, real_daemon, staged_state
 from tests.test_restic_backup_real import PASSWORD, restic_on_server
 from tests.test_restore_real import wait_run
@@ -166,6 +167,17 @@ def test_each_backup_adds_a_link_and_each_link_is_the_disk_at_its_backup(
         assert same_image(files[0], vda_then) and same_image(files[1], vdb_then), f"restore at increment {n}"
         assert not subprocess.run(["qemu-img", "info", "--backing-chain", str(files[0])], capture_output=True,
                                   text=True, check=True).stdout.count("backing file")  # self-contained
+    for n in (1, 2):  # a download by the URL of a later increment: the links merged into one qcow2
+        url = urls["0"].replace(f"/{chain_text}/", "/" + ",".join(f"{i}:{src}" for i, _, _, src, _ in links[:n + 1]) + "/")
+        old = f"/{links[2][3]}/disk.0.2" if kind != "restic" else "/disk.0.2"
+        url = url.replace(old, f"/{links[n][3]}/disk.0.{n}" if kind != "restic" else f"/disk.0.{n}")
+        got = vmsched(chains, "image", "download", url, "-o", str(tmp_path / f"dl.{n}"))  # type: ignore[arg-type]
+        assert got.returncode == 0, got.stderr
+        assert f"merged from {n + 1} links".encode() in got.stdout
+        assert same_image(tmp_path / f"dl.{n}", before[n][0]), f"download at increment {n}"
+        assert "backing file" not in subprocess.run(["qemu-img", "info", str(tmp_path / f"dl.{n}")], capture_output=True,
+                                                    text=True, check=True).stdout
+    assert not list(chains.bases[kind].glob("*.vmsched-download-*"))  # nothing of the merges stays behind
     assert "has no increment 3 (its increments: 0, 1, 2)" in chains.api.failure(
         "one.image.restore", image_id, chains.images_ds, 'INCREMENT_ID = "3"')
     # the checkpoints of the last two links stay; older ones are pruned
@@ -185,6 +197,8 @@ def test_each_backup_adds_a_link_and_each_link_is_the_disk_at_its_backup(
             last = f.read(1)
             f.seek(-1, 2)
             f.write(bytes([last[0] ^ 0xFF]))
+        status, _, body = http_get(chains, urls["1"], chains.api.daemon.session)  # type: ignore[arg-type]
+        assert status == 502 and b"differs from the sha256 recorded at backup time: nothing merged" in body, body
         broken = dict(chains.api.call("vmsched.image.verify", image_id, -1))  # type: ignore[call-overload]
         assert not broken["OK"] and f"link {links[1][3]}: verification failed: disk.1.1: sha256 mismatch" in \
             broken["MESSAGE"], broken

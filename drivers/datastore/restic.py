@@ -91,6 +91,18 @@ MASK = "******"
 WRITE_PASSWORD_FAILED = 125
 # $1: the password file, "$@" after it: the restic command. The file is created with O_EXCL (set -C), mode
 # 0600, from stdin, and removed however the shell ends short of SIGKILL.
+# $1 a private directory, $2 the repository, then (snapshot id, path) pairs: each dumped to $1/<n>.
+_DUMP_FILES = """\
+umask 077
+d=$1; repo=$2; shift 2
+cat > "$d/password" || exit 125
+n=0
+while [ "$#" -ge 2 ]; do
+  restic --repo "$repo" --password-file "$d/password" dump --no-lock "$1" "$2" > "$d/$n" || { rm -f -- "$d/password"; exit 1; }
+  n=$((n + 1)); shift 2
+done
+rm -f -- "$d/password"
+"""
 _WITH_PASSWORD = """\
 umask 077; set -C
 f=$1; shift
@@ -682,6 +694,14 @@ class ResticDatastore:
         return with_password(password_file, ["restic", "--repo", self.layout.vm_dir(vm_id), "--password-file",
                                              password_file, "dump", "--no-lock", snapshot_id, path]), (
             self.settings.password.encode() + b"\n")
+
+    def dump_files_command(self, vm_id: int, files: Sequence[tuple[str, str]], into: str) -> tuple[list[str], bytes]:
+        """The command, to run on the server, that writes each ``(snapshot id, path)`` of ``files`` to
+        ``into/<n>`` (n from 0; ``into`` an existing private directory), and what goes to its stdin (the
+        password, kept in ``into`` while it runs, never in an argv)."""
+        pairs = [word for snapshot_id, path in files for word in (snapshot_id, path)]
+        return (["sh", "-c", _DUMP_FILES, "sh", into, self.layout.vm_dir(vm_id), *pairs],
+                self.settings.password.encode() + b"\n")
 
     async def verify_files(self, vm_id: int, source: str, names: Sequence[str], disks: Collection[str],
                            timeout: float) -> tuple[dict[str, str], dict[str, ImageCheck]]:  # noqa: ASYNC109

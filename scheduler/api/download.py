@@ -1,13 +1,16 @@
-"""``GET /download?url=<backup URL>``: one backed-up disk, streamed as its qcow2 file.
+"""``GET /download?url=<backup URL>``: one backed-up disk, streamed as its qcow2 file (a disk at an increment
+of a chain: its links merged into one self-contained qcow2 on the backup server first).
 
 The session travels in the ``Authorization`` header, never in the URL (URLs end up in logs): ``Bearer
 user:password`` as XML-RPC sessions are written, or HTTP Basic (``curl -u user:password``). The caller needs
 USE on the backup image the URL belongs to (its owner, or an administrator). The bytes come from the
 datastore's server (:mod:`drivers.datastore.stream`) and are relayed as they arrive, with Content-Length and
-the image's id in ``X-Vmsched-Image-Id`` so a client can check them against the image's CHECKSUMS.
+the image's id in ``X-Vmsched-Image-Id`` so a client can check them against the image's CHECKSUMS. A merged
+chain has no recorded sha256 of its own: every link is checked against its own on the server before the
+merge, and ``X-Vmsched-Merged-Links`` says how many links were merged.
 
 Errors are plain-text bodies: 400 a malformed URL, 401 no or bad session, 403 not the caller's image,
-404 no such image, URL or file, 501 what vmsched cannot read yet (increment chains), 502 the backup
+404 no such image, URL or file, 501 what vmsched cannot read (a DS_MAD without a reader), 502 the backup
 server did not answer or the read failed, 503 a daemon without host connections.
 """
 
@@ -22,7 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from drivers.datastore.stream import open_backup_file
+from drivers.datastore.layout import disk_file_name
+from drivers.datastore.stream import open_disk_at
 from scheduler.api.permissions import Caller, Right, require
 from scheduler.backup import urls as backup_urls
 from scheduler.errors import ActionError, AuthError, DriverError, NotFound, PermissionDenied, ValidationError
@@ -55,7 +59,6 @@ def download_handler(authenticate: Callable[[Any], Awaitable[Caller]], ctx: Any)
             caller = await authenticate(session_from(request.headers.get("Authorization")))
             located = _locate(ctx, request.query.get("url", ""))
             require(caller, located.image.ownership.uid, Right.USE, "IMAGE", located.image.id, "download")
-            backup_urls.single_source(located.url.chain)
             if ctx.links is None:
                 return _error(503, "this daemon has no host connections")
             return await _send(request, ctx, located)
@@ -84,11 +87,15 @@ def _locate(ctx: Any, text: str) -> backup_urls.Located:
 async def _send(request: web.Request, ctx: Any, located: backup_urls.Located) -> web.StreamResponse:
     url, image = located.url, located.image
     began, sent = time.monotonic(), 0
-    async with open_backup_file(located.datastore, ctx.links.settings, ctx.links.pool, located.vm_id,
-                                backup_urls.single_source(url.chain), url.file_name, url.path) as stream:
-        response = web.StreamResponse(headers={
-            "Content-Type": "application/octet-stream", "Content-Length": str(stream.size),
-            "Content-Disposition": f'attachment; filename="{url.file_name}"', IMAGE_HEADER: str(image.id)})
+    headers = {"Content-Type": "application/octet-stream", "Content-Disposition": f'attachment; filename="{url.file_name}"',
+               IMAGE_HEADER: str(image.id)}
+    digests: list[str] = []
+    if len(url.chain) > 1:  # merged: no recorded sha256 is the result's, each link's is checked where it lies
+        digests = [backup_urls.expected_sha256(image, disk_file_name(url.disk_id, n)) for n, _ in url.chain]
+        headers[backup_urls.MERGED_HEADER] = str(len(url.chain))
+    async with open_disk_at(located.datastore, ctx.links.settings, ctx.links.pool, located.vm_id, url.chain,
+                            url.disk_id, url.path, digests) as stream:
+        response = web.StreamResponse(headers={**headers, "Content-Length": str(stream.size)})
         await response.prepare(request)
         try:
             async for chunk in stream.chunks():

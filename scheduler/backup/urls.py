@@ -15,8 +15,8 @@ Grammar: ``<proto>://<backup_ds_id>/<bj_id>/<chain>/<file_path>``
 
 So ``rsync://100//0:8a3454//var/lib/one/datastores/100/6/8a3454/disk.0.0`` is disk 0 of backup ``8a3454``
 of VM 6, and ``rsync://100//0:8a3454,1:f6e63e//.../6/f6e63e/disk.0.1`` that disk at increment 1 of a chain
-(restores and verification read every link; the HTTP download serves single-link URLs for now and says so
-for longer chains: :func:`single_source`).
+(restores and verification read every link; the HTTP download serves a later increment as the links merged
+into one qcow2).
 
 Each backup image carries its URLs as ``TEMPLATE/BACKUP_URL = [ DISK_ID, URL ]`` vectors
 (:func:`url_vectors`); the download endpoint and the restore find a URL's image with :func:`locate`, which
@@ -40,8 +40,8 @@ from scheduler.model.template import Vector
 PROTOS = tuple(DRIVERS)  # a backup URL names its datastore's kind
 RBD_SUFFIX = "+rbd"
 URL_ATTRIBUTE = "BACKUP_URL"
-NOT_YET = "downloading an increment of a chain is not supported yet"
 IMAGE_HEADER = "X-Vmsched-Image-Id"  # the download endpoint's reply names the URL's image in this header
+MERGED_HEADER = "X-Vmsched-Merged-Links"  # a download of a later increment: the links merged
 
 Chain = layout.Chain
 
@@ -131,14 +131,6 @@ def parse_url(text: str) -> BackupUrl:
 def chain_up_to(chain: Chain, increment_id: int = -1) -> Chain:
     """The chain cut after ``increment_id`` (-1: the whole chain)."""
     return layout.chain_up_to(chain, None if increment_id < 0 else increment_id)
-
-
-def single_source(chain: Chain) -> str:
-    """The one backup of a single-link chain; a longer chain is refused (by the download) for now."""
-    if len(chain) != 1:
-        raise ActionError(f"chain {format_chain(chain)}: {NOT_YET}; restore it with `vmsched image restore "
-                          "IMAGE --increment N` (one self-contained qcow2 per disk), or download its base")
-    return chain[0][1]
 
 
 # --- an image's URLs ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from lxml import etree
 
-from scheduler.backup.urls import IMAGE_HEADER, parse_url
+from scheduler.backup.urls import IMAGE_HEADER, MERGED_HEADER, parse_url
 from scheduler.cli.client import DEFAULT_TIMEOUT, UsageError
 from scheduler.cli.context import FILTER_ALL, FILTER_MINE_AND_GROUPS, Context, Kind, add_id_command
 from scheduler.cli.datastores import DATASTORES
@@ -104,7 +104,8 @@ VERIFY_TIMEOUT = 6 * 3600.0  # seconds a verify call may take unless --timeout s
 
 def download(ctx: Context, args: argparse.Namespace) -> int:
     """Stream one backed-up disk to FILE (atomically) or standard output, then check its sha256 against the
-    image's CHECKSUMS; a mismatch fails (and leaves no FILE)."""
+    image's CHECKSUMS; a mismatch fails (and leaves no FILE). A later increment of a chain comes merged from
+    its links, which the daemon checked against their own CHECKSUMS before merging."""
     try:
         url = parse_url(args.url)
     except ValidationError as exc:
@@ -119,6 +120,12 @@ def download(ctx: Context, args: argparse.Namespace) -> int:
 
         headers = client.stream("/download", {"url": args.url}, take)
         image_id = int(headers.get(IMAGE_HEADER, "-1"))
+        merged = headers.get(MERGED_HEADER)
+        if merged is not None:
+            if args.target != "-":
+                ctx.print(f"{args.target}: {url.file_name} of image {image_id}, merged from {merged} links, each "
+                          "verified against its recorded sha256 on the backup server")
+            return 0
         image = parse_xml(str(ctx.call("one.image.info", image_id, False)))
         recorded = {c.findtext("FILE"): (c.findtext("SHA256") or "").lower() for c in image.iterfind("TEMPLATE/CHECKSUMS")}
         expected = recorded.get(url.file_name)
