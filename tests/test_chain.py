@@ -52,17 +52,18 @@ def test_the_first_backup_is_a_base_and_the_next_continues_the_chain() -> None:
     assert link.sizes == {0: 64 << 20, 1: 32 << 20}
 
 
-@pytest.mark.parametrize(("pointers", "disks", "reset", "reason"), [
-    ((5, 0), [0, 1], True, "a reset was asked for"),
-    ((6, 0), [0, 1], False, "chain image 6 is gone"),
-    ((5, 3), [0, 1], False, "ends at increment 0, the VM's LAST_INCREMENT_ID is 3"),
-    ((5, 0), [0], False, "the disks backed up changed (chain image 5 has 0, 1, the VM now backs up 0)"),
+@pytest.mark.parametrize(("pointers", "disks", "reset", "reason", "cause"), [
+    ((5, 0), [0, 1], True, "a reset was asked for", "reset"),
+    ((6, 0), [0, 1], False, "chain image 6 is gone", "image_gone"),
+    ((5, 3), [0, 1], False, "ends at increment 0, the VM's LAST_INCREMENT_ID is 3", "pointers"),
+    ((5, 0), [0], False, "the disks backed up changed (chain image 5 has 0, 1, the VM now backs up 0)",
+     "disks_changed"),
 ])
 def test_a_new_chain_starts_when_the_old_one_cannot_go_on(pointers: tuple[int, int], disks: list[int],
-                                                          reset: bool, reason: str) -> None:
+                                                          reset: bool, reason: str, cause: str) -> None:
     link = chain.next_link(vm(image=pointers[0], last=pointers[1]), {5: base()}, disks, reset=reset)
     assert link is not None and link.increment_id == 0 and link.image is None
-    assert reason in link.reason
+    assert reason in link.reason and link.cause == cause
 
 
 def test_no_backup_while_the_chain_is_flattened() -> None:
@@ -98,8 +99,10 @@ def test_a_link_added_sums_the_sizes_and_points_the_urls_at_it() -> None:
 
 
 def test_the_reason_of_a_new_chain_is_kept_on_its_image() -> None:
-    image = chain.start_chain(full_image(), DATASTORE, chain.new_chain("checkpoint gone"), 30, {}, 1000)
+    image = chain.start_chain(full_image(), DATASTORE, chain.new_chain("checkpoint gone", "checkpoint"), 30, {}, 1000)
     assert image.template.get(chain.REASON) == "checkpoint gone"
+    assert image.template.get(chain.CAUSE) == "checkpoint"
+    validate(image.to_xml(), "image")
 
 
 def chain_of(links: int) -> Image:

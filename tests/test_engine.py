@@ -21,8 +21,10 @@ from scheduler.engine.journal import Run
 from scheduler.engine.loop import EngineSettings
 from scheduler.engine.metrics import render
 from scheduler.model.objects.datastore import Datastore
-from scheduler.model.objects.states import DatastoreType, HostState
+from scheduler.model.objects.image import NEW_CHAIN_CAUSE, Image
+from scheduler.model.objects.states import DatastoreType, HostState, ImageType
 from scheduler.model.schedule import EndType, Repeat, is_pending
+from scheduler.model.template import Template
 from tests.engine_harness import (
     BACKUP_DS,
     DAY,
@@ -791,5 +793,23 @@ def test_metrics_keep_every_digit_of_timestamps_and_counters(tmp_path: Path) -> 
         page = render(engine).splitlines()
         assert f'vmsched_last_success_timestamp_seconds{{vm="1"}} {T0 + 10}' in page
         assert 'vmsched_runs_started_total{action="backup"} 1234567' in page
+
+    simulate(tmp_path, body)
+
+
+def test_metrics_count_the_chains_that_restarted_by_vm_and_cause(tmp_path: Path) -> None:
+    async def body(h: EngineHarness) -> None:
+        fleet(h, {1: 0})
+        for image_id, vm_id, cause in [(1, 1, "checkpoint"), (2, 1, "checkpoint"), (3, 2, "resized"), (4, 2, "")]:
+            template = Template()
+            if cause:
+                template.set(NEW_CHAIN_CAUSE, cause)
+            h.state.update_soon("image", Image(id=image_id, name=f"img{image_id}", type=ImageType.BACKUP, vms=[vm_id],
+                                               template=template))
+        engine = await h.start()
+        page = render(engine).splitlines()
+        assert [line for line in page if line.startswith("vmsched_backup_chains_restarted{")] == [
+            'vmsched_backup_chains_restarted{vm="1",cause="checkpoint"} 2',
+            'vmsched_backup_chains_restarted{vm="2",cause="resized"} 1']
 
     simulate(tmp_path, body)

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,9 @@ def test_a_chain_whose_checkpoint_was_deleted_heals_with_a_new_full(
     assert ids[0] == first and len(ids) == 2
     second = chains.image(ids[1])
     assert "gone" in (second.findtext("TEMPLATE/NEW_CHAIN_REASON") or "")
+    assert second.findtext("TEMPLATE/NEW_CHAIN_CAUSE") == "checkpoint"
+    with urllib.request.urlopen(chains.api.daemon.endpoint.replace("/RPC2", "/metrics"), timeout=10) as page:
+        assert f'vmsched_backup_chains_restarted{{vm="{vm_id}",cause="checkpoint"}} 1' in page.read().decode()
     assert [i[:3] for i in increments(second)] == [(0, "FULL", -1)]
     assert [i[0] for i in increments(chains.image(first))] == [0, 1]  # the old chain is kept as it was
     assert chains.pointers(vm_id) == (ids[1], 0)

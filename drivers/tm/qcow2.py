@@ -55,9 +55,10 @@ class ChainBroken(CaptureError):
     """An increment cannot continue its chain (its previous checkpoint is gone, a disk was resized): the
     backup starts a new chain with a full base instead. ``reason`` says why, without the host and domain."""
 
-    def __init__(self, where: str, reason: str, *, host: str | None = None) -> None:
+    def __init__(self, where: str, reason: str, *, cause: str, host: str | None = None) -> None:
         super().__init__(f"{where}: {reason}; a new chain starts with a full backup", host=host)
         self.reason = reason
+        self.cause = cause  # a short code: "resized", "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,7 @@ class _Session:
             size = await self.kvm.block_capacity(self.domain, disk.target)
             if expected is not None and size != expected:
                 raise ChainBroken(self.where, f"disk {disk.disk_id} ({disk.target}) is {size} bytes, it was "
-                                  f"{expected} at the chain's base (resized)", host=self.kvm.name)
+                                  f"{expected} at the chain's base (resized)", cause="resized", host=self.kvm.name)
 
     async def drop_leftovers(self, increment: Increment,
                              disks: Sequence[DiskSource]) -> tuple[list[str], dict[str, list[Bitmap]]]:
@@ -436,7 +437,7 @@ class _Session:
         if problems:
             gone = "is gone" if since not in names else "cannot be trusted"
             raise ChainBroken(self.where, f"checkpoint {since} of the previous increment {gone}: "
-                              + "; ".join(problems), host=self.kvm.name)
+                              + "; ".join(problems), cause="checkpoint", host=self.kvm.name)
         if since not in names:  # the bitmaps are sound: only libvirt's record was lost
             previous = checkpoint_name(increment.vm_id, increment.increment_id - 2) if increment.increment_id > 1 else None
             await self.kvm.redefine_checkpoint(self.domain, redefine_xml(

@@ -24,12 +24,13 @@ from scheduler.backup.urls import increment_of, url_vectors
 from scheduler.errors import ActionError
 from scheduler.model import backup_config as backups
 from scheduler.model.objects.datastore import Datastore
-from scheduler.model.objects.image import FULL, INCREMENT, Image, Increment
+from scheduler.model.objects.image import FULL, INCREMENT, NEW_CHAIN_CAUSE, NEW_CHAIN_REASON, Image, Increment
 from scheduler.model.objects.states import ImageType
 from scheduler.model.objects.vm import Vm
 from scheduler.model.template import Vector
 
-REASON = "NEW_CHAIN_REASON"
+REASON = NEW_CHAIN_REASON
+CAUSE = NEW_CHAIN_CAUSE
 FLATTEN = "FLATTEN"  # on the image while its oldest links are merged (scheduler.backup.flatten)
 CHECKSUMS = "CHECKSUMS"
 URLS = "BACKUP_URL"
@@ -42,6 +43,7 @@ class Link:
     increment_id: int
     image: Image | None = None
     reason: str = ""  # why a new chain starts although the VM had one
+    cause: str = ""  # the reason's short code (see NEW_CHAIN_CAUSE)
 
     @property
     def sizes(self) -> dict[int, int]:
@@ -49,8 +51,8 @@ class Link:
         return {} if self.image is None else base_sizes(self.image)
 
 
-def new_chain(reason: str = "") -> Link:
-    return Link(0, None, reason)
+def new_chain(reason: str = "", cause: str = "") -> Link:
+    return Link(0, None, reason, cause)
 
 
 def next_link(vm: Vm, images: Mapping[int, Image], disk_ids: Sequence[int], *, reset: bool) -> Link | None:
@@ -65,17 +67,17 @@ def next_link(vm: Vm, images: Mapping[int, Image], disk_ids: Sequence[int], *, r
     if image_id == backups.NO_CHAIN or last == backups.NO_CHAIN:
         return new_chain()
     if reset:
-        return new_chain(f"a reset was asked for: chain image {image_id} is left as it is")
+        return new_chain(f"a reset was asked for: chain image {image_id} is left as it is", "reset")
     image = images.get(image_id)
     if image is None or image.type != ImageType.BACKUP:
-        return new_chain(f"chain image {image_id} is gone")
+        return new_chain(f"chain image {image_id} is gone", "image_gone")
     ids = [increment.id for increment in image.increments]
     if not ids or max(ids) != last:
         return new_chain(f"chain image {image_id} ends at increment {max(ids) if ids else 'none'}, the VM's "
-                         f"LAST_INCREMENT_ID is {last}")
+                         f"LAST_INCREMENT_ID is {last}", "pointers")
     if sorted(disk_ids) != sorted(image.backup_disk_ids):
         return new_chain(f"the disks backed up changed (chain image {image_id} has "
-                         f"{_ids(image.backup_disk_ids)}, the VM now backs up {_ids(disk_ids)})")
+                         f"{_ids(image.backup_disk_ids)}, the VM now backs up {_ids(disk_ids)})", "disks_changed")
     return Link(last + 1, image)
 
 
@@ -112,6 +114,7 @@ def start_chain(image: Image, datastore: Datastore, link: Link, size_mb: int, vi
         template.add(CHECKSUMS, vector)
     if link.reason:
         template.set(REASON, link.reason)
+        template.set(CAUSE, link.cause or "other")
     base = Increment(id=0, type=FULL, parent_id=-1, source=image.source, size=size_mb, date=int(now))
     chain = dataclasses.replace(image, template=template, increments=[base], size=size_mb)
     return _with_urls(chain, datastore)

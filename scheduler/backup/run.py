@@ -279,7 +279,7 @@ async def _backup(run: _Backup) -> Image:
                 captured, backup_id, uploaded = await capture_and_upload()
             except tm.ChainBroken as broken:  # raised before anything was captured
                 log.warning("VM %s: %s", run.vm_id, broken)
-                run.link = new_chain(broken.reason)
+                run.link = new_chain(broken.reason, broken.cause)
                 captured, backup_id, uploaded = await capture_and_upload()
         finally:
             await remove_staging(run.runner, run.staging)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from scheduler.engine.admission import blocking_limit
 from scheduler.engine.progress import BackupProgress
+from scheduler.model.objects.image import NEW_CHAIN_CAUSE
 
 LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
 
@@ -94,6 +95,14 @@ def render(engine: object, board: Iterable[BackupProgress] = ()) -> str:
                      [(f'{{action="{_escape(a)}"}}', v) for a, v in sorted(stats.given_up.items())])
     lines += _family("vmsched_last_success_timestamp_seconds", "gauge", "last successful run per VM",
                      [(f'{{vm="{vm}"}}', t) for vm, t in sorted(stats.last_success.items())])
+    causes: Counter[tuple[str, str]] = Counter()
+    for image in state.pools.get("image", {}).values():
+        cause = image.template.get(NEW_CHAIN_CAUSE)
+        if cause and image.vms:
+            causes[str(image.vms[0]), cause] += 1
+    lines += _family("vmsched_backup_chains_restarted", "gauge",
+                     "chain images kept whose chain started because the one before could not go on, by VM and cause",
+                     [(f'{{vm="{vm}",cause="{_escape(c)}"}}', n) for (vm, c), n in sorted(causes.items())])
     lines += ["# HELP vmsched_dispatch_lateness_seconds start of a first attempt minus its due time",
               "# TYPE vmsched_dispatch_lateness_seconds histogram"]
     lines += stats.lateness_histogram.lines("vmsched_dispatch_lateness_seconds")

@@ -26,6 +26,10 @@ from scheduler.model.template import Template
 
 FULL = "FULL"
 INCREMENT = "INCREMENT"
+# on a chain image started because the VM's previous chain could not go on: why (text) and a short cause
+# (reset, image_gone, pointers, disks_changed, resized, checkpoint) that the metrics count by
+NEW_CHAIN_REASON = "NEW_CHAIN_REASON"
+NEW_CHAIN_CAUSE = "NEW_CHAIN_CAUSE"
 
 
 @dataclass(frozen=True)
