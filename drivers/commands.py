@@ -71,12 +71,14 @@ class CommandTimeout(DriverError):
 class CommandFailed(DriverError):
     """The command exited with a non-zero status; ``stderr_tail`` holds the end of what it printed."""
 
-    def __init__(self, argv: Sequence[str], exit_status: int, stderr: bytes, *, host: str | None = None) -> None:
+    def __init__(self, argv: Sequence[str], exit_status: int, stderr: bytes, *, host: str | None = None,
+                 retryable: bool | None = None) -> None:
         self.argv = tuple(argv)
         self.exit_status = exit_status
         self.stderr_tail = stderr_tail(stderr)
         detail = f": {self.stderr_tail}" if self.stderr_tail else ""
-        super().__init__(f"{host or 'local'}: `{display(argv)}` {_status_words(exit_status)}{detail}", host=host)
+        super().__init__(f"{host or 'local'}: `{display(argv)}` {_status_words(exit_status)}{detail}", host=host,
+                         retryable=retryable)
 
 
 class AuthenticationFailed(DriverError):

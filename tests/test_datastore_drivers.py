@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from drivers.commands import CommandTimeout, Result, Runner
+from drivers.commands import CommandFailed, CommandTimeout, Result, Runner
 from drivers.datastore import open_datastore
 from drivers.datastore.base import FetchRequest, TreeDatastore, hash_files
 from drivers.datastore.fs import FsDatastore
-from drivers.datastore.rsync import RsyncDatastore
+from drivers.datastore.rsync import RsyncDatastore, run_rsync
 from drivers.local import LocalRunner
 from drivers.ssh import SshPool, SshSettings, SshTarget
 from scheduler.errors import DriverError, NotFound, ValidationError
@@ -358,3 +358,23 @@ async def test_path_escapes_refused(call: object) -> None:
 def test_bad_datastores_refused(ds_mad: str, attributes: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         open_datastore(datastore(ds_mad, **attributes), SshPool(SshSettings(known_hosts=Path("/nonexistent"))))
+
+
+class _FailingRunner:
+    """Fault injection: every command exits with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    async def run(self, argv: Sequence[str], **_: Any) -> Result:
+        raise CommandFailed(argv, self.status, b"rsync error: something", host="host1")
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(255, True), (12, True), (10, True), (30, True), (23, False),
+                                                   (1, False), (11, False)])
+async def test_an_rsync_that_lost_its_connection_may_be_retried_other_failures_not(status: int,
+                                                                                    retryable: bool) -> None:
+    with pytest.raises(CommandFailed) as failed:
+        await run_rsync(_FailingRunner(status), ["rsync", "-aS", "a", "b:c"], timeout=STEP)  # type: ignore[arg-type]
+    assert failed.value.retryable is retryable
+    assert failed.value.exit_status == status and "rsync error: something" in str(failed.value)

@@ -381,6 +381,32 @@ def test_fixed_graphics_port_becomes_automatic() -> None:
     assert dict(graphics.attrib) == {"type": "vnc", "autoport": "yes", "listen": "127.0.0.1"}
 
 
+CHARACTER_DEVICES = """\
+<domain type='kvm'><name>web</name><uuid>11111111-2222-3333-4444-555555555555</uuid><devices>
+  <serial type='pty'><log file='/var/lib/vms/web/console.log' append='off'/><target port='0'/></serial>
+  <serial type='file'><source path='/var/lib/vms/web/serial1.log'/><target port='1'/></serial>
+  <console type='file'><source path='/var/lib/vms/web/console2.log'/><target type='virtio'/></console>
+  <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/web.agent'/>
+    <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
+  <parallel type='pty'><log file='/var/lib/vms/web/lpt.log'/></parallel>
+</devices></domain>
+"""
+
+
+def test_character_devices_no_longer_write_to_the_source_vms_files() -> None:
+    xml = restored_domain_xml(CHARACTER_DEVICES, name="web-restored", uuid=NEW_UUID, disk_paths={}, no_nic=False,
+                              no_ip=False)
+    devices = etree.fromstring(xml.encode()).find("devices")
+    assert "/var/lib/vms/web" not in xml and "web.agent" not in xml
+    assert [(d.tag, d.get("type")) for d in devices] == [
+        ("serial", "pty"), ("serial", "pty"), ("console", "pty"), ("channel", "unix"), ("channel", "spicevmc"),
+        ("parallel", "pty")]
+    assert [d.find("target").attrib.get("port") for d in devices.findall("serial")] == ["0", "1"]  # the rest stays
+    assert dict(devices.find("channel/source").attrib) == {"mode": "bind"}
+    assert devices.find("channel/target").get("name") == "org.qemu.guest_agent.0"
+
+
 DOMAIN_ERRORS = [
     ("bad UUID", dict(uuid="not-a-uuid"), "not a UUID"),
     ("empty name", dict(name=""), "name"),

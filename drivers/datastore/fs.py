@@ -33,7 +33,7 @@ from drivers.datastore.base import (
     staged_paths,
 )
 from drivers.datastore.limits import priority
-from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, remote, rsync_options
+from drivers.datastore.rsync import DEFAULT_SSH, RunnerFactory, remote, rsync_options, run_rsync
 from drivers.local import LocalRunner
 from drivers.sink import NO_SINK, DriverSink
 from drivers.sshtarget import SshTarget
@@ -70,8 +70,8 @@ class FsDatastore(TreeDatastore):
                 shell = rsync_ssh(ssh_command or DEFAULT_SSH, hypervisor.port)
                 argv = ["rsync", *self.options, "-e", shell, "--",
                         *(f"{remote(hypervisor)}:{path}" for path in paths), f"{tmp}/"]
-            await self.server.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
-                                  started=on_side(started, "server"))
+            await run_rsync(self.server, argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
+                            started=on_side(started, "server"))
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)

@@ -16,9 +16,9 @@ import asyncio
 import re
 import shlex
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from drivers.commands import Runner
+from drivers.commands import CommandFailed, Runner
 from drivers.datastore.base import (
     COMMAND_TIMEOUT,
     PROGRESS_INTERVAL,
@@ -53,6 +53,9 @@ DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _OWNED_OPTIONS = ("-e", "--rsh")  # the driver sets the transport itself
+# rsync's exit statuses for a connection that failed rather than the data: 10 socket I/O, 12 the data stream
+# broke, 30 and 35 timeouts, 255 the ssh under it died. Trying again may succeed.
+CONNECTION_LOST = frozenset({10, 12, 30, 35, 255})
 # fetch_all, on the backup server: each file's size on a line, then the files one after the other.
 _SIZES_THEN_FILES = 'for f; do stat -L -c %s -- "$f" || exit; done; exec cat -- "$@"'
 # fetch_all, on the hypervisor: $1 = n, then n destinations, then the command printing the above. Each
@@ -111,6 +114,17 @@ def remote(target: SshTarget) -> str:
     return f"{target.user}@{host}"
 
 
+async def run_rsync(runner: Runner, argv: Sequence[str], **options: Any) -> None:
+    """``runner.run(argv)`` of an rsync; a failure that was the connection's is marked retryable."""
+    try:
+        await runner.run(argv, **options)
+    except CommandFailed as exc:
+        if exc.exit_status not in CONNECTION_LOST:
+            raise
+        raise CommandFailed(exc.argv, exc.exit_status, exc.stderr_tail.encode(), host=exc.host,
+                            retryable=True) from exc
+
+
 class RsyncDatastore(TreeDatastore):
     """Backups as directories on RSYNC_HOST; uploads sent from the hypervisor by rsync over ssh."""
 
@@ -141,8 +155,8 @@ class RsyncDatastore(TreeDatastore):
 
         async def transfer(tmp: str) -> None:
             argv = ["rsync", *self.options, "-e", remote_shell, "--", *paths, f"{remote(self.target)}:{tmp}/"]
-            await source.run(argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
-                             started=on_side(started, "source"))
+            await run_rsync(source, argv, timeout=timeout, nice=self.nice, ionice=self.ionice,
+                            started=on_side(started, "source"))
 
         return await self._upload(source, paths, vm_id, backup_id, timeout, transfer, progress,
                                   self.nice, self.ionice, started)

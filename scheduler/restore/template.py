@@ -18,7 +18,10 @@ vmsched's transient ``SCHED_MESSAGE`` is dropped like ``ERROR``; a vector left w
 named in ``disk_paths`` re-pointed at the restored files (no backing chain), the interfaces' generated
 device names dropped, MAC and IP addresses dropped with ``no_ip``, interfaces dropped with ``no_nic``,
 PCI host devices, NUMA placement (``numatune``, ``cpu/numa``) and CPU pinning (``cputune`` pins) dropped,
-fixed graphics ports replaced by automatic ones. Everything else is kept as it was.
+fixed graphics ports replaced by automatic ones, and what tied the character devices to the source VM's files
+undone (its console would write the source's log, its agent socket collide with the source's): ``<log>`` of
+serial, console, parallel and channel devices dropped, a unix channel's explicit socket path dropped (libvirt
+makes one per domain), a file-backed serial or console made a pty. Everything else is kept as it was.
 """
 
 from __future__ import annotations
@@ -253,6 +256,21 @@ def _free_graphics(devices: etree._Element) -> None:
             graphics.set("autoport", "yes")
 
 
+def _own_character_devices(devices: etree._Element) -> None:
+    for device in devices:
+        if device.tag not in ("serial", "console", "parallel", "channel"):
+            continue
+        for log in device.findall("log"):
+            _remove(log)
+        source = device.find("source")
+        if device.tag == "channel" and device.get("type") == "unix" and source is not None:
+            source.attrib.pop("path", "")
+        if device.tag in ("serial", "console") and device.get("type") == "file":
+            device.set("type", "pty")
+            if source is not None:
+                _remove(source)
+
+
 def _unpin(root: etree._Element) -> None:
     for path in ("numatune", "cpu/numa", "cputune/vcpupin", "cputune/emulatorpin", "cputune/iothreadpin"):
         for element in root.findall(path):
@@ -287,5 +305,6 @@ def restored_domain_xml(domain_xml: str, *, name: str, uuid: str, disk_paths: Ma
             if hostdev.get("type") == "pci":
                 _remove(hostdev)
         _free_graphics(devices)
+        _own_character_devices(devices)
     _unpin(root)
     return etree.tostring(root, encoding="unicode")
