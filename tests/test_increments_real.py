@@ -206,6 +206,28 @@ def test_each_backup_adds_a_link_and_each_link_is_the_disk_at_its_backup(
         assert dict(chains.api.call("vmsched.image.verify", image_id, 0))["OK"]  # type: ignore[call-overload]
 
 
+@pytest.mark.parametrize("kind", ["fs", "rsync", "restic"])
+def test_scheduled_backups_build_the_chain(chains: Chains, kind: str, tiny_domain: Callable[..., TinyDomain],
+                                           hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    """SCHED_ACTIONs fired by the engine, not one.vm.backup: each adds a link, and the last restores as the
+    disk was just before it ran."""
+    host1 = hypervisors("host1")
+    dom, vm_id = incremental_vm(chains, tiny_domain)
+    for n in range(3):
+        host1.write_pattern(dom, "vda", pattern=0x61 + n, offset=f"{8 * n}M", length="1M")
+        then = snapshot_copy(dom.vda, tmp_path / f"vda.at-{n}", "qcow2")
+        ok, message = chains.api.run_action(vm_id, "backup", f"{chains.datastores[kind]},0")
+        assert ok, message
+    [image_id] = [int(i.text or "") for i in chains.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
+    assert [i[:3] for i in increments(chains.image(image_id))] == [(0, "FULL", -1), (1, "INCREMENT", 0),
+                                                                   (2, "INCREMENT", 1)]
+    assert chains.pointers(vm_id) == (image_id, 2)
+    reply = str(chains.api.call("one.image.restore", image_id, chains.images_ds,
+                                f'DISK_ID = "0"\nNAME = "sched-{kind}"\nNO_IP = "YES"'))
+    _, restored = map(int, reply.split())
+    assert same_image(Path(chains.image(restored).findtext("SOURCE") or ""), then)
+
+
 def test_a_chain_whose_checkpoint_was_deleted_heals_with_a_new_full(
         chains: Chains, tiny_domain: Callable[..., TinyDomain], hypervisors: Callable[[str], Hypervisor],
         tmp_path: Path) -> None:
