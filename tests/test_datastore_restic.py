@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -210,6 +210,39 @@ async def test_backup_restore_dedup_and_forget(setup: Setup) -> None:  # noqa: F
     with pytest.raises(NotFound):
         await store.rm(VM_ID, [first.backup_id])
     assert await store.exists(VM_ID, second.backup_id)
+
+
+class _Listings:
+    """The server's runner, counting the ``restic snapshots`` it is asked to run."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner, self.count = runner, 0
+
+    async def run(self, argv: Sequence[str], **options: Any) -> Result:
+        self.count += "snapshots" in argv
+        return await self.runner.run(argv, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+
+@pytest.mark.realenv
+async def test_reading_a_backup_lists_the_repository_once_and_a_change_lists_it_again(setup: Setup) -> None:  # noqa: F811
+    """Each restic command derives the repository key (half a second): the files of one backup are found
+    from one listing; vmsched's own change of the repository (a forget) drops it."""
+    store = restic_store(setup)
+    await stage(setup.host1, setup.staging)
+    _, first = await upload(store, setup)
+    counting = _Listings(store.server)
+    store.server = counting  # type: ignore[assignment]
+    assert await store.read_file(VM_ID, first.backup_id, "vm.xml") == VM_XML
+    assert (await store.snapshot_file(VM_ID, first.backup_id, QCOW2))[0].startswith(first.snapshot_id)
+    assert await store.read_file(VM_ID, first.backup_id, "vm.xml") == VM_XML
+    assert counting.count == 1
+    await store.rm(VM_ID, [first.backup_id])
+    with pytest.raises(NotFound):
+        await store.read_file(VM_ID, first.backup_id, "vm.xml")
+    assert counting.count == 3  # rm's own listing, then a new one: the forgotten snapshot is not found
 
 
 @pytest.mark.realenv

@@ -32,6 +32,7 @@ import math
 import re
 import secrets
 import shlex
+import time
 import weakref
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -321,6 +322,8 @@ _repo_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str
 
 
 _known_repositories: set[tuple[str, int, str]] = set()  # opened with our password once: no check before each use
+LISTING_TTL = 60.0  # seconds a repository's listing answers the lookup of a snapshot it names
+_listings: dict[tuple[str, int, str], tuple[float, list[dict[str, Any]]]] = {}  # (host, port, repo) -> when, what
 
 
 def repository_lock(target: SshTarget, path: str) -> asyncio.Lock:
@@ -447,6 +450,7 @@ class ResticDatastore:
         path = self.layout.vm_dir(vm_id)
         key = (self.settings.target.host, self.settings.target.port, path)
         async with repository_lock(self.settings.target, path):
+            _listings.pop(self._listing_key(path), None)  # it is about to change
             if key not in _known_repositories:
                 result = await self._restic(self.server, path, ["cat", "config"])
                 if result.exit_status != 0:
@@ -454,7 +458,10 @@ class ResticDatastore:
                         raise self._failed(self.server, path, ["cat", "config"], result)
                     await self._init(path)
                 _known_repositories.add(key)
-            yield path
+            try:
+                yield path
+            finally:
+                _listings.pop(self._listing_key(path), None)
 
     async def _init(self, path: str) -> None:
         result = await self._restic(self.server, path, ["init"])
@@ -470,11 +477,23 @@ class ResticDatastore:
             if any(text in result.stderr.decode("utf-8", "replace") for text in _NO_REPO):
                 return []
             raise self._failed(self.server, path, ["snapshots"], result)
-        return parse_snapshots(result.stdout)
+        snapshots = parse_snapshots(result.stdout)
+        _listings[self._listing_key(path)] = (time.monotonic(), snapshots)
+        return snapshots
+
+    def _listing_key(self, path: str) -> tuple[str, int, str]:
+        return self.settings.target.host, self.settings.target.port, path
 
     async def _snapshot(self, vm_id: int, source: str) -> dict[str, Any]:
+        """The snapshot of backup ``source``: from a listing of the last LISTING_TTL seconds when it names
+        it (a snapshot never changes once made, and vmsched's own changes to the repository drop the listing),
+        else from a new one. Each restic command pays the repository key's derivation (about half a second),
+        so a restore does not list the repository once per file it reads."""
         layout.check_backup_id(source)
-        found = [s for s in await self._snapshots(vm_id) if matches(s, source)]
+        stamp, listed = _listings.get(self._listing_key(self.layout.vm_dir(vm_id)), (-math.inf, []))
+        found = [s for s in listed if matches(s, source)] if time.monotonic() - stamp < LISTING_TTL else []
+        if not found:
+            found = [s for s in await self._snapshots(vm_id) if matches(s, source)]
         if len(found) != 1:
             what = "no" if not found else "more than one"
             raise NotFound(f"datastore {self.datastore.id}: {what} restic snapshot {source} of VM {vm_id}")

@@ -122,15 +122,17 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
-async def read_backup(state: State, links: HostLinks, backup: Image, increment_id: int = -1) -> tuple[str, str]:
-    """(vm.xml, domain.xml) of the backup (as they were at increment ``increment_id``), from its datastore."""
+async def read_backup(state: State, links: HostLinks, backup: Image, increment_id: int = -1, *,
+                      domain: bool = True) -> tuple[str, str]:
+    """(vm.xml, domain.xml) of the backup (as they were at increment ``increment_id``), from its datastore;
+    domain.xml "" unless ``domain`` (only a restore that makes a template needs it)."""
     datastore = state.datastores.get(backup.datastore_id)
     store = open_datastore(datastore, links.pool)
     vm_id = backup.vms[0] if backup.vms else -1
     source = chain_to(backup, increment_id)[-1][1]
     try:
         vm_xml = (await store.read_file(vm_id, source, VM_XML)).decode()
-        domain_xml = (await store.read_file(vm_id, source, DOMAIN_XML)).decode()
+        domain_xml = (await store.read_file(vm_id, source, DOMAIN_XML)).decode() if domain else ""
     except NotFound as exc:
         raise ActionError(f"backup image {backup.id}: {exc}") from exc
     return vm_xml, domain_xml
@@ -160,7 +162,7 @@ async def restore(ctx: Daemon, owner: Ownership, backup_id: int, ds_id: int, opt
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
     links = ctx.connections("restores cannot run")
-    vm_xml, domain_xml = await read_backup(state, links, backup, options.increment)
+    vm_xml, domain_xml = await read_backup(state, links, backup, options.increment, domain=options.disk_id is None)
     sizes = disk_sizes(vm_xml, disk_ids)
     if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
         raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
