@@ -22,8 +22,8 @@ import libvirt_qemu
 import pytest
 import pytest_asyncio
 
+from drivers.tm import CaptureError, CaptureRequest, ChainBroken, Increment, capture, recover
 from drivers.tm.plan import DiskSource, FsFreeze
-from drivers.tm.qcow2 import CaptureError, CaptureRequest, ChainBroken, Increment, capture, recover
 from drivers.vmm.checkpoints import backup_xml, checkpoint_name, checkpoint_xml, parse_bitmaps
 from drivers.vmm.errors import VmmError
 from drivers.vmm.states import DomainState

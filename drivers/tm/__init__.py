@@ -2,20 +2,21 @@
 
 ``qcow2.capture`` stages one ``disk.<disk_id>.<increment>`` per disk on the host for upload (a full copy,
 or an increment by changed-block tracking); ``qcow2.recover``
-undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts.
+undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts,
+``chaincheck`` the check of an increment's chain before it is taken, ``dirty`` the dirty ranges of a
+powered-off disk, ``errors`` what they raise.
 """
 
 from __future__ import annotations
 
+from drivers.tm.chaincheck import Increment
+from drivers.tm.errors import CaptureError, ChainBroken
 from drivers.tm.plan import DiskSource, FsFreeze, Step, fs_freeze, overlay_path, staging_dir, staging_file
 from drivers.tm.qcow2 import (
-    CaptureError,
     CaptureOptions,
     CaptureRequest,
     CaptureResult,
-    ChainBroken,
     DiskImage,
-    Increment,
     RecoveryReport,
     capture,
     prune_checkpoints,

@@ -26,13 +26,13 @@ from typing import Any, TypeVar
 from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
 from drivers.tm import dirty, plan
+from drivers.tm.chaincheck import ChainCheck, DiskBitmaps, Increment
+from drivers.tm.errors import CaptureError
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
 from drivers.vmm.checkpoints import (
-    Bitmap,
     backup_xml,
     checkpoint_name,
     checkpoint_xml,
-    parse_bitmaps,
     parse_checkpoint_name,
     redefine_xml,
 )
@@ -47,20 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class CaptureError(DriverError):
-    """A capture or its cleanup could not finish; the message says what is left and where."""
-
-
-class ChainBroken(CaptureError):
-    """An increment cannot continue its chain (its previous checkpoint is gone, a disk was resized): the
-    backup starts a new chain with a full base instead. ``reason`` says why, without the host and domain."""
-
-    def __init__(self, where: str, reason: str, *, cause: str, host: str | None = None) -> None:
-        super().__init__(f"{where}: {reason}; a new chain starts with a full backup", host=host)
-        self.reason = reason
-        self.cause = cause  # a short code: "resized", "checkpoint"
-
-
 @dataclass(frozen=True)
 class CaptureOptions:
     parallel: int = 2  # disks converted at the same time
@@ -69,17 +55,6 @@ class CaptureOptions:
     convert_timeout: float = 6 * 3600.0
     commit_deadline: float = 600.0  # per overlay; past it the commit is aborted and the overlay kept
     command_timeout: float = 120.0  # mkdir, rm, qemu-img info
-
-
-@dataclass(frozen=True)
-class Increment:
-    """Capture increment ``increment_id`` of the VM's chain by changed-block tracking (live VMs, qcow2 disks):
-    0 is the chain's full base, any other what changed since checkpoint ``increment_id - 1``."""
-
-    vm_id: int
-    increment_id: int
-    # disk_id -> virtual size in bytes at the chain's base: a disk resized since cannot continue the chain
-    sizes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,6 +185,7 @@ class _Session:
         self.where = f"{kvm.name}: domain {domain!r}: run {artifacts.run}"
         self.problems: list[Exception] = []
         self.report = RecoveryReport()
+        self.disk_bitmaps = DiskBitmaps(kvm, runner, domain, options.command_timeout)
 
     async def note(self, name: Step, **fields: Any) -> None:
         entry = plan.step(name, self.artifacts.run, **fields)
@@ -377,85 +353,7 @@ class _Session:
                  dirty.dirty_bytes(extents), since, target)
 
     async def check_chain(self, increment: Increment, since: str | None, disks: Sequence[DiskSource]) -> None:
-        """Before increment n: vmsched's checkpoints n and later of this VM, and its bitmaps no checkpoint
-        names, are leftovers of runs that were not kept (removed: the previous bitmap still tracks every change
-        since it). Checkpoint n-1 must then have a sound bitmap in every disk (its libvirt record is redefined
-        when only that was lost), and no disk may have been resized since the base; otherwise the chain is
-        broken. Checkpoints and bitmaps that are not vmsched's, or of other VMs, are left alone."""
-        if since is not None:
-            await self.check_sizes(increment, disks)
-        names, bitmaps = await self.drop_leftovers(increment, disks)
-        if since is not None:
-            await self.check_since(increment, since, disks, names, bitmaps)
-
-    async def check_sizes(self, increment: Increment, disks: Sequence[DiskSource]) -> None:
-        for disk in disks:
-            expected = increment.sizes.get(disk.disk_id)
-            size = await self.kvm.block_capacity(self.domain, disk.target)
-            if expected is not None and size != expected:
-                raise ChainBroken(self.where, f"disk {disk.disk_id} ({disk.target}) is {size} bytes, it was "
-                                  f"{expected} at the chain's base (resized)", cause="resized", host=self.kvm.name)
-
-    async def drop_leftovers(self, increment: Increment,
-                             disks: Sequence[DiskSource]) -> tuple[list[str], dict[str, list[Bitmap]]]:
-        """Remove the stale checkpoints and orphan bitmaps; (the checkpoints left, the disks' bitmaps)."""
-        names = await self.kvm.checkpoints(self.domain)
-        stale = [name for name in names if (parsed := parse_checkpoint_name(name)) is not None
-                 and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id]
-        off = await self.kvm.state(self.domain) is DomainState.SHUTOFF  # libvirt: record only; bitmaps below
-        for name in reversed(stale):
-            log.warning("%s: checkpoint %s is not part of the chain (left by a run that did not finish, or "
-                        "a new chain starts): deleted", self.where, name)
-            try:
-                await self.kvm.delete_checkpoint(self.domain, name, metadata_only=off)
-            except VmmError as exc:  # its bitmap is gone (a killed QEMU never stored it): the record goes alone
-                log.warning("%s: checkpoint %s cannot be deleted with its bitmaps (%s): its record is", self.where,
-                            name, exc)
-                await self.kvm.delete_checkpoint(self.domain, name, metadata_only=True)
-        names = [name for name in names if name not in stale]
-        bitmaps = await self.bitmaps([disk.path for disk in disks], off=off)
-        for disk in disks:  # a bitmap no checkpoint names would make the next checkpoint of its name fail
-            for bitmap in bitmaps.get(disk.path, []):
-                parsed = parse_checkpoint_name(bitmap.name)
-                if parsed is not None and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id \
-                        and bitmap.name not in names:
-                    log.warning("%s: bitmap %s of %s belongs to no checkpoint (left by an interrupted run): "
-                                "removed", self.where, bitmap.name, disk.path)
-                    await self.remove_bitmap(disk.path, bitmap.name, off=off)
-        return names, bitmaps
-
-    async def check_since(self, increment: Increment, since: str, disks: Sequence[DiskSource], names: list[str],
-                          bitmaps: dict[str, list[Bitmap]]) -> None:
-        problems = []
-        for disk in disks:
-            found = next((b for b in bitmaps.get(disk.path, []) if b.name == since), None)
-            if found is None:
-                problems.append(f"disk {disk.disk_id} ({disk.target}) has no bitmap {since}")
-            elif not found.sound:
-                problems.append(f"bitmap {since} of disk {disk.disk_id} ({disk.target}) is not usable "
-                                f"({', '.join(found.flags)})")
-        if problems:
-            gone = "is gone" if since not in names else "cannot be trusted"
-            raise ChainBroken(self.where, f"checkpoint {since} of the previous increment {gone}: "
-                              + "; ".join(problems), cause="checkpoint", host=self.kvm.name)
-        if since not in names:  # the bitmaps are sound: only libvirt's record was lost
-            previous = checkpoint_name(increment.vm_id, increment.increment_id - 2) if increment.increment_id > 1 else None
-            await self.kvm.redefine_checkpoint(self.domain, redefine_xml(
-                since, previous if previous in names else None, int(time.time()), [d.target for d in disks]))
-            log.warning("%s: libvirt had no record of checkpoint %s, whose bitmaps are sound in every disk: "
-                        "redefined, the chain goes on", self.where, since)
-
-    async def bitmaps(self, paths: Sequence[str], *, off: bool) -> dict[str, list[Bitmap]]:
-        """``{disk file: its dirty bitmaps}``: the running QEMU's view, or ``qemu-img info`` of a domain off."""
-        if not off:
-            return await self.kvm.disk_bitmaps(self.domain)
-        return {path: parse_bitmaps(await self.command(["qemu-img", "info", "--output=json", path])) for path in paths}
-
-    async def remove_bitmap(self, path: str, name: str, *, off: bool) -> None:
-        if not off:
-            await self.kvm.remove_bitmap(self.domain, path, name)
-        else:
-            await self.command(["qemu-img", "bitmap", "--remove", "-f", "qcow2", path, name])
+        await ChainCheck(self.kvm, self.domain, self.where, self.disk_bitmaps).run(increment, since, disks)
 
     # ------------------------------------------------------------------ quiesce
 
@@ -589,9 +487,9 @@ class _Session:
         elif state is DomainState.SHUTOFF:  # libvirt deletes no bitmap of a domain that is off
             paths = [d.path for d in await self.kvm.disks(self.domain) if d.type == "file" and d.format == "qcow2"
                      and d.path]
-            for path, bitmaps in (await self.bitmaps(paths, off=True)).items():
+            for path, bitmaps in (await self.disk_bitmaps.of(paths, off=True)).items():
                 if checkpoint in [b.name for b in bitmaps]:
-                    await self.remove_bitmap(path, checkpoint, off=True)
+                    await self.disk_bitmaps.remove(path, checkpoint, off=True)
                     self.report.removed.append(f"{path}:{checkpoint}")
         if await self.kvm.delete_checkpoint(self.domain, checkpoint, metadata_only=state is DomainState.SHUTOFF):
             self.report.removed.append(checkpoint)
