@@ -31,6 +31,7 @@ from scheduler.model.objects.image import Image
 from scheduler.model.objects.states import DatastoreType, ImageType, LcmState, VmState
 from scheduler.model.objects.vm import History, Vm
 from scheduler.model.template import Template, Vector
+from scheduler.restore import to_images
 from scheduler.store.codecs import build_codecs
 from scheduler.store.sqlite import Store
 from scheduler.store.state import State
@@ -148,6 +149,12 @@ def test_backup_image_record() -> None:
     assert [(c["FILE"], c["SHA256"]) for c in image.template.vectors("CHECKSUMS")] == [
         ("disk.0.0", "a" * 64), ("vm.xml", "b" * 64)]
     assert bc.image_name(0, when, ZoneInfo("Europe/Madrid")) == "0 01-Dec 14.36.56"
+    sized = bc.backup_image(4, vm(), ds, "1a2b3c", upload, [0, 1], when, UTC, {"disk.0.0": 64 << 20})
+    assert [(c["FILE"], c.get("VIRTUAL_SIZE")) for c in sized.template.vectors("CHECKSUMS")] == [
+        ("disk.0.0", str(64 << 20)), ("vm.xml", None)]
+    assert to_images.recorded_sizes(sized, [0]) == {0: 64}
+    assert to_images.recorded_sizes(image, [0]) is None  # recorded before the sizes were: vm.xml says
+    assert to_images.recorded_sizes(sized, [0, 1]) is None
 
 
 class Links:

@@ -7,7 +7,7 @@ One copy, used by the API (``one.vm.backup``), the scheduled action and the run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -107,8 +107,10 @@ def image_name(vm_id: int, when: float, tz: ZoneInfo) -> str:
 
 
 def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, upload: UploadResult,
-                 disk_ids: Sequence[int], now: float, tz: ZoneInfo) -> Image:
-    """The BACKUP image of one full backup (spec §7.2); each file's sha256 in TEMPLATE/CHECKSUMS."""
+                 disk_ids: Sequence[int], now: float, tz: ZoneInfo,
+                 virtual_sizes: Mapping[str, int] | None = None) -> Image:
+    """The BACKUP image of one full backup (spec §7.2); each file's sha256 in TEMPLATE/CHECKSUMS, with a disk
+    file's VIRTUAL_SIZE (bytes) from ``virtual_sizes`` (a restore of one disk then needs no vm.xml)."""
     image = Image(
         id=image_id, name=image_name(vm.id, now, tz), ownership=vm.ownership, permissions=BACKUP_IMAGE_PERMISSIONS,
         type=ImageType.BACKUP, regtime=int(now), modtime=int(now), source=backup_id, format="raw",
@@ -116,7 +118,9 @@ def backup_image(image_id: int, vm: Vm, datastore: Datastore, backup_id: str, up
         datastore=datastore.name, vms=[vm.id], backup_disk_ids=list(disk_ids),
     )  # fmt: skip
     for name, digest in sorted(upload.sha256.items()):
-        image.template.add("CHECKSUMS", Vector([("FILE", name), ("SHA256", digest)]))
+        size = (virtual_sizes or {}).get(name)
+        image.template.add("CHECKSUMS", Vector([("FILE", name), ("SHA256", digest),
+                                                *([("VIRTUAL_SIZE", str(size))] if size is not None else [])]))
     for vector in url_vectors(image, datastore):
         image.template.add("BACKUP_URL", vector)
     return image

@@ -364,7 +364,7 @@ async def _record(run: _Backup, backup_id: str, uploaded: UploadResult, captured
                              sizes, now)
         else:
             image_id = await m.new_id("image")
-            image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, now, tz)
+            image = backup_image(image_id, vm, run.datastore, backup_id, uploaded, disk_ids, now, tz, sizes)
             if link is not None:
                 image = start_chain(image, run.datastore, link, uploaded.size_mb, sizes, now)
             datastore = ctx.state.datastores.editable(run.datastore.id)

@@ -13,6 +13,7 @@ backed-up ``domain.xml`` re-pointed at the new files. Any failure removes what t
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from lxml import etree
 
 from drivers.commands import Runner, shielded
 from drivers.datastore import open_datastore
-from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_size_mb
+from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_file_name, disk_size_mb
 from drivers.processes import kill_marked
 from scheduler.backup.urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
@@ -39,6 +40,7 @@ from scheduler.restore.template import clean_vm_template, restored_domain_xml
 from scheduler.store.state import State
 
 log = logging.getLogger(__name__)
+MIB = 1 << 20
 
 YES_NO = ("YES", "NO")
 COMMAND_TIMEOUT = 60.0
@@ -142,6 +144,20 @@ def disk_sizes(vm_xml: str, disk_ids: list[int]) -> dict[int, int]:
     return {disk_id: disk_size_mb(vm_xml.encode(), disk_id) for disk_id in disk_ids}
 
 
+def recorded_sizes(backup: Image, disk_ids: list[int], increment_id: int = -1) -> dict[int, int] | None:
+    """MB of each disk at increment ``increment_id`` from the VIRTUAL_SIZE its CHECKSUMS recorded (pure); None
+    when one of them has none (an image recorded before they were: the sizes come from vm.xml)."""
+    increment = chain_to(backup, increment_id)[-1][0]
+    recorded = {str(v.get("FILE")): (v.get("VIRTUAL_SIZE") or "").strip() for v in backup.template.vectors("CHECKSUMS")}
+    sizes = {}
+    for disk_id in disk_ids:
+        size = recorded.get(disk_file_name(disk_id, increment), "")
+        if not size.isdigit():
+            return None
+        sizes[disk_id] = math.ceil(int(size) / MIB)
+    return sizes
+
+
 def disk_targets(vm_xml: str) -> dict[int, str]:
     """DISK_ID -> TARGET of the backed-up VM's disks (pure)."""
     root = etree.fromstring(vm_xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
@@ -162,8 +178,13 @@ async def restore(ctx: Daemon, owner: Ownership, backup_id: int, ds_id: int, opt
     options = parse_options(options_text)
     disk_ids = check_request(state, backup, target, options)
     links = ctx.connections("restores cannot run")
-    vm_xml, domain_xml = await read_backup(state, links, backup, options.increment, domain=options.disk_id is None)
-    sizes = disk_sizes(vm_xml, disk_ids)
+    # one disk whose size is on record needs nothing read first: its restore is the copy alone
+    vm_xml = domain_xml = ""
+    sizes = recorded_sizes(backup, disk_ids, options.increment) if options.disk_id is not None else None
+    if sizes is None:
+        vm_xml, domain_xml = await read_backup(state, links, backup, options.increment,
+                                               domain=options.disk_id is None)
+        sizes = disk_sizes(vm_xml, disk_ids)
     if target.total_mb > 0 and target.free_mb < sum(sizes.values()):
         raise ActionError(f"Not enough free space in image datastore {target.id}: {sum(sizes.values())} MB needed, "
                           f"{target.free_mb} MB free")
