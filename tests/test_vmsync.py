@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from drivers.vmm.states import DomainState
-from scheduler.hosts.vmsync import state_updates
+from scheduler.hosts.vmsync import arrivals, state_updates
 from scheduler.model.objects.states import LcmState, VmState
 from scheduler.model.objects.vm import History, Vm
 from scheduler.model.template import Template, Vector
@@ -44,6 +44,22 @@ def vm(host_id: int | None, state: VmState, lcm: LcmState, uuid: str = UUID) -> 
 def test_which_vms_change(current: Vm, domain: DomainState, expected: tuple | None) -> None:
     updates = state_updates([current], 0, {UUID: domain})
     assert [(s, lcm) for _, s, lcm in updates] == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("current", "domain", "moved"),
+    [
+        (vm(1, VmState.POWEROFF, LcmState.LCM_INIT), DomainState.RUNNING, True),  # migrated here
+        (vm(1, VmState.ACTIVE, LcmState.RUNNING, uuid=UUID.upper()), DomainState.RUNNING, True),
+        (vm(1, VmState.ACTIVE, LcmState.RUNNING), DomainState.PAUSED, False),  # an incoming migration
+        (vm(1, VmState.ACTIVE, LcmState.RUNNING), DomainState.SHUTOFF, False),  # defined here, runs there
+        (vm(0, VmState.ACTIVE, LcmState.RUNNING), DomainState.RUNNING, False),  # already bound here
+        (vm(1, VmState.ACTIVE, LcmState.BACKUP), DomainState.RUNNING, False),  # a backup owns it
+        (vm(None, VmState.PENDING, LcmState.LCM_INIT), DomainState.RUNNING, False),  # not bound: import it
+    ],
+)
+def test_which_vms_moved_here(current: Vm, domain: DomainState, moved: bool) -> None:
+    assert arrivals([current], 0, {UUID: domain}) == ([current] if moved else [])
 
 
 @pytest.mark.realenv

@@ -74,7 +74,7 @@ class ChainCheck:
         broken. Checkpoints and bitmaps that are not vmsched's, or of other VMs, are left alone."""
         if since is not None:
             await self.check_sizes(increment, disks)
-        names, bitmaps = await self.drop_leftovers(increment, disks)
+        names, bitmaps = await self.drop_leftovers(increment, disks, since)
         if since is not None:
             await self.check_since(increment, since, disks, names, bitmaps)
 
@@ -86,9 +86,11 @@ class ChainCheck:
                 raise ChainBroken(self.where, f"disk {disk.disk_id} ({disk.target}) is {size} bytes, it was "
                                   f"{expected} at the chain's base (resized)", cause="resized", host=self.kvm.name)
 
-    async def drop_leftovers(self, increment: Increment,
-                             disks: Sequence[DiskSource]) -> tuple[list[str], dict[str, list[Bitmap]]]:
-        """Remove the stale checkpoints and orphan bitmaps; (the checkpoints left, the disks' bitmaps)."""
+    async def drop_leftovers(self, increment: Increment, disks: Sequence[DiskSource],
+                             since: str | None = None) -> tuple[list[str], dict[str, list[Bitmap]]]:
+        """Remove the stale checkpoints and the orphan bitmaps (this VM's, named by no checkpoint left, other
+        than ``since``'s, which the check that follows judges): an interrupted run's, or an older link's whose
+        libvirt record stayed behind on the host a VM migrated from. (the checkpoints left, the disks' bitmaps)"""
         names = await self.kvm.checkpoints(self.domain)
         stale = [name for name in names if (parsed := parse_checkpoint_name(name)) is not None
                  and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id]
@@ -107,10 +109,10 @@ class ChainCheck:
         for disk in disks:  # a bitmap no checkpoint names would make the next checkpoint of its name fail
             for bitmap in bitmaps.get(disk.path, []):
                 parsed = parse_checkpoint_name(bitmap.name)
-                if parsed is not None and parsed[0] == increment.vm_id and parsed[1] >= increment.increment_id \
-                        and bitmap.name not in names:
-                    log.warning("%s: bitmap %s of %s belongs to no checkpoint (left by an interrupted run): "
-                                "removed", self.where, bitmap.name, disk.path)
+                if parsed is not None and parsed[0] == increment.vm_id and bitmap.name not in names \
+                        and bitmap.name != since:
+                    log.warning("%s: bitmap %s of %s belongs to no checkpoint (left by an interrupted run, or "
+                                "its record stayed on another host): removed", self.where, bitmap.name, disk.path)
                     await self.disk_bitmaps.remove(disk.path, bitmap.name, off=off)
         return names, bitmaps
 

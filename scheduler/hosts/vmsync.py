@@ -4,7 +4,8 @@ Whether a backup is live or cold depends on the VM's state, so it must follow wh
 vmsched (an admin's ``virsh suspend``, a guest shutting itself down). Events give it within
 moments; the monitoring round's poll repairs anything an event missed (events are lost while a
 connection is down). VMs in the middle of a vmsched operation (BACKUP, BACKUP_POWEROFF, RESTORE) are
-left alone: the operation owns their state.
+left alone: the operation owns their state. A VM whose domain runs on another registered host than the one
+it is bound to (a live migration) follows it there, as an action that locates it would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from drivers.vmm.states import DomainState, StateChange
+from scheduler.errors import DriverError
 from scheduler.hosts.links import Daemon
+from scheduler.hosts.placement import domain_ref, follow
 from scheduler.hosts.vmimport import vm_states
 from scheduler.model.objects.states import LcmState, VmState
 from scheduler.model.objects.vm import Vm
@@ -41,6 +44,13 @@ def state_updates(vms: Iterable[Vm], host_id: int, domains: Mapping[str, DomainS
         if (vm.state, vm.lcm_state) != (state, lcm):
             updates.append((vm, state, lcm))
     return updates
+
+
+def arrivals(vms: Iterable[Vm], host_id: int, domains: Mapping[str, DomainState]) -> list[Vm]:
+    """The VMs bound to another host whose domain runs on ``host_id`` (pure): moved here. Only a running
+    domain counts: an incoming migration's is paused until it is done, a defined one may be a leftover."""
+    return [vm for vm in vms if vm.host is not None and vm.host[0] != host_id and vm.uuid
+            and domains.get(vm.uuid.lower()) is DomainState.RUNNING and vm.lcm_state not in OWNED_BY_OPERATION]
 
 
 class VmStateSync:
@@ -81,4 +91,17 @@ class VmStateSync:
                 state.update_soon("vm", changed)
                 log.info("VM %s (%s) on host %s is now %s/%s (was %s/%s)", vm.id, vm.name, host.name,
                          new_state.name, new_lcm.name, vm.state.name, vm.lcm_state.name)
+            moved = arrivals(state.pools["vm"].values(), host.id, domains)
+        for vm in moved:
+            await self._follow(host, vm)
         await state.durable()
+
+    async def _follow(self, host: Any, vm: Vm) -> None:
+        try:
+            found = await self.ctx.connections("VMs cannot be followed").vmm(host).find(domain_ref(vm))
+        except DriverError as exc:
+            log.warning("VM %s: its domain seemed to run on host %s, but reading it there failed: %s", vm.id,
+                        host.name, exc)
+            return
+        if found.state is DomainState.RUNNING:
+            await follow(self.ctx.state, vm.id, host, found, int(self.ctx.now()))
