@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from drivers.vmm import errors as vmm_errors
+from drivers.vmm import kvm as kvm_module
 from drivers.vmm.domainxml import INTERNAL_SNAPSHOT_REASON
 from drivers.vmm.errors import (
     CommitTimeout,
@@ -510,3 +511,21 @@ async def test_reconnects_after_the_transport_dies_and_keeps_delivering_events(r
         assert transport not in ssh_children() and len(ssh_children() - before) == 1
     finally:
         await host2.close()
+
+
+class _Vanishing:
+    """Fault injection: a domain listed a moment ago and gone when read (a migration's source), or broken."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def name(self) -> str:
+        error = libvirt.libvirtError("gone")
+        error.err = (self.code, 0, "gone", 0, "", None, None, 0, 0)
+        raise error
+
+
+def test_a_domain_gone_while_listed_is_left_out_other_errors_are_not() -> None:
+    assert kvm_module._info_unless_gone(_Vanishing(libvirt.VIR_ERR_NO_DOMAIN)) is None
+    with pytest.raises(libvirt.libvirtError):
+        kvm_module._info_unless_gone(_Vanishing(libvirt.VIR_ERR_INTERNAL_ERROR))

@@ -215,9 +215,11 @@ class KvmHost:
         return int(await self._call(f"block info {target}", domain, lambda dom: dom.blockInfo(target)[0]))
 
     async def list_domains(self) -> list[DomainInfo]:
-        """Every domain defined or running on the host, sorted by name."""
-        return sorted(await self._call("list domains", None, lambda conn: [_info(d) for d in conn.listAllDomains()]),
-                      key=lambda info: info.name)
+        """Every domain defined or running on the host, sorted by name (one that goes while it is read, a
+        migration's source for one, is left out)."""
+        return sorted(await self._call("list domains", None, lambda conn: [
+            info for d in conn.listAllDomains() if (info := _info_unless_gone(d)) is not None]),
+            key=lambda info: info.name)
 
     async def poll_states(self) -> dict[str, DomainState]:
         """UUID -> state of every domain on the host (the monitoring fallback when events are not flowing)."""
@@ -541,6 +543,15 @@ class KvmHost:
 
 def _info(dom: libvirt.virDomain) -> DomainInfo:
     return DomainInfo(name=dom.name(), uuid=dom.UUIDString(), state=state_from_libvirt(dom.state()[0]))
+
+
+def _info_unless_gone(dom: libvirt.virDomain) -> DomainInfo | None:
+    try:
+        return _info(dom)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
 
 
 def _identity(xml: str) -> tuple[str, str | None]:
