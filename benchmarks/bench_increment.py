@@ -41,7 +41,7 @@ from pathlib import Path
 import libvirt
 from lxml import etree
 
-from benchmarks.bench_backup import GCM, Timed, daemon, make_vda, rsync_datastore, run_timed, vmsched_backup
+from benchmarks.bench_backup import GCM, Timed, daemon, make_vda, rotated, rsync_datastore, run_timed, vmsched_backup
 from tests.realenv import realenv as realenv_cli
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.model import RealEnv
@@ -134,8 +134,7 @@ def restore_rounds(api: Api, images: dict[str, int], image_ds: int, rounds: int)
     round."""
     seconds: dict[str, list[float]] = {name: [] for name in images}
     for n in range(rounds):
-        order = list(images) if n % 2 == 0 else list(reversed(images))
-        for name in order:
+        for name in rotated(list(images), n):
             seconds[name].append(restore_seconds(api, images[name], image_ds, f"{name}{n}"))
     return seconds
 

@@ -92,17 +92,16 @@ MASK = "******"
 WRITE_PASSWORD_FAILED = 125
 # $1: the password file, "$@" after it: the restic command. The file is created with O_EXCL (set -C), mode
 # 0600, from stdin, and removed however the shell ends short of SIGKILL.
-# $1 a private directory, $2 the repository, then (snapshot id, path) pairs: each dumped to $1/<n>.
+# $1 a private directory, $2 the repository, $3 the password file, then (snapshot id, path) pairs: each
+# dumped to $1/<n>. Run by _WITH_PASSWORD, which writes and removes the password file.
 _DUMP_FILES = """\
 umask 077
-d=$1; repo=$2; shift 2
-cat > "$d/password" || exit 125
+d=$1; repo=$2; password=$3; shift 3
 n=0
 while [ "$#" -ge 2 ]; do
-  restic --repo "$repo" --password-file "$d/password" dump --no-lock "$1" "$2" > "$d/$n" || { rm -f -- "$d/password"; exit 1; }
+  restic --repo "$repo" --password-file "$password" dump --no-lock "$1" "$2" > "$d/$n" || exit 1
   n=$((n + 1)); shift 2
 done
-rm -f -- "$d/password"
 """
 _WITH_PASSWORD = """\
 umask 077; set -C
@@ -717,10 +716,11 @@ class ResticDatastore:
     def dump_files_command(self, vm_id: int, files: Sequence[tuple[str, str]], into: str) -> tuple[list[str], bytes]:
         """The command, to run on the server, that writes each ``(snapshot id, path)`` of ``files`` to
         ``into/<n>`` (n from 0; ``into`` an existing private directory), and what goes to its stdin (the
-        password, kept in ``into`` while it runs, never in an argv)."""
+        password, in a password file while it runs as for every restic command, never in an argv)."""
+        password_file = new_password_file("dump")
         pairs = [word for snapshot_id, path in files for word in (snapshot_id, path)]
-        return (["sh", "-c", _DUMP_FILES, "sh", into, self.layout.vm_dir(vm_id), *pairs],
-                self.settings.password.encode() + b"\n")
+        return with_password(password_file, ["sh", "-c", _DUMP_FILES, "sh", into, self.layout.vm_dir(vm_id),
+                                             password_file, *pairs]), self.settings.password.encode() + b"\n"
 
     async def verify_files(self, vm_id: int, source: str, names: Sequence[str], disks: Collection[str],
                            timeout: float) -> tuple[dict[str, str], dict[str, ImageCheck]]:  # noqa: ASYNC109

@@ -164,12 +164,15 @@ class RsyncDatastore(TreeDatastore):
     async def fetch(self, request: FetchRequest, sink: DriverSink = NO_SINK) -> str:
         """``ssh <server> cat`` run on the hypervisor into the destination, hashing the bytes on the way."""
         source = self.layout.file_path(request.vm_id, request.backup_id, request.name)
-        server = self.target
-        ssh = [*(request.ssh_command or DEFAULT_SSH), "-p", str(server.port), f"{server.user}@{server.host}"]
-        argv = streamed_to(request.destination, [*ssh, "cat -- " + shlex.quote(source)])
+        argv = streamed_to(request.destination, [*self._ssh(request), "cat -- " + shlex.quote(source)])
         result = await request.target.run(argv, timeout=request.timeout, nice=self.nice, ionice=self.ionice,
                                           started=on_side(sink.process_started, "host"))
         return streamed_digest(result.stdout)
+
+    def _ssh(self, request: FetchRequest) -> list[str]:
+        """The hypervisor's ssh to the backup server, for a command there."""
+        server = self.target
+        return [*(request.ssh_command or DEFAULT_SSH), "-p", str(server.port), f"{server.user}@{server.host}"]
 
     async def fetch_all(self, requests: Sequence[FetchRequest], sink: DriverSink = NO_SINK) -> list[str | None]:
         """The first file (a chain's base, the big one) through :meth:`fetch`, in its own ssh session whose
@@ -195,10 +198,8 @@ class RsyncDatastore(TreeDatastore):
             raise ValueError("fetch_all copies to one host")
         sources = [self.layout.file_path(r.vm_id, r.backup_id, r.name) for r in requests]
         destinations = [request.destination for request in requests]
-        server = self.target
-        ssh = [*(first.ssh_command or DEFAULT_SSH), "-p", str(server.port), f"{server.user}@{server.host}"]
         sender = shlex.join(["sh", "-c", _SIZES_THEN_FILES, "sh", *sources])
-        argv = ["bash", "-c", _RECEIVE_FILES, "bash", str(len(requests)), *destinations, *ssh, sender]
+        argv = ["bash", "-c", _RECEIVE_FILES, "bash", str(len(requests)), *destinations, *self._ssh(first), sender]
         result = await first.target.run(argv, timeout=first.timeout, nice=self.nice, ionice=self.ionice,
                                         started=on_side(sink.process_started, "host"))
         digests = parse_digests(result.stdout, destinations)

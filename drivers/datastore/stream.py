@@ -220,19 +220,18 @@ async def open_disk_at(datastore: Datastore, ssh: SshSettings, pool: RunnerFacto
             yield stream
         return
     store = open_datastore(datastore, pool)
+    if not isinstance(store, ResticDatastore | TreeDatastore):
+        raise ActionError(f"datastore {datastore.id}: chains of DS_MAD {datastore.ds_mad!r} cannot be downloaded")
+    temp = f"{store.layout.vm_dir(vm_id)}.vmsched-download-{secrets.token_hex(8)}"  # beside the VM's directory
     put_links: list[str] = []
     stdin: bytes | None = None
     sources = [source for _, source in chain]
     if isinstance(store, ResticDatastore):
-        temp = f"{store.layout.vm_dir(vm_id)}.vmsched-download-{secrets.token_hex(8)}"  # beside the repository
         files = [(await store.snapshot_file(vm_id, source, name))[:2] for source, name in zip(sources, names, strict=True)]
         put_links, stdin = store.dump_files_command(vm_id, files, temp)
         links = [f"{temp}/{n}" for n in range(len(chain))]
-    elif isinstance(store, TreeDatastore):
-        temp = f"{store.layout.vm_dir(vm_id)}.vmsched-download-{secrets.token_hex(8)}"
-        links = [store.layout.file_path(vm_id, source, name) for source, name in zip(sources, names, strict=True)]
     else:
-        raise ActionError(f"datastore {datastore.id}: chains of DS_MAD {datastore.ds_mad!r} cannot be downloaded")
+        links = [store.layout.file_path(vm_id, source, name) for source, name in zip(sources, names, strict=True)]
     if len(digests) != len(links):
         raise ActionError(f"{path}: {len(links)} links to merge, {len(digests)} recorded sha256 to check them by")
     sums = "\n".join(f"{digest}  {link}" for digest, link in zip(digests, links, strict=True))

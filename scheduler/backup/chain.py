@@ -83,11 +83,16 @@ def next_link(vm: Vm, images: Mapping[int, Image], disk_ids: Sequence[int], *, r
 
 def base_sizes(image: Image) -> dict[int, int]:
     """disk_id -> VIRTUAL_SIZE of each disk file of the chain's first link."""
-    first = min((increment.id for increment in image.increments), default=0)
+    return virtual_sizes(image, min((increment.id for increment in image.increments), default=0))
+
+
+def virtual_sizes(image: Image, increment_id: int) -> dict[int, int]:
+    """disk_id -> VIRTUAL_SIZE (bytes) recorded for each disk file of link ``increment_id`` (0 for a full
+    backup); a disk recorded without one is missing."""
     sizes = {}
     for vector in image.template.vectors(CHECKSUMS):
         name, size = vector.get("FILE") or "", (vector.get("VIRTUAL_SIZE") or "").strip()
-        if increment_of(vector) == first and name.startswith("disk.") and size.isdigit():
+        if increment_of(vector) == increment_id and name.startswith("disk.") and size.isdigit():
             sizes[int(name.split(".")[1])] = int(size)
     return sizes
 

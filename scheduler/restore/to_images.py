@@ -21,8 +21,9 @@ from lxml import etree
 
 from drivers.commands import Runner, shielded
 from drivers.datastore import open_datastore
-from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_file_name, disk_size_mb
+from drivers.datastore.layout import DOMAIN_XML, VM_XML, disk_size_mb
 from drivers.processes import kill_marked
+from scheduler.backup.chain import virtual_sizes
 from scheduler.backup.urls import disk_urls
 from scheduler.errors import ActionError, NotFound, ValidationError
 from scheduler.faults import crash_point
@@ -147,15 +148,10 @@ def disk_sizes(vm_xml: str, disk_ids: list[int]) -> dict[int, int]:
 def recorded_sizes(backup: Image, disk_ids: list[int], increment_id: int = -1) -> dict[int, int] | None:
     """MB of each disk at increment ``increment_id`` from the VIRTUAL_SIZE its CHECKSUMS recorded (pure); None
     when one of them has none (an image recorded before they were: the sizes come from vm.xml)."""
-    increment = chain_to(backup, increment_id)[-1][0]
-    recorded = {str(v.get("FILE")): (v.get("VIRTUAL_SIZE") or "").strip() for v in backup.template.vectors("CHECKSUMS")}
-    sizes = {}
-    for disk_id in disk_ids:
-        size = recorded.get(disk_file_name(disk_id, increment), "")
-        if not size.isdigit():
-            return None
-        sizes[disk_id] = math.ceil(int(size) / MIB)
-    return sizes
+    recorded = virtual_sizes(backup, chain_to(backup, increment_id)[-1][0])
+    if not set(disk_ids) <= set(recorded):
+        return None
+    return {disk_id: math.ceil(recorded[disk_id] / MIB) for disk_id in disk_ids}
 
 
 def disk_targets(vm_xml: str) -> dict[int, str]:

@@ -2,7 +2,8 @@
 
 * ``realenv`` (session): runs the idempotent ``up`` once and returns the :class:`RealEnv` description.
   When the environment cannot be created here at all (not root, no apt-get) the test is skipped with the
-  reason printed loudly; any other failure of ``up`` is an error.
+  reason printed loudly, or fails with it when ``VMSCHED_REQUIRE_REALENV=1`` (CI sets it: there a skipped
+  real test would check nothing); any other failure of ``up`` is an error.
 * ``hypervisors`` (session): a cached :class:`Hypervisor` (libvirt over ssh) per host name.
 * ``tiny_domain`` (function): a factory ``tiny_domain(host="host1", *, start=True, cdrom=False)`` for
   tiny QEMU domains in the test's tmp_path; every domain it made is destroyed and undefined afterwards.
@@ -33,6 +34,7 @@ from tests.realenv.errors import EnvUnavailable
 from tests.realenv.model import HostInfo, RealEnv
 
 TEARDOWN_ENV_VAR = "VMSCHED_REALENV_TEARDOWN"
+REQUIRE_ENV_VAR = "VMSCHED_REQUIRE_REALENV"  # "1": a real environment that cannot exist fails the tests
 AGENT_GUEST_DIR = "agent-guest"
 AGENT_GUEST_HOST = "host1"
 
@@ -58,6 +60,8 @@ def realenv(request: pytest.FixtureRequest) -> Iterator[RealEnv]:
     except EnvUnavailable as exc:  # pytest caches this outcome: every later test skips without retrying
         reason = f"real test environment cannot be created here: {exc}"
         _shout(request.config, reason)
+        if os.environ.get(REQUIRE_ENV_VAR) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_ENV_VAR}=1: the real tests must run)", pytrace=False)
         pytest.skip(reason)
     yield env
     if os.environ.get(TEARDOWN_ENV_VAR) == "1":
