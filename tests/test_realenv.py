@@ -17,6 +17,7 @@ from tests.realenv import realenv as renv
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.errors import EnvUnavailable
 from tests.realenv.model import BackupServerInfo, HostInfo, ProcRef, RealEnv, SshFiles
+from tests.realenv.plugin import REQUIRE_ENV_VAR
 
 # ---------------------------------------------------------------------------------------------- pure pieces
 
@@ -110,14 +111,20 @@ def test_fixture_skips_loudly_when_the_env_cannot_be_created(tmp_path: Path) -> 
     (tmp_path / "conftest.py").write_text("import os\nos.geteuid = lambda: 1000\n")
     (tmp_path / "test_uses_env.py").write_text(
         "def test_a(realenv):\n    raise AssertionError('ran')\n\ndef test_b(tiny_domain):\n    raise AssertionError\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.realenv.plugin", "-p", "no:cacheprovider", "-rs",
-         str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    def session(require: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), REQUIRE_ENV_VAR: require}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "tests.realenv.plugin", "-p", "no:cacheprovider", "-rs",
+             str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+
+    done = session("0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "REAL TEST ENVIRONMENT UNAVAILABLE" in done.stdout
     assert done.stdout.count("REAL TEST ENVIRONMENT UNAVAILABLE") == 2  # one banner, printed once
     assert "2 skipped" in done.stdout and "not root (euid 1000)" in done.stdout
+    required = session("1")  # as CI runs them: the real tests must run, so they fail
+    assert required.returncode == 1, required.stdout + required.stderr
+    assert "2 errors" in required.stdout and "VMSCHED_REQUIRE_REALENV=1: the real tests must run" in required.stdout
 
 
 # ---------------------------------------------------------------------------------------------- real hosts
