@@ -206,6 +206,13 @@ MODE_CASES = [
     ({}, {"MODE": "INCREMENT", "INCREMENT_MODE": "DELTA"}, True, False, {"INCREMENT_MODE": "CBT"}, []),
     ({"INCREMENT_MODE": "SNAPSHOT"}, {"MODE": "INCREMENT"}, True, False, {"INCREMENT_MODE": "CBT"}, []),
     ({"INCREMENT_MODE": "SNAPSHOT"}, {"MODE": "INCREMENT"}, True, True, {"INCREMENT_MODE": "SNAPSHOT"}, []),
+    # a change of INCREMENT_MODE ends the chain: checkpoints cannot continue overlays, nor the reverse
+    ({"MODE": "INCREMENT", "INCREMENT_MODE": "CBT", **CHAIN}, {"MODE": "INCREMENT", "INCREMENT_MODE": "SNAPSHOT"},
+     True, True, {"INCREMENT_MODE": "SNAPSHOT", **NO_CHAIN}, []),
+    ({"MODE": "INCREMENT", "INCREMENT_MODE": "SNAPSHOT", **CHAIN}, {"MODE": "INCREMENT"}, True, False,
+     {"INCREMENT_MODE": "CBT", **NO_CHAIN}, []),
+    ({"MODE": "INCREMENT", "INCREMENT_MODE": "SNAPSHOT", **CHAIN}, {"MODE": "INCREMENT", "INCREMENT_MODE": "snapshot"},
+     True, True, {"INCREMENT_MODE": "SNAPSHOT", **CHAIN}, []),
 ]
 
 

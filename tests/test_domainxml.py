@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from drivers.vmm import domainxml
 from drivers.vmm.domainxml import (
     INTERNAL_SNAPSHOT_REASON,
     Disk,
@@ -150,3 +151,20 @@ def test_internal_snapshot_xml() -> None:
 ])
 def test_internal_snapshot_blocker(disks: list[str], blocker: str | None) -> None:
     assert internal_snapshot_blocker(parse_disks(domain(*disks))) == blocker
+
+
+def test_with_disk_file_points_one_file_disk_at_a_new_file() -> None:
+    xml = ("<domain><name>d</name><devices>"
+           "<disk type='file' device='disk'><driver type='qcow2'/><source file='/d/a.vmsched-snap.1.2'/>"
+           "<backingStore type='file'><source file='/d/a'/></backingStore><target dev='vda'/></disk>"
+           "<disk type='file' device='disk'><source file='/d/b'/><target dev='vdb'/></disk>"
+           "<disk type='network' device='disk'><source protocol='rbd' name='p/i'/><target dev='vdc'/></disk>"
+           "</devices></domain>")
+    changed = domainxml.with_disk_file(xml, "vda", "/d/a.vmsched-snap.1.3")
+    disks = {d.target: d for d in domainxml.parse_disks(changed)}
+    assert disks["vda"].path == "/d/a.vmsched-snap.1.3" and disks["vdb"].path == "/d/b"
+    assert "backingStore" not in changed and disks["vda"].format == "qcow2"
+    with pytest.raises(ValidationError, match="network disk"):
+        domainxml.with_disk_file(xml, "vdc", "/d/c")
+    with pytest.raises(ValidationError, match="no disk 'vdz'"):
+        domainxml.with_disk_file(xml, "vdz", "/d/c")

@@ -15,7 +15,9 @@ the next increment then flattens as usual.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from tests.test_increments_real import increments
 pytestmark = pytest.mark.realenv
 KEEP_TWO = 'BACKUP_CONFIG = [ MODE = "INCREMENT", KEEP_LAST = "2" ]'
 INCREMENT = 'BACKUP_CONFIG = [ MODE = "INCREMENT" ]'
+SNAPSHOT = 'BACKUP_CONFIG = [ MODE = "INCREMENT", INCREMENT_MODE = "SNAPSHOT" ]'
 
 
 def backup(api: Api, vm_id: int, ds_id: int) -> str:
@@ -44,6 +47,45 @@ def backup(api: Api, vm_id: int, ds_id: int) -> str:
 def chain_image(api: Api, vm_id: int) -> etree._Element:
     [image_id] = [int(i.text or "") for i in api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID")]
     return etree.fromstring(str(api.call("one.image.info", image_id)).encode())
+
+
+def with_a_base(env: Env, state: Path, dom: TinyDomain, datastore: str,  # noqa: F811
+                config: str) -> tuple[Api, int, int]:
+    """A daemon (stopped again) that registered ``dom`` with ``config`` and took its chain's base; (api, VM id,
+    datastore id)."""
+    plain = start_daemon(state, env.config())
+    api = Api(plain, {})
+    try:
+        _, ds_id = register(api, env, env.base / datastore)
+        [result] = api.import_domains("host1", [dom.name])
+        vm_id = int(result["ID"])
+        api.call("one.vm.updateconf", vm_id, config, 1)
+        backup(api, vm_id, ds_id)
+    finally:
+        assert plain.stop() == 0
+    return api, vm_id, ds_id
+
+
+def killed_at(api: Api, env: Env, state: Path, point: str, vm_id: int, ds_id: int) -> None:  # noqa: F811
+    """A daemon that kills itself at ``point`` of the VM's next backup."""
+    first = start_daemon(state, env.config(), extra_env={"VMSCHED_CRASH_AT": point})
+    api.daemon = first
+    try:
+        api.call("one.vm.backup", vm_id, ds_id, False)
+        assert first.process.wait(timeout=90) == -signal.SIGKILL, first.log()[-3000:]
+    finally:
+        first.stop(signal.SIGKILL)
+    assert f"crash point '{point}' reached" in first.log()
+
+
+def restores_to(api: Api, image: etree._Element, increment: int, then: Path, tmp_path: Path) -> None:
+    """Disk 0 of the chain at ``increment`` restores (one.image.restore) to ``then``."""
+    image_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
+                            f'NAME = "imgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{tmp_path}/imgs"', -1))
+    reply = str(api.call("one.image.restore", int(image.findtext("ID") or ""), image_ds,
+                         f'INCREMENT_ID = "{increment}"\nDISK_ID = "0"\nNAME = "at-{increment}"'))
+    restored = etree.fromstring(str(api.call("one.image.info", int(reply.split()[1]))).encode())
+    assert same_image(Path(restored.findtext("SOURCE") or ""), then)
 
 
 @pytest.mark.parametrize(("point", "links_after"), [("flatten-merged", [0, 1, 2]), ("flatten-switched", [1, 2])])
@@ -106,27 +148,10 @@ def test_kill_9_during_an_increment_then_restart(env: Env, point: str, tmp_path:
     host1 = hypervisors("host1")
     dom = tiny_domain("host1", vdb_format="qcow2")
     state = tmp_path / "state"
-    plain = start_daemon(state, env.config())
-    api = Api(plain, {})
-    try:
-        _, ds_id = register(api, env, env.base / f"inc-{point}")
-        [result] = api.import_domains("host1", [dom.name])
-        vm_id = int(result["ID"])
-        api.call("one.vm.updateconf", vm_id, INCREMENT, 1)
-        backup(api, vm_id, ds_id)  # the base
-    finally:
-        assert plain.stop() == 0
+    api, vm_id, ds_id = with_a_base(env, state, dom, f"inc-{point}", INCREMENT)
     host1.write_pattern(dom, "vda", pattern=0x5E, offset="12M", length="3M")
     then = snapshot_copy(dom.vda, tmp_path / "vda.then", "qcow2")
-
-    first = start_daemon(state, env.config(), extra_env={"VMSCHED_CRASH_AT": point})
-    api.daemon = first
-    try:
-        api.call("one.vm.backup", vm_id, ds_id, False)
-        assert first.process.wait(timeout=90) == -signal.SIGKILL, first.log()[-3000:]
-    finally:
-        first.stop(signal.SIGKILL)
-    assert f"crash point '{point}' reached" in first.log()
+    killed_at(api, env, state, point, vm_id, ds_id)
     assert f"vmsched-{vm_id}-1" in host1.checkpoints(dom)  # the dead run's checkpoint is there
 
     second = start_daemon(state, env.config())
@@ -142,14 +167,63 @@ def test_kill_9_during_an_increment_then_restart(env: Env, point: str, tmp_path:
         assert host1.checkpoints(dom) == [f"vmsched-{vm_id}-0", f"vmsched-{vm_id}-1"]
         assert host1.state(dom) == "running" and host1.disk_sources(dom) == {"vda": dom.vda, "vdb": dom.vdb}
         assert not host1.lookup(dom).jobInfo()[0]  # no backup job left running
-        image_ds = int(api.call("one.datastore.allocate",  # type: ignore[call-overload]
-                                f'NAME = "imgs"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBASE_PATH = "{tmp_path}/imgs"', -1))
-        reply = str(api.call("one.image.restore", int(image.findtext("ID") or ""), image_ds,
-                             'INCREMENT_ID = "1"\nDISK_ID = "0"\nNAME = "at-1"'))
-        restored = etree.fromstring(str(api.call("one.image.info", int(reply.split()[1]))).encode())
-        assert same_image(Path(restored.findtext("SOURCE") or ""), then)
+        restores_to(api, image, 1, then, tmp_path)
         message = backup(api, vm_id, ds_id)  # and the chain goes on
         assert "increment 2" in message
     finally:
         assert second.stop() == 0, second.log()[-3000:]
     assert "Traceback" not in second.log()
+
+
+@pytest.mark.parametrize(("point", "retried"), [("snapshot", True), ("uploaded", True), ("recorded", False)])
+def test_kill_9_during_a_snapshot_increment_then_restart(env: Env, point: str, retried: bool,  # noqa: F811
+                                                         tmp_path: Path, tiny_domain: Callable[..., TinyDomain],
+                                                         hypervisors: Callable[[str], Hypervisor]) -> None:
+    """INCREMENT_MODE=SNAPSHOT, increment 1: the daemon dies once overlay 2 is on top (``snapshot``), once the
+    copy of overlay 1 is uploaded but not recorded (``uploaded``), or once it is recorded but overlay 1 is not
+    committed into the disks yet (``recorded``). After the restart the domain runs on ``[overlay 2, disk]``
+    when increment 1 is in the chain (retried, or recorded before the crash) and every link restores."""
+    host1 = hypervisors("host1")
+    dom = tiny_domain("host1", vdb_format="qcow2")
+    state = tmp_path / "state"
+    api, vm_id, ds_id = with_a_base(env, state, dom, f"snap-{point}", SNAPSHOT)  # the VM runs on overlay 1
+    on = {n: {"vda": Path(f"{dom.vda}.vmsched-snap.{vm_id}.{n}"), "vdb": Path(f"{dom.vdb}.vmsched-snap.{vm_id}.{n}")}
+          for n in (1, 2)}
+    assert host1.disk_sources(dom) == on[1]
+    host1.write_pattern(dom, "vda", pattern=0x6E, offset="12M", length="3M")
+    then = snapshot_copy(on[1]["vda"], tmp_path / "vda.then", "qcow2")
+
+    killed_at(api, env, state, point, vm_id, ds_id)
+    assert host1.disk_sources(dom) == on[2]  # the dead run's overlay is on top
+
+    second = start_daemon(state, env.config())
+    api.daemon = second
+    try:
+        if retried:
+            status = wait_done(api, vm_id)
+            assert status["STATE"] == "done" and "increment 1" in str(status["MESSAGE"]), (status, second.log()[-3000:])
+        image = chain_image(api, vm_id)
+        links = increments(image)
+        assert [(i, t) for i, t, *_ in links] == [(0, "FULL"), (1, "INCREMENT")]
+        vm_dir = env.base / f"snap-{point}" / str(vm_id)
+        assert sorted(p.name for p in vm_dir.iterdir()) == sorted(source for *_, source, _ in links)
+        assert host1.state(dom) == "running" and host1.disk_sources(dom) == on[2]
+        restores_to(api, image, 1, then, tmp_path)
+        host1.write_pattern(dom, "vda", pattern=0x6F, offset="40M", length="1M")
+        later = snapshot_copy(on[2]["vda"], tmp_path / "vda.later", "qcow2")
+        assert "increment 2" in backup(api, vm_id, ds_id)  # the chain goes on, on [overlay 3, disk]
+        overlay_3 = Path(f"{dom.vda}.vmsched-snap.{vm_id}.3")
+        assert host1.disk_sources(dom)["vda"] == overlay_3
+        assert chain_files(overlay_3) == [str(overlay_3), str(dom.vda)]
+        assert same_image(dom.vda, later)
+        assert sorted(p.name for p in dom.directory.glob("*vmsched*")) == sorted(
+            f"{disk.name}.vmsched-snap.{vm_id}.3" for disk in (dom.vda, dom.vdb))
+    finally:
+        assert second.stop() == 0, second.log()[-3000:]
+    assert "Traceback" not in second.log()
+
+
+def chain_files(path: Path) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    return [str(info["filename"]) for info in json.loads(out)]

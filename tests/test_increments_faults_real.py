@@ -36,6 +36,7 @@ from tests.realenv.model import RealEnv
 from tests.test_backup_faults_real import (
     SLOW,
     Faults,
+    Forwarder,
     backup,
     entries,
     fault_daemon,
@@ -129,6 +130,20 @@ def two_links(s: Setup, dom: TinyDomain, vm_id: int, ds_id: int, hypervisor: Hyp
     return image_id
 
 
+def failing_datastore(incfaults: Faults, fault: str, prefix: str) -> tuple[Forwarder | None, int]:
+    """An rsync datastore through a forwarder the test can stop (``server_gone``), or straight to the server;
+    (the forwarder or None, the datastore id)."""
+    if fault == "server_gone":
+        forwarder = incfaults.forwarder()
+        return forwarder, incfaults.rsync_datastore(f"{prefix}gone", forwarder.port)
+    return None, incfaults.rsync_datastore(f"{prefix}slow", incfaults.s.realenv.backup.ssh_port)
+
+
+def snapshot_overlays(dom: TinyDomain, vm_id: int, n: int) -> dict[str, Path]:
+    """INCREMENT_MODE=SNAPSHOT: overlay ``n`` of each disk."""
+    return {target: Path(f"{disk}.vmsched-snap.{vm_id}.{n}") for target, disk in own_disks(dom).items()}
+
+
 def incremental_vm(s: Setup, tiny_domain: Callable[..., TinyDomain]) -> tuple[TinyDomain, int]:
     dom = tiny_domain("host1", vdb_format="qcow2")
     vm_id = s.api.import_one("host1", dom.name)
@@ -201,11 +216,7 @@ def test_an_increment_that_fails_mid_upload_leaves_the_chain_as_it_was(
         incfaults: Faults, fault: str, tiny_domain: Callable[..., TinyDomain],
         hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
     s, host1 = incfaults.s, hypervisors("host1")
-    if fault == "server_gone":
-        forwarder = incfaults.forwarder()
-        ds_id = incfaults.rsync_datastore("incgone", forwarder.port)
-    else:
-        ds_id = incfaults.rsync_datastore("incslow", s.realenv.backup.ssh_port)
+    forwarder, ds_id = failing_datastore(incfaults, fault, "inc")
     dom, vm_id = incremental_vm(s, tiny_domain)
     image_id = two_links(s, dom, vm_id, ds_id, host1)
     chain = links(s, image_id)
@@ -272,3 +283,52 @@ def test_an_increment_whose_backup_server_is_lost_may_be_retried(
     status = wait_run(s.api, vm_id, before)
     assert status["STATE"] == "given_up" and "rsync error: " in status["MESSAGE"], status  # MAX = 0 here
     assert outcome(s, status["ID"]) == "retryable"  # under a retry policy it would be tried again
+
+
+@pytest.mark.parametrize("fault", ["server_gone", "cancelled"])
+def test_a_snapshot_increment_that_fails_mid_upload_leaves_the_vm_on_its_overlay(
+        incfaults: Faults, fault: str, tiny_domain: Callable[..., TinyDomain],
+        hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    """INCREMENT_MODE=SNAPSHOT: the failed run's overlay is committed back into the one it was put on, so the
+    domain runs on ``[overlay 2, disk]`` again and the retried increment 2 holds everything written since 1."""
+    s, host1 = incfaults.s, hypervisors("host1")
+    forwarder, ds_id = failing_datastore(incfaults, fault, "snap")
+    dom = tiny_domain("host1", vdb_format="qcow2")
+    vm_id = s.api.import_one("host1", dom.name)
+    s.api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ MODE = "INCREMENT", INCREMENT_MODE = "SNAPSHOT" ]', 1)
+    image_id = two_links(s, dom, vm_id, ds_id, host1)
+    chain = links(s, image_id)
+    overlays = snapshot_overlays(dom, vm_id, 2)
+    assert host1.disk_sources(dom) == overlays
+
+    host1.write_pattern(dom, "vda", pattern=0x54, offset="16M", length="3M")
+    s.api.call("one.datastore.update", ds_id, SLOW, 1)
+    before = last_run(s.api, vm_id)
+    s.api.call("one.vm.backup", vm_id, ds_id, False)
+    wait_upload(s.rsync_base / str(vm_id))  # overlay 3 is on top, a copy of overlay 2 on its way
+    assert host1.disk_sources(dom) == snapshot_overlays(dom, vm_id, 3)
+    host1.write_pattern(dom, "vdb", pattern=0x55, offset="20M", length="1M")  # lands in overlay 3
+    if fault == "server_gone":
+        forwarder.stop()
+        assert wait_run(s.api, vm_id, before)["STATE"] == "given_up"
+    else:
+        s.api.call("one.vm.backupcancel", vm_id)
+        status = wait_run(s.api, vm_id, before, until=("cancelled", "done", "given_up"))
+        assert status["STATE"] == "cancelled", status
+    assert links(s, image_id) == chain and pointers(s, vm_id) == (image_id, 1)
+    assert host1.disk_sources(dom) == overlays and host1.state(dom) == "running"
+    assert sorted(p.name for p in dom.directory.glob("*vmsched*")) == sorted(p.name for p in overlays.values())
+    assert host1.lookup(dom).jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+
+    if fault == "server_gone":
+        forwarder.listen()
+    s.api.call("one.datastore.update", ds_id, FAST, 1)
+    host1.write_pattern(dom, "vda", pattern=0x56, offset="30M", length="1M")
+    then = [snapshot_copy(path, tmp_path / f"{target}.then", "qcow2") for target, path in overlays.items()]
+    status = backup(s.api, vm_id, ds_id)
+    assert str(status["MESSAGE"]).startswith(f"live increment 2 of VM {vm_id}"), status
+    assert host1.disk_sources(dom) == snapshot_overlays(dom, vm_id, 3)
+    images_ds = s.datastore(f'NAME = "snapimg-{fault}"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\n'
+                            f'BASE_PATH = "{tmp_path / "images"}"')
+    for disk_id, disk_then in enumerate(then):  # before, during and after the failed run
+        assert same_image(restored(s, images_ds, image_id, 2, disk_id), disk_then), f"disk {disk_id} at increment 2"

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from drivers.tm import plan
+from drivers.tm.errors import CaptureError
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
+from drivers.tm.snapshots import Layering, layering
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
@@ -142,6 +144,10 @@ OV_B = {"target": "vdb", "path": "/d/disk.1.vmsched-17.overlay"}
     (steps((Step.OVERLAY, OV_A), (Step.OVERLAY, OV_B), (Step.SUSPENDED, {}), (Step.RESUMED, {}),
            (Step.COMMITTED, {"target": "vda"})),
      Artifacts("17", overlays={"vda": OV_A["path"], "vdb": OV_B["path"]}, committed={"vda"})),
+    (steps((Step.NEXT_OVERLAY, {"target": "vda", "path": "/d/disk.0.vmsched-snap.7.3"}),
+           (Step.NEXT_OVERLAY, {"target": "vdb", "path": "/d/disk.1"}), (Step.STAGING, {"path": STAGE + "/disk.0.2"})),
+     Artifacts("17", next_overlays={"vda": "/d/disk.0.vmsched-snap.7.3"}, staging=[STAGE + "/disk.0.2"],
+               refused=["/d/disk.1"])),
     (steps((Step.SUSPENDED, {}), (Step.STAGING, {"path": "/etc/passwd"}),
            (Step.OVERLAY, {"target": "vda", "path": "/d/disk.0"}), (Step.STAGING, {"path": "/etc/passwd"})),
      Artifacts("17", suspended=True, refused=["/etc/passwd", "/d/disk.0"])),
@@ -164,3 +170,41 @@ def test_steps_of_two_runs_are_refused() -> None:
 def test_steps_are_plain_json() -> None:
     entry = plan.step(Step.OVERLAY, "17", **OV_A)
     assert json.loads(json.dumps(entry)) == {"tm": "qcow2", "step": "overlay", "run": "17", **OV_A}
+
+
+@pytest.mark.parametrize(("path", "parsed"), [
+    ("/d/disk.0.vmsched-snap.7.3", ("/d/disk.0", 7, 3)),
+    ("/d/a b.qcow2.vmsched-snap.12.0", ("/d/a b.qcow2", 12, 0)),
+    ("/d/disk.0.vmsched-snap.7.3.tmp", None),
+    ("/d/disk.0.vmsched-snap.x.3", None),
+    ("d/disk.0.vmsched-snap.7.3", None),
+    ("/d/../etc/disk.vmsched-snap.7.3", None),
+    ("/d/disk.0.vmsched-17.overlay", None),
+])
+def test_snapshot_overlay_names(path: str, parsed: tuple[str, int, int] | None) -> None:
+    assert plan.parse_snapshot_overlay(path) == parsed
+    assert plan.is_snapshot_overlay(path) is (parsed is not None)
+    if parsed is not None:
+        assert plan.snapshot_overlay_path(*parsed) == path
+
+
+@pytest.mark.parametrize(("chain", "expected"), [
+    (["/d/a"], Layering("vda", (), "/d/a")),
+    (["/d/a.vmsched-snap.7.2", "/d/a", "/t/base"], Layering("vda", (("/d/a.vmsched-snap.7.2", 2),), "/d/a")),
+    (["/d/a.vmsched-snap.7.3", "/d/a.vmsched-snap.7.2", "/d/a"],
+     Layering("vda", (("/d/a.vmsched-snap.7.3", 3), ("/d/a.vmsched-snap.7.2", 2)), "/d/a")),
+    # another VM's overlay, or one of another disk, is where this VM's end: never committed as ours
+    (["/d/a.vmsched-snap.8.2", "/d/a"], Layering("vda", (), "/d/a.vmsched-snap.8.2")),
+    (["/d/a.vmsched-snap.7.3", "/d/b.vmsched-snap.7.2", "/d/b"],
+     Layering("vda", (("/d/a.vmsched-snap.7.3", 3),), "/d/b.vmsched-snap.7.2")),
+    (["/d/user-snap", "/d/a.vmsched-snap.7.2", "/d/a"], Layering("vda", (), "/d/user-snap")),
+])
+def test_layering_splits_a_chain_into_the_vms_overlays_and_its_disk(chain: list[str], expected: Layering) -> None:
+    found = layering("vda", chain, 7)
+    assert found == expected
+    assert found.top == chain[0]
+
+
+def test_an_overlay_without_its_disk_is_an_error() -> None:
+    with pytest.raises(CaptureError, match="has no backing file"):
+        layering("vda", ["/d/a.vmsched-snap.7.2"], 7)

@@ -4,7 +4,7 @@
 or an increment by changed-block tracking); ``qcow2.recover``
 undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts,
 ``chaincheck`` the check of an increment's chain before it is taken, ``dirty`` the dirty ranges of a
-powered-off disk, ``errors`` what they raise.
+powered-off disk, ``snapshots`` the overlays an INCREMENT_MODE=SNAPSHOT VM runs on, ``errors`` what they raise.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from drivers.tm.qcow2 import (
     DiskImage,
     RecoveryReport,
     capture,
+    fold_snapshots,
     prune_checkpoints,
     recover,
+    settle_snapshots,
 )
 
 __all__ = [
     "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "ChainBroken", "DiskImage", "DiskSource", "FsFreeze",
-    "Increment", "RecoveryReport", "Step", "capture", "fs_freeze", "overlay_path", "prune_checkpoints", "recover", "staging_dir", "staging_file",
+    "Increment", "RecoveryReport", "Step", "capture", "fold_snapshots", "fs_freeze", "overlay_path", "prune_checkpoints", "recover",
+    "settle_snapshots", "staging_dir", "staging_file",
 ]

@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Increment:
-    """Capture increment ``increment_id`` of the VM's chain by changed-block tracking (live VMs, qcow2 disks):
-    0 is the chain's full base, any other what changed since checkpoint ``increment_id - 1``."""
+    """Capture increment ``increment_id`` of the VM's chain (qcow2 disks): 0 is the chain's full base, any other
+    what changed since increment ``increment_id - 1``, by changed-block tracking or by overlays."""
 
     vm_id: int
     increment_id: int
     # disk_id -> virtual size in bytes at the chain's base: a disk resized since cannot continue the chain
     sizes: Mapping[int, int] = field(default_factory=dict)
+    # INCREMENT_MODE=SNAPSHOT: an overlay per increment (drivers/tm/snapshots.py) instead of checkpoints
+    snapshot: bool = False
 
 
 class DiskBitmaps:

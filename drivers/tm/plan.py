@@ -2,7 +2,7 @@
 the journal steps of a capture and what a crashed capture left behind.
 
 Names are what makes a file vmsched's: an overlay is ``<disk file>.vmsched-<run>.overlay`` beside the
-VM's disk, a staged copy is ``<staging dir>/disk.<disk_id>.<increment>`` where the staging dir is
+VM's disk (INCREMENT_MODE=SNAPSHOT's: ``<disk file>.vmsched-snap.<vm_id>.<n>``), a staged copy is ``<staging dir>/disk.<disk_id>.<increment>`` where the staging dir is
 ``<BACKUP_BASE_PATH>/<vm_id>/<run>``. Recovery removes only files whose names match the run they were
 journaled for.
 """
@@ -26,6 +26,7 @@ FORMATS = ("qcow2", "raw")
 CONVERT_COROUTINES = 4  # qemu-img convert -m: parallel requests per disk, as OpenNebula's backup tool
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _STAGING_FILE = re.compile(r"disk\.\d+\.\d+\Z")
+_SNAPSHOT_OVERLAY = re.compile(r"(?P<base>/.+)\.vmsched-snap\.(?P<vm>\d+)\.(?P<n>\d+)\Z")
 
 
 class FsFreeze(StrEnum):
@@ -56,6 +57,7 @@ class Step(StrEnum):
     STAGING = "staging"
     COMMITTED = "committed"
     CHECKPOINT = "checkpoint"  # an increment's libvirt checkpoint (and its bitmaps), created with its backup job
+    NEXT_OVERLAY = "next-overlay"  # INCREMENT_MODE=SNAPSHOT: the overlay the VM runs on until the next increment
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,23 @@ def staging_dir(base: str, vm_id: int, run_id: int | str) -> str:
 
 def staging_file(directory: str, disk_id: int, increment: int = 0) -> str:
     return str(PurePosixPath(directory) / f"disk.{disk_id}.{increment}")
+
+
+def snapshot_overlay_path(base: str, vm_id: int, number: int) -> str:
+    """INCREMENT_MODE=SNAPSHOT: overlay ``number`` of disk file ``base`` of VM ``vm_id``, beside the disk."""
+    return f"{base}.vmsched-snap.{int(vm_id)}.{int(number)}"
+
+
+def parse_snapshot_overlay(path: str) -> tuple[str, int, int] | None:
+    """(disk file, VM id, overlay number) of a path named like a SNAPSHOT overlay; None for any other."""
+    found = _SNAPSHOT_OVERLAY.match(path)
+    if found is None or not _plain_absolute(PurePosixPath(path)):
+        return None
+    return found["base"], int(found["vm"]), int(found["n"])
+
+
+def is_snapshot_overlay(path: str) -> bool:
+    return parse_snapshot_overlay(path) is not None
 
 
 def _plain_absolute(path: PurePosixPath) -> bool:
@@ -219,27 +238,34 @@ class Artifacts:
     staging: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # the increment's checkpoint, deleted unless the increment is kept
+    next_overlays: dict[str, str] = field(default_factory=dict)  # target -> SNAPSHOT overlay, dropped unless kept
 
     def record(self, entry: Mapping[str, Any]) -> None:
         if entry.get("tm") != TM or str(entry.get("run")) != self.run:
             return
-        name, path = entry.get("step"), str(entry.get("path", ""))
+        name, path, target = entry.get("step"), str(entry.get("path", "")), str(entry.get("target"))
         if name in (Step.FROZEN, Step.THAWED):
             self.frozen = name == Step.FROZEN
         elif name in (Step.SUSPENDED, Step.RESUMED):
             self.suspended = name == Step.SUSPENDED
-        elif name == Step.OVERLAY:
-            if self._ours(path, is_overlay_of_run(path, self.run)):
-                self.overlays[str(entry.get("target"))] = path
-        elif name == Step.STAGING:
-            if self._ours(path, is_staging_of_run(path, self.run)) and path not in self.staging:
-                self.staging.append(path)
+        elif name in (Step.OVERLAY, Step.NEXT_OVERLAY, Step.STAGING):
+            self._record_file(Step(name), target, path)
         elif name == Step.COMMITTED:
-            self.committed.add(str(entry.get("target")))
+            self.committed.add(target)
         elif name == Step.CHECKPOINT:
             checkpoint = str(entry.get("checkpoint", ""))
             if self._ours(checkpoint, parse_checkpoint_name(checkpoint) is not None):
                 self.checkpoint = checkpoint
+
+    def _record_file(self, name: Step, target: str, path: str) -> None:
+        if name is Step.OVERLAY:
+            if self._ours(path, is_overlay_of_run(path, self.run)):
+                self.overlays[target] = path
+        elif name is Step.NEXT_OVERLAY:
+            if self._ours(path, is_snapshot_overlay(path)):
+                self.next_overlays[target] = path
+        elif self._ours(path, is_staging_of_run(path, self.run)) and path not in self.staging:
+            self.staging.append(path)
 
     def _ours(self, path: str, ours: bool) -> bool:
         if not ours and path not in self.refused:

@@ -15,6 +15,7 @@ runs the same cleanup from journaled steps after a crash of the daemon.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
-from drivers.tm import dirty, plan
+from drivers.tm import dirty, plan, snapshots
 from drivers.tm.chaincheck import ChainCheck, DiskBitmaps, Increment
 from drivers.tm.errors import CaptureError
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
@@ -72,6 +73,9 @@ class CaptureRequest:
     # Report each disk's staged bytes to the sink: one qemu-img info per disk, a stat every progress_interval.
     progress: bool = False
     increment: Increment | None = None  # None: a full copy by snapshot and convert
+    # The VM backed up: any SNAPSHOT-mode overlays of it the domain runs on are committed first, unless the
+    # increment continues such a chain (drivers/tm/snapshots.py); None: the domain's files are taken as they are
+    vm_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,16 +126,22 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
                        staging=request.staging_dir, nice=request.nice, ionice=request.ionice,
                        progress=request.progress)
     state = await kvm.state(request.domain)
+    if state not in (DomainState.SHUTOFF, DomainState.RUNNING, DomainState.PAUSED):
+        raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
+                           "are backed up", host=kvm.name)
+    increment = request.increment
+    if request.vm_id is not None:
+        disks = await session.arrange(disks, request.vm_id, increment)
     current = await kvm.disks(request.domain)
     try:
         plan.check_sources(disks, current)
     except ValidationError as exc:
         raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
-    if state not in (DomainState.SHUTOFF, DomainState.RUNNING, DomainState.PAUSED):
-        raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
-                           "are backed up", host=kvm.name)
     paused = state is DomainState.PAUSED
-    if request.increment is not None and state is DomainState.SHUTOFF:
+    off = state is DomainState.SHUTOFF
+    if increment is not None and increment.snapshot:
+        body = session.snapshot_increment(disks, request.fs_freeze, increment, paused=paused, off=off)
+    elif request.increment is not None and state is DomainState.SHUTOFF:
         body = session.cold_increment(disks, current, request.increment)
     elif request.increment is not None:
         body = session.increment(disks, current, request.fs_freeze, request.increment, paused=paused)
@@ -153,6 +163,24 @@ async def prune_checkpoints(kvm: KvmHost, domain: str, vm_id: int, keep_from: in
     for _, name in doomed:
         await kvm.delete_checkpoint(domain, name)
     return [name for _, name in doomed]
+
+
+async def settle_snapshots(kvm: KvmHost, runner: Runner, domain: str, vm_id: int, targets: Sequence[str],
+                           number: int, options: CaptureOptions = CaptureOptions()) -> None:
+    """After SNAPSHOT-mode increment ``number - 1`` is recorded: each disk in ``targets`` runs on ``[overlay
+    number, disk]``, the recorded increment's overlay committed into the disk."""
+    where = f"{kvm.name}: domain {domain!r}"
+    await snapshots.Layers(kvm, runner, domain, vm_id, where, command_timeout=options.command_timeout,
+                           commit_deadline=options.commit_deadline).normalize(targets, number)
+
+
+async def fold_snapshots(kvm: KvmHost, runner: Runner, domain: str, vm_id: int,
+                         options: CaptureOptions = CaptureOptions()) -> list[str]:
+    """Every disk of the domain that runs on SNAPSHOT-mode overlays of VM ``vm_id`` runs on its own file again
+    (the overlays committed into it and removed); the targets that did."""
+    where = f"{kvm.name}: domain {domain!r}"
+    return await snapshots.Layers(kvm, runner, domain, vm_id, where, command_timeout=options.command_timeout,
+                                  commit_deadline=options.commit_deadline).fold()
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
@@ -192,6 +220,11 @@ class _Session:
         self.artifacts.record(entry)
         await self.sink.journal(entry)
 
+    def layers(self, vm_id: int) -> snapshots.Layers:
+        return snapshots.Layers(self.kvm, self.runner, self.domain, vm_id, self.where,
+                                command_timeout=self.options.command_timeout,
+                                commit_deadline=self.options.commit_deadline)
+
     async def convert_started(self, pgid: int) -> None:
         await self.sink.process_started("source", pgid)
 
@@ -230,13 +263,19 @@ class _Session:
         await self.command(["mkdir", "-p", "--", self.staging])
         return CaptureResult(await self.convert_all(disks, shared=False), live=False)
 
-    async def live(self, disks: Sequence[DiskSource], mode: FsFreeze, *, paused: bool) -> CaptureResult:
+    async def live(self, disks: Sequence[DiskSource], mode: FsFreeze, *, paused: bool,
+                   keep_for: int | None = None) -> CaptureResult:
+        """A full copy of a running domain; ``keep_for`` (a VM id: the base of a SNAPSHOT chain) keeps the
+        snapshot's overlays as the VM's overlay 1 instead of committing them back."""
         if paused and mode is not FsFreeze.NONE:
             log.info("%s: the guest is paused: nothing to quiesce", self.where)
             mode = FsFreeze.NONE
-        overlays = {d.target: plan.overlay_path(d.path, self.artifacts.run) for d in disks}
+        if keep_for is None:
+            overlays = {d.target: plan.overlay_path(d.path, self.artifacts.run) for d in disks}
+        else:
+            overlays = {d.target: plan.snapshot_overlay_path(d.path, keep_for, 1) for d in disks}
         for target, path in overlays.items():
-            await self.note(Step.OVERLAY, target=target, path=path)
+            await self.note(Step.OVERLAY if keep_for is None else Step.NEXT_OVERLAY, target=target, path=path)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -244,6 +283,7 @@ class _Session:
             self.sink.reached("quiesced")
         except BaseException:
             self.artifacts.overlays.clear()  # no snapshot was attempted: no overlay can exist
+            self.artifacts.next_overlays.clear()
             raise
         try:
             await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
@@ -257,6 +297,76 @@ class _Session:
         images = await self.convert_all(disks, shared=True)
         return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
                              snapshot_seconds=window)
+
+    async def arrange(self, disks: Sequence[DiskSource], vm_id: int, increment: Increment | None) -> list[DiskSource]:
+        """Before the capture: a SNAPSHOT increment's disks on ``[overlay n, disk]`` (ChainBroken when overlay n
+        is gone), any other capture's on the disk files themselves (the VM's overlays committed); the disks to
+        capture, with the files they run on now."""
+        layers = self.layers(vm_id)
+        if increment is not None and increment.snapshot and increment.increment_id > 0:
+            await self.check_sizes(increment, disks)
+            await layers.normalize([d.target for d in disks], increment.increment_id)
+        elif not await layers.fold():
+            return list(disks)
+        now = {d.target: d.path for d in await self.kvm.disks(self.domain)}
+        return [dataclasses.replace(d, path=now.get(d.target) or d.path) for d in disks]
+
+    async def check_sizes(self, increment: Increment, disks: Sequence[DiskSource]) -> None:
+        await ChainCheck(self.kvm, self.domain, self.where, self.disk_bitmaps).check_sizes(increment, disks)
+
+    async def snapshot_increment(self, disks: Sequence[DiskSource], mode: FsFreeze, increment: Increment, *,
+                                 paused: bool, off: bool) -> CaptureResult:
+        """INCREMENT_MODE=SNAPSHOT: the base is a full copy whose snapshot the VM keeps running on (overlay 1);
+        increment n puts overlay n + 1 on top (the guest quiesced only for that) and stages a copy of overlay
+        n, which holds exactly what the guest wrote since increment n - 1. Overlay n is committed into the
+        disk once the increment is recorded (:func:`settle_snapshots`)."""
+        vm_id, number = increment.vm_id, increment.increment_id
+        if number == 0 and not off:
+            await self.drop_checkpoints(vm_id)
+            return await self.live(disks, mode, paused=paused, keep_for=vm_id)
+        nexts = {d.target: plan.snapshot_overlay_path(snapshots.base_of(d.path), vm_id, number + 1) for d in disks}
+        for target, path in nexts.items():
+            await self.note(Step.NEXT_OVERLAY, target=target, path=path)
+        if number == 0:
+            result = await self.cold(disks)
+            await self.layers(vm_id).add_next({d.target: d.path for d in disks}, nexts, off=True, name="")
+            return result
+        if paused or off:
+            mode = FsFreeze.NONE
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        frozen, thawed_first = await self.quiesce(mode)
+        self.sink.reached("quiesced")
+        try:
+            await self.layers(vm_id).add_next({d.target: d.path for d in disks}, nexts, off=off,
+                                              name=f"vmsched-{self.artifacts.run}")
+            self.sink.reached("snapshot")
+        finally:
+            await shielded(self.unquiesce())
+        window = loop.time() - started
+        await self.command(["mkdir", "-p", "--", self.staging])
+        targets = {d.target: plan.staging_file(self.staging, d.disk_id, number) for d in disks}
+        for disk in disks:
+            await self.note(Step.STAGING, path=targets[disk.target])
+            await self.runner.run(["cp", "--sparse=always", "--", disk.path, targets[disk.target]],
+                                  timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
+                                  started=self.convert_started)
+        images = await self.linked(disks, targets, number)
+        log.info("%s: increment %d of %s taken from overlay(s) %s (%s)", self.where, number, ", ".join(targets),
+                 ", ".join(d.path for d in disks), "powered off" if off else f"a {window:.3f} s pause")
+        return CaptureResult(images, live=not off, frozen_filesystems=None if off else frozen,
+                             thawed_first=thawed_first, snapshot_seconds=None if off else window)
+
+    async def drop_checkpoints(self, vm_id: int) -> None:
+        """A SNAPSHOT chain needs no checkpoint: this VM's (of an earlier CBT chain) go, each being one more
+        bitmap every write updates."""
+        try:
+            removed = await prune_checkpoints(self.kvm, self.domain, vm_id, 1 << 62)
+        except VmmError as exc:
+            log.warning("%s: cannot delete the checkpoints of an earlier chain: %s", self.where, exc)
+            return
+        if removed:
+            log.info("%s: checkpoint(s) %s of an earlier chain deleted", self.where, ", ".join(removed))
 
     async def increment(self, disks: Sequence[DiskSource], current: Sequence[Disk], mode: FsFreeze,
                         increment: Increment, *, paused: bool) -> CaptureResult:
@@ -474,9 +584,20 @@ class _Session:
         the previous one, which then tracks every change since)."""
         for path in list(self.artifacts.staging):
             await self.attempt(f"remove {path}", self.remove_staged(path))
+        for target, overlay in list(self.artifacts.next_overlays.items()):
+            await self.attempt(f"take overlay {overlay} off {target}", self.drop_next(target, overlay))
         checkpoint = self.artifacts.checkpoint
         if checkpoint is not None:
             await self.attempt(f"delete checkpoint {checkpoint}", self.drop_checkpoint(checkpoint))
+
+    async def drop_next(self, target: str, overlay: str) -> None:
+        parsed = plan.parse_snapshot_overlay(overlay)
+        assert parsed is not None  # journaled paths are checked when read back
+        if await self.layers(parsed[1]).drop_next(target, overlay):
+            self.report.removed.append(overlay)
+            if target not in self.report.committed:
+                self.report.committed.append(target)
+        del self.artifacts.next_overlays[target]
 
     async def drop_checkpoint(self, checkpoint: str) -> None:
         """Delete the run's checkpoint; a backup job still writing (a daemon that died left it running in

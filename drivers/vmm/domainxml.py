@@ -183,3 +183,23 @@ def internal_snapshot_blocker(disks: Iterable[Disk]) -> str | None:
         if disk.format != "qcow2":
             return f"disk {disk.target} is {disk.format or 'of unknown format'}; {INTERNAL_SNAPSHOT_REASON}"
     return None
+
+
+def with_disk_file(xml: str, target: str, path: str) -> str:
+    """``xml`` (a domain definition) with file disk ``target`` on ``path``: its ``<source file>`` replaced and
+    its ``<backingStore>`` dropped (libvirt reads the new file's backing chain from its header)."""
+    root = _root(xml)
+    for element in root.iterfind("devices/disk"):
+        found = element.find("target")
+        if found is None or found.get("dev") != target:
+            continue
+        if element.get("type", "file") != "file":
+            raise ValidationError(f"disk {target!r} is a {element.get('type')} disk, not a file disk")
+        source = element.find("source")
+        if source is None:
+            source = etree.SubElement(element, "source")
+        source.set("file", path)
+        for backing in element.findall("backingStore"):
+            element.remove(backing)
+        return etree.tostring(root, encoding="unicode")
+    raise ValidationError(f"the domain has no disk {target!r}")

@@ -306,17 +306,18 @@ class KvmHost:
         await self._call("snapshot", domain, snapshot)
 
     async def blockcommit(self, domain: str, disk: str, *, deadline: float, bandwidth_mib: int = 0,
-                          poll_interval: float = 0.05) -> None:
+                          poll_interval: float = 0.05, base: str | None = None) -> None:
         """Commit the active overlay of ``disk`` into the image it was taken on, then pivot back to it.
 
-        SHALLOW makes the overlay's immediate backing file the base (not the deepest template). The job is
+        SHALLOW makes the overlay's immediate backing file the base (not the deepest template); ``base`` (a
+        file of the disk's backing chain) commits every layer above it into it instead. The job is
         polled until QEMU accepts the pivot. After ``deadline`` seconds the job is aborted and CommitTimeout
         raised: the guest then still runs on the overlay, which must not be deleted. ``bandwidth_mib``
         (MiB/s, 0 = unlimited) throttles the copy."""
         operation = f"blockcommit {disk}"
         loop = asyncio.get_running_loop()
         give_up = loop.time() + deadline
-        if await self._call(operation, domain, lambda dom: _start_or_adopt_commit(dom, disk, bandwidth_mib)):
+        if await self._call(operation, domain, lambda dom: _start_or_adopt_commit(dom, disk, bandwidth_mib, base)):
             log.warning("%s: domain %s: %s: an active commit of this disk was running already (started by a daemon "
                         "that died?): it is finished here", self.name, domain, operation)
         while True:
@@ -330,6 +331,39 @@ class KvmHost:
             if loop.time() >= give_up:
                 await self._abort_commit(domain, disk, operation, deadline)
             await asyncio.sleep(poll_interval)
+
+    async def commit_below(self, domain: str, disk: str, top: str, base: str, *, deadline: float,
+                           poll_interval: float = 0.05) -> None:
+        """Commit the layers of ``disk``'s backing chain from ``top`` (not the active one) down to ``base`` into
+        ``base``; QEMU then points the layer above ``top`` at ``base``. The guest runs on meanwhile. After
+        ``deadline`` seconds the job is aborted (the chain stays as it was) and CommitTimeout raised."""
+        operation = f"blockcommit {disk} {top} into {base}"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline
+        await self._call(operation, domain, lambda dom: _start_or_adopt_commit(dom, disk, 0, base, top))
+        while await self._call(operation, domain, lambda dom: bool(dom.blockJobInfo(disk, 0))):
+            if loop.time() >= give_up:
+                await self._call(operation, domain, lambda dom: dom.blockJobAbort(disk, 0))
+                raise CommitTimeout(f"{context(self.name, domain, operation)}: not done within {deadline:g} s; job "
+                                    "aborted, the chain is as it was", host=self.name)
+            await asyncio.sleep(poll_interval)
+
+    async def set_disk_file(self, domain: str, target: str, path: str) -> None:
+        """Point file disk ``target`` of a shut-off domain at ``path`` (its definition rewritten)."""
+        operation = f"set {target} to {path}"
+
+        def redefine(dom: libvirt.virDomain) -> None:
+            if dom.isActive():
+                raise OperationRefused(f"{context(self.name, domain, operation)}: the domain runs: only a shut-off "
+                                       "domain's disk files are changed this way", host=self.name)
+            flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+            try:
+                xml = domainxml.with_disk_file(dom.XMLDesc(flags), target, path)
+            except ValidationError as exc:
+                raise OperationRefused(f"{context(self.name, domain, operation)}: {exc}", host=self.name) from exc
+            dom.connect().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+
+        await self._call(operation, domain, redefine)
 
     async def _abort_commit(self, domain: str, disk: str, operation: str, deadline: float) -> None:
         await self._call(operation, domain, lambda dom: dom.blockJobAbort(disk, 0))
@@ -580,13 +614,21 @@ def _existing(conn: libvirt.virConnect, name: str, wanted_uuid: str | None) -> D
     return None
 
 
-def _start_or_adopt_commit(dom: libvirt.virDomain, disk: str, bandwidth_mib: int) -> bool:
-    """Start the shallow active commit of ``disk``; True when one was running already (the same job, left by
-    a daemon that died before its pivot), which the caller then takes over."""
+def _start_or_adopt_commit(dom: libvirt.virDomain, disk: str, bandwidth_mib: int, base: str | None = None,
+                           top: str | None = None) -> bool:
+    """Start the commit of ``disk``: active and shallow, active into ``base``, or of ``top`` into ``base``;
+    True when a commit of that kind was running already (the same job, left by a daemon that died before
+    its end), which the caller then takes over."""
     job = dom.blockJobInfo(disk, 0)
-    if job and job.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
+    kind = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT if top else libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+    if job and job.get("type") == kind:
         return True
-    dom.blockCommit(disk, None, None, bandwidth_mib, COMMIT_ACTIVE_SHALLOW)
+    if top is not None:
+        dom.blockCommit(disk, base, top, bandwidth_mib, 0)
+    elif base is not None:
+        dom.blockCommit(disk, base, None, bandwidth_mib, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+    else:
+        dom.blockCommit(disk, None, None, bandwidth_mib, COMMIT_ACTIVE_SHALLOW)
     return False
 
 

@@ -154,6 +154,11 @@ class _Backup:
     def vm_id(self) -> int:
         return int(self.where.vm.id)
 
+    @property
+    def snapshot(self) -> bool:
+        """MODE=INCREMENT with INCREMENT_MODE=SNAPSHOT: the VM runs on an overlay per increment."""
+        return self.link is not None and backups.increment_mode(self.where.vm.backup_config) == "SNAPSHOT"
+
 
 async def perform(ctx: RunContext, ds_id: int, *, reset: bool = False) -> str:
     """The whole backup of ``ctx.vm`` into datastore ``ds_id`` (an increment goes where its chain is;
@@ -187,7 +192,8 @@ async def perform(ctx: RunContext, ds_id: int, *, reset: bool = False) -> str:
         removed = await apply_keep_last(ctx.state, links, vm.id)
         kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
     else:
-        await _prune_checkpoints(run)
+        ctx.sink.reached("recorded")
+        await (_settle_snapshots(run) if run.snapshot else _prune_checkpoints(run))
         kept = await keep_last_links(ctx.state, links, vm.id, image.id,
                                      backups.keep_last(ctx.state.vms.get(vm.id).backup_config), ctx.clock.now())
     return f"{_what(run, live)} of VM {vm.id} stored in datastore {ds_id} as image {image.id} ({image.size} MB){kept}"
@@ -201,6 +207,18 @@ def _what(run: _Backup, live: bool) -> str:
     if link.increment_id:
         return f"{kind} increment {link.increment_id}"
     return f"{kind} full base of a new chain" + (f" ({link.reason})" if link.reason else "")
+
+
+async def _settle_snapshots(run: _Backup) -> None:
+    """The recorded increment's overlays committed into the disks; a failure is logged (the next increment
+    commits what is left before it starts)."""
+    assert run.link is not None
+    try:
+        await tm.settle_snapshots(run.where.kvm, run.runner, run.where.ref, run.vm_id,
+                                  [d.get("TARGET") or "" for d in run.disks], run.link.increment_id + 1)
+    except Exception as exc:  # noqa: BLE001 - logged; the backup is recorded and complete
+        log.warning("VM %s: the overlay of increment %d is not committed into its disks yet: %s", run.vm_id,
+                    run.link.increment_id, exc)
 
 
 async def _prune_checkpoints(run: _Backup) -> None:
@@ -295,12 +313,14 @@ def _request(run: _Backup, sources: list[tm.DiskSource]) -> tm.CaptureRequest:
     """What the transfer driver captures: a full copy, or the run's link of the chain."""
     limits = io_limits(run.datastore)  # the convert on the hypervisor is held to the datastore's limits too
     increment = None
+    config = run.where.vm.backup_config
     if run.link is not None:
-        increment = tm.Increment(run.vm_id, run.link.increment_id, run.link.sizes)
-    return tm.CaptureRequest(run.where.ref, sources, tm.fs_freeze(backups.fs_freeze(run.where.vm.backup_config)),
+        increment = tm.Increment(run.vm_id, run.link.increment_id, run.link.sizes,
+                                 snapshot=backups.increment_mode(config) == "SNAPSHOT")
+    return tm.CaptureRequest(run.where.ref, sources, tm.fs_freeze(backups.fs_freeze(config)),
                              run.ctx.run_id, run.staging, nice=limits.nice, ionice=limits.ionice,
                              options=CaptureOptions(rate_limit=limits.rate),
-                             progress=run.ctx.sink.progress is not None, increment=increment)
+                             progress=run.ctx.sink.progress is not None, increment=increment, vm_id=run.vm_id)
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:

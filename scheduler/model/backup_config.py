@@ -147,7 +147,8 @@ def _apply_mode(config: Vector, user: Vector, append: bool) -> None:
     """MODE and INCREMENT_MODE for an increment-capable VM.
 
     As in OpenNebula, INCREMENT_MODE is only looked at when MODE is given (or in replace mode): a
-    merge carrying INCREMENT_MODE alone leaves the stored one unchanged.
+    merge carrying INCREMENT_MODE alone leaves the stored one unchanged. A change of INCREMENT_MODE also
+    starts a new chain (OpenNebula keeps the pointers and lets the driver fail over).
     """
     raw = _given(user, "MODE")
     if raw is None and append:
@@ -157,10 +158,13 @@ def _apply_mode(config: Vector, user: Vector, append: bool) -> None:
         _set_chain(config, NO_CHAIN, NO_CHAIN)
     config["MODE"] = new_mode
     raw_increment = _given(user, "INCREMENT_MODE")
+    before = increment_mode(config)
     if raw_increment is not None:
         config["INCREMENT_MODE"] = _increment_mode_value(raw_increment)
     elif not append:
         config["INCREMENT_MODE"] = "CBT"
+    if increment_mode(config) != before:  # a chain of checkpoints cannot go on with overlays, nor the reverse
+        _set_chain(config, NO_CHAIN, NO_CHAIN)
 
 
 # ---- reading a stored BACKUP_CONFIG ---------------------------------------------------------------

@@ -3,7 +3,8 @@
 Checks (:func:`check_request`, shared with ``one.vm.restore``): the VM is POWEROFF, the image is a BACKUP
 image of this VM, the increment is one of the image's chain (-1: the last), the disk is
 one of the image's BACKUP_DISK_IDS (-1: all of them) and still a disk of the VM. The run then puts the VM in
-ACTIVE/RESTORE and, for each disk, fetches the backed-up file next to the domain's current disk file
+ACTIVE/RESTORE, commits the SNAPSHOT-mode overlays a disk may run on into it (content unchanged) and, for
+each disk, fetches the backed-up file next to the domain's current disk file
 (``<disk>.vmsched-new-<run>.part``, :func:`scheduler.restore.disk.fetch_disk`: verified against the
 recorded sha256, a chain merged up to the increment, in the disk's own format). A failure up to here removes what was fetched: the VM is
 exactly as it was. Then the swap, shielded from cancellation: each current file is renamed aside
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from drivers import tm
 from drivers.commands import CommandFailed, Runner, shielded
 from drivers.processes import kill_marked
 from drivers.vmm import DomainState, KvmHost
@@ -182,6 +184,9 @@ async def perform(ctx: RunContext, args: RestoreArgs) -> str:
     run = _Restore(ctx, where, image, disk_ids, args.increment_id)
     try:
         await _enter_restore_state(run)
+        folded = await tm.fold_snapshots(where.kvm, run.runner, where.ref, run.vm_id)
+        if folded:  # INCREMENT_MODE=SNAPSHOT: the disks, not their overlays, are what the restore replaces
+            log.info("VM %s: disk(s) %s run on their own files again before the restore", run.vm_id, ", ".join(folded))
         run.files = disk_files(where.vm, disk_ids, await where.kvm.xml(where.ref, inactive=True), ctx.run_id)
         await _fetch_all(run)
         dropped = await shielded_result(_swap_and_finish(run))
