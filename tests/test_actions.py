@@ -11,6 +11,7 @@ import pytest
 from scheduler.actions.backup import BackupArgs, parse_args
 from scheduler.actions.base import RunContext
 from scheduler.actions.registry import ACTIONS, WITHOUT_MEANING, check_action, is_backup, spec_of, validate_action
+from scheduler.actions.snapshot import refuse_under_overlays
 from scheduler.engine.clock import ManualClock
 from scheduler.errors import ActionError, ValidationError
 from scheduler.model.objects.datastore import Datastore
@@ -186,3 +187,18 @@ async def test_runs_refuse_honestly_when_they_cannot_act(state: State, action: s
     with pytest.raises(ActionError) as caught:
         await ACTIONS[action].run(ctx)
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(("config", "refused"), [
+    ({"MODE": "INCREMENT", "INCREMENT_MODE": "SNAPSHOT"}, True),
+    ({"MODE": "INCREMENT", "INCREMENT_MODE": "CBT"}, False),
+    ({"MODE": "FULL", "INCREMENT_MODE": "SNAPSHOT"}, False),
+    ({}, False),
+])
+def test_snapshots_are_refused_while_the_vm_runs_on_backup_overlays(config: dict[str, str], refused: bool) -> None:
+    vm = Vm(id=3, name="db", backup_config=Vector(config))
+    if not refused:
+        refuse_under_overlays(vm, "a system snapshot")
+        return
+    with pytest.raises(ActionError, match="VM 3 is backed up with INCREMENT_MODE=SNAPSHOT.*a system snapshot inside"):
+        refuse_under_overlays(vm, "a system snapshot")

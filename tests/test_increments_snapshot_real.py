@@ -146,3 +146,28 @@ def test_a_powered_off_vm_keeps_its_overlay_in_its_definition_and_starts_on_it(
     wait_state(chains.api, vm_id, "3")
     assert "live full base of a new chain" in chains.backup(vm_id, "fs")
     runs_on(host1, dom, vm_id, 1)
+
+
+def test_a_snapshot_chain_survives_a_vm_restart_and_keep_last_keeps_k_points(
+        chains: Chains, tiny_domain: Callable[..., TinyDomain],  # noqa: F811
+        hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
+    host1 = hypervisors("host1")
+    dom, vm_id = snapshot_vm(chains, tiny_domain)
+    chains.api.call("one.vm.updateconf", vm_id,
+                    'BACKUP_CONFIG = [ MODE = "INCREMENT", INCREMENT_MODE = "SNAPSHOT", KEEP_LAST = "2" ]', 1)
+    at = {}
+    for n in range(4):
+        host1.write_pattern(dom, "vda", pattern=0x91 + n, offset=f"{8 * n}M", length="1M")
+        at[n] = copies(host1, dom, tmp_path, str(n))
+        message = chains.backup(vm_id, "rsync")
+        assert ("full base" if n == 0 else f"live increment {n}") in message, message
+        if n == 1:  # a restart of the guest: libvirt's definition names the overlay, the chain goes on
+            host1.destroy(dom)
+            wait_state(chains.api, vm_id, "8")
+            host1.start(dom)
+            wait_state(chains.api, vm_id, "3")
+            runs_on(host1, dom, vm_id, 2)
+    runs_on(host1, dom, vm_id, 4)
+    image_id, last = chains.pointers(vm_id)
+    assert last == 3
+    check_restore_points(chains, image_id, {2: at[2], 3: at[3]}, "snapkeep")

@@ -23,6 +23,7 @@ from drivers.vmm.imageinfo import ImageInfo, image_info
 from scheduler.actions.base import ActionSpec, ArgsCheck, RunContext, int_token, malformed, split_args
 from scheduler.errors import ActionError, ValidationError
 from scheduler.hosts.placement import Placement, locate_for_run, sync_state
+from scheduler.model import backup_config as backups
 from scheduler.model.objects.vm import Vm
 from scheduler.model.template import Vector
 
@@ -82,8 +83,19 @@ async def _change_template(ctx: RunContext, change: Callable[[Vm], None]) -> Non
         m.put("vm", vm)
 
 
+def refuse_under_overlays(vm: Vm, what: str) -> None:
+    """A VM backed up with INCREMENT_MODE=SNAPSHOT runs on overlays that each backup commits into its disks
+    and removes: a snapshot kept inside one would be lost with it."""
+    config = vm.backup_config
+    if backups.mode(config) == "INCREMENT" and backups.increment_mode(config) == "SNAPSHOT":
+        raise ActionError(f"VM {vm.id} is backed up with INCREMENT_MODE=SNAPSHOT: its disks run on overlays that "
+                          f"every backup commits and removes, so {what} inside them would be lost; use "
+                          "INCREMENT_MODE=CBT (or MODE=FULL) for this VM first")
+
+
 async def snapshot_create(ctx: RunContext, where: Placement) -> str:
     name = split_args(ctx.args)[0]
+    refuse_under_overlays(where.vm, "a system snapshot")
     snap_id = next_snapshot_id(where.vm)
     hypervisor_id = f"{HYPERVISOR_PREFIX}{snap_id}"
     await where.kvm.create_system_snapshot(where.ref, hypervisor_id, description=name)
@@ -156,6 +168,7 @@ def _only_named(info: ImageInfo, snap_id: int, label: str) -> str:
 async def disk_snapshot_create(ctx: RunContext, where: Placement) -> str:
     token, name = split_args(ctx.args)
     disk_id = int(token)
+    refuse_under_overlays(where.vm, "a disk snapshot")
     target, path, info = await _disk_image(ctx, where, disk_id)
     if info.named(name):
         raise ActionError(f"VM {where.vm.id}: disk {disk_id} ({target}) already has a snapshot named {name!r}")
