@@ -21,6 +21,7 @@ import pytest
 
 from drivers.commands import HostUnreachable, Result, Runner
 from drivers.datastore import open_datastore
+from drivers.datastore.base import FetchRequest
 from drivers.datastore.restic import (
     ResticDatastore,
     ResticFailed,
@@ -196,7 +197,7 @@ async def test_backup_restore_dedup_and_forget(setup: Setup) -> None:  # noqa: F
         await store.read_file(VM_ID, first.backup_id, "domain.xml")
     restored = await sh(setup.server, 'f=$(mktemp) && cat > "$f" && restic -q -r "$1" --password-file "$f" '
                         'dump "$2" "$3" | sha256sum; rm -f "$f"', repo, first.snapshot_id,
-                        f"{setup.staging}/{QCOW2}", input=PASSWORD.encode())
+                        f"/{QCOW2}", input=PASSWORD.encode())  # backed up from inside the staging dir
     assert restored.split()[0] == first.sha256[QCOW2]
 
     _, second = await upload(store, setup)  # the same files again: only metadata is new
@@ -243,6 +244,38 @@ async def test_reading_a_backup_lists_the_repository_once_and_a_change_lists_it_
     with pytest.raises(NotFound):
         await store.read_file(VM_ID, first.backup_id, "vm.xml")
     assert counting.count == 3  # rm's own listing, then a new one: the forgotten snapshot is not found
+
+
+@pytest.mark.realenv
+async def test_a_backup_is_read_without_a_listing_and_an_older_snapshot_after_one(setup: Setup) -> None:  # noqa: F811
+    """vmsched's snapshots hold their files at /<name> (FLAT_TAG): a read selects the snapshot by the backup's
+    tag and needs no listing first. A snapshot of absolute paths without that tag (as vmsched made them
+    before) is still read, after one listing."""
+    store = restic_store(setup)
+    await stage(setup.host1, setup.staging)
+    placeholder, first = await upload(store, setup)
+    counting = _Listings(store.server)
+    store.server = counting  # type: ignore[assignment]
+    assert await store.read_file(VM_ID, placeholder, "vm.xml") == VM_XML
+    with pytest.raises(NotFound, match=f"backup {placeholder} of VM {VM_ID} has no domain.xml"):
+        await store.read_file(VM_ID, placeholder, "domain.xml")
+    into = f"{setup.staging}.fetched"
+    await sh(setup.host1, 'mkdir -p "$1"', into)
+    digest = await store.fetch(FetchRequest(setup.host1, VM_ID, placeholder, QCOW2, f"{into}/new", STEP,
+                                            client_ssh(setup.env)))
+    assert digest == first.sha256[QCOW2] and counting.count == 0
+
+    repo = store.layout.vm_dir(VM_ID)
+    older = f"{repo}.older"
+    await stage(setup.server, older)
+    await restic(setup.server, repo, "backup", "--tag", f"vmsched-{VM_ID}", "--tag", "vmsched-backup-a1d0a1d0", "--",
+                 f"{older}/vm.xml", f"{older}/{QCOW2}")
+    assert await store.read_file(VM_ID, "a1d0a1d0", "vm.xml") == VM_XML
+    digest = await store.fetch(FetchRequest(setup.host1, VM_ID, "a1d0a1d0", QCOW2, f"{into}/old", STEP,
+                                            client_ssh(setup.env)))
+    assert digest == (await sh(setup.server, 'sha256sum -- "$1"', f"{older}/{QCOW2}")).split()[0]
+    assert counting.count == 1  # one listing found the older snapshot and its paths for both reads
+    await sh(setup.server, 'rm -rf -- "$1"', older)
 
 
 @pytest.mark.realenv

@@ -67,8 +67,8 @@ class Chains:
             repo = self.bases[kind] / str(vm_id)
             [found] = json.loads(restic_on_server(self.realenv, repo, "snapshots", "--json", "--tag",
                                                          f"vmsched-backup-{source}"))
-            path = next(str(p) for p in found["paths"] if str(p).endswith(f"/{name}"))
-            target.write_bytes(restic_on_server(self.realenv, repo, "dump", str(found["id"]), path))
+            assert "vmsched-flat" in found["tags"] and any(str(p).endswith(f"/{name}") for p in found["paths"])
+            target.write_bytes(restic_on_server(self.realenv, repo, "dump", str(found["id"]), f"/{name}"))
         else:
             shutil.copyfile(self.bases[kind] / str(vm_id) / source / name, target)
         return target

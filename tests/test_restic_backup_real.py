@@ -78,8 +78,9 @@ def test_scheduled_backups_into_restic_with_keep_last(restic_env: tuple[Api, int
     snapshots = json.loads(restic_on_server(realenv, repo, "snapshots", "--json"))
     [snapshot] = snapshots
     assert f"vmsched-backup-{source}" in snapshot["tags"] and f"vmsched-{vm_id}" in snapshot["tags"]
-    disk = next(p for p in snapshot["paths"] if p.endswith("/disk.0.0"))
-    (tmp_path / "restored.qcow2").write_bytes(restic_on_server(realenv, repo, "dump", snapshot["id"], disk))
+    assert "vmsched-flat" in snapshot["tags"]  # backed up from inside the staging dir: the files are at /<name>
+    assert any(p.endswith("/disk.0.0") for p in snapshot["paths"])
+    (tmp_path / "restored.qcow2").write_bytes(restic_on_server(realenv, repo, "dump", snapshot["id"], "/disk.0.0"))
     assert same_image(tmp_path / "restored.qcow2", before)
     sums = {c.findtext("FILE"): c.findtext("SHA256") for c in image.iterfind("TEMPLATE/CHECKSUMS")}
     assert set(sums) == {"disk.0.0", "disk.1.0", "vm.xml", "domain.xml"}

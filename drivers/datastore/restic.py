@@ -6,7 +6,9 @@ backup`` *on the hypervisor* against ``sftp:<user>@<server>:<path>``, through th
 disk data goes from the hypervisor to the server directly. Each upload is one snapshot tagged
 ``vmsched-<vm_id>``; its backup id is the first 8 characters of the snapshot id. The id the caller chose
 before the upload (``new_backup_id``) is also kept as tag ``vmsched-backup-<id>``, and every lookup accepts
-either.
+either. The files are backed up from inside their directory, so each is at ``/<name>`` in the snapshot (tag
+``vmsched-flat``): a read selects the snapshot by the backup's tag in the ``restic dump`` itself, with no
+listing of the repository first (each restic command pays the key's derivation, about half a second).
 
 RESTIC_PASSWORD never appears in a command line: each restic command runs inside a fixed ``sh`` script that
 writes its stdin (the password) to a fresh 0600 file, runs restic with ``--password-file`` and removes the
@@ -34,7 +36,7 @@ import secrets
 import shlex
 import time
 import weakref
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +86,12 @@ SHORT_ID = 8  # characters of a snapshot id that make the backup id (OpenNebula'
 TAG_PREFIX = "vmsched-"
 URL_DIR = "backup"  # backup URLs name a restic file as <BASE_PATH>/<vm_id>/backup/<file>
 BACKUP_TAG_PREFIX = "vmsched-backup-"
+# On a snapshot whose files were backed up from inside their directory: each is at /<name> in it, so a read
+# needs neither the snapshot id nor its paths (no listing of the repository first, itself one more restic
+# command). Snapshots without it (older vmsched) are found by a listing.
+FLAT_TAG = "vmsched-flat"
+NO_SNAPSHOT = b"latest snapshot for criteria not found"
+NO_FILE = b"not found in snapshot"
 LOCK_WAIT = 300.0  # seconds a command waits for a repository locked elsewhere (spec: 60 x 5 s)
 LOCK_BACKOFF = (0.5, 5.0)  # first and longest pause between two attempts on a locked repository
 PASSWORD_FILE_PREFIX = "vmsched-restic-"
@@ -115,7 +123,8 @@ _MONITOR = 'mkdir -p -- "$1" && df -PB1M -- "$1"'
 # progress probe reads the last status line; pipefail keeps restic's exit status. A SIGTERM to the process group
 # (a cancel) ends restic, and bash waits for it: a restic re-parented to an init that reaps late would look
 # alive to the ``restic unlock`` that follows, which then keeps its lock.
-_TEE_STATUS = 'trap : TERM INT; set -o pipefail; f=$1; shift; "$@" | tee -- "$f"'
+_TEE_STATUS = 'trap : TERM INT; set -o pipefail; cd -- "$1" || exit 1; f=$2; shift 2; "$@" | tee -- "$f"'
+_IN_DIR = 'cd -- "$1" || exit 1; shift; exec "$@"'
 # waits up to 10 s until none of the process groups "$@" has a process left
 _GONE = 'for _ in $(seq 100); do a=; for g; do kill -0 -- "-$g" 2>/dev/null && a=1; done; [ -z "$a" ] && exit 0; ' \
         'sleep 0.1; done; exit 1'
@@ -294,6 +303,11 @@ def parse_snapshots(stdout: bytes) -> list[dict[str, Any]]:
     if not isinstance(snapshots, list):
         raise DriverError("restic snapshots printed no list")
     return snapshots
+
+
+def backup_tags(vm_id: int, backup_id: str) -> list[str]:
+    """The tags of a backup's snapshot: the VM's, the backup id's, and FLAT_TAG (files at /<name>)."""
+    return ["--tag", f"{TAG_PREFIX}{vm_id}", "--tag", f"{BACKUP_TAG_PREFIX}{backup_id}", "--tag", FLAT_TAG]
 
 
 def matches(snapshot: dict[str, Any], source: str) -> bool:
@@ -529,8 +543,7 @@ class ResticDatastore:
             repo = sftp_repository(target, path)
             options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",
                        *transfer_options(self.settings)]
-            args = ["backup", "--json", "--force", "--tag", f"{TAG_PREFIX}{vm_id}",
-                    "--tag", f"{BACKUP_TAG_PREFIX}{backup_id}", "--", *paths]
+            args = ["backup", "--json", "--force", *backup_tags(vm_id, backup_id), "--", *files]
             status = f"{staging_dir.rstrip('/')}/{STATUS_FILE}"
             groups: list[int] = []  # restic's process groups on the hypervisor
             try:
@@ -540,7 +553,7 @@ class ResticDatastore:
                     backup = group.create_task(self._changing(
                         source, repo, args, timeout=timeout, options=options, priority=True,
                         label=run_label(staging_dir, vm_id), started=noted(on_side(started, "source"), groups),
-                        wrap=["bash", "-c", _TEE_STATUS, "bash", status],
+                        wrap=["bash", "-c", _TEE_STATUS, "bash", staging_dir, status],
                         env={"RESTIC_PROGRESS_FPS": str(1 / self.progress_interval)}))
                     if progress is not None:
                         probe = group.create_task(self._report_progress(source, status, progress))
@@ -624,10 +637,11 @@ class ResticDatastore:
             paths = [f"{work}/out/{name}" for name in (*names, layout.VM_XML, layout.DOMAIN_XML)]
             digests = await hash_files(self.server, paths, request.timeout)
             async with self._repository(vm_id) as path:
-                await self._changing(self.server, path, ["backup", "--json", "--force", "--tag", f"{TAG_PREFIX}{vm_id}",
-                                                         "--tag", f"{BACKUP_TAG_PREFIX}{request.backup_id}", "--",
-                                                         *paths], timeout=request.timeout, priority=True,
-                                     started=started)
+                await self._changing(self.server, path, ["backup", "--json", "--force",
+                                                         *backup_tags(vm_id, request.backup_id), "--",
+                                                         *(p.rsplit("/", 1)[-1] for p in paths)],
+                                     timeout=request.timeout, priority=True, started=started,
+                                     wrap=["sh", "-c", _IN_DIR, "sh", f"{work}/out"])
             sizes = await staged_sizes(self.server, paths, self.command_timeout)
         finally:
             await shielded(_remove_quietly(self.server, work, self.command_timeout, recursive=True))
@@ -654,9 +668,14 @@ class ResticDatastore:
 
     async def read_file(self, vm_id: int, source: str, name: str) -> bytes:
         """``restic dump`` of one (small) file of the snapshot."""
-        snapshot_id, path = await self._find(vm_id, source, name)
         repo = self.layout.vm_dir(vm_id)
-        result = await self._checked(self.server, repo, ["dump", "--no-lock", snapshot_id, path])
+
+        async def dump(selector: list[str], path: str) -> Result:
+            return await self._restic(self.server, repo, ["dump", "--no-lock", *selector, path])
+
+        result = await self._read(vm_id, source, name, dump)
+        if result.exit_status != 0:
+            raise self._failed(self.server, repo, ["dump"], result)
         if len(result.stdout) > MAX_SMALL_FILE:
             raise DriverError(f"datastore {self.datastore.id}: {name} of backup {source} is larger than "
                               f"{MAX_SMALL_FILE} bytes")
@@ -667,14 +686,17 @@ class ResticDatastore:
         there; the sha256 of the bytes written."""
         runner, vm_id, destination, timeout = request.target, request.vm_id, request.destination, request.timeout
         ssh_command, label, started = request.ssh_command, request.label, on_side(sink.process_started, "host")
-        snapshot_id, path = await self._find(vm_id, request.backup_id, request.name)
         target = self.settings.target
         repo = sftp_repository(target, self.layout.vm_dir(vm_id))
         options = ["-o", f"sftp.command={sftp_command(ssh_command or DEFAULT_SSH, target)}",
                    *transfer_options(self.settings)]
-        result = await self._restic(runner, repo, ["dump", "--no-lock", snapshot_id, path], timeout=timeout,
-                                    options=options, priority=True, label=label, started=started,
-                                    wrap=streamed_to(destination, []))
+
+        async def dump(selector: list[str], path: str) -> Result:
+            return await self._restic(runner, repo, ["dump", "--no-lock", *selector, path], timeout=timeout,
+                                      options=options, priority=True, label=label, started=started,
+                                      wrap=streamed_to(destination, []))
+
+        result = await self._read(vm_id, request.backup_id, request.name, dump)
         if result.exit_status != 0:
             raise self._failed(runner, repo, ["dump"], result)
         return streamed_digest(result.stdout)
@@ -691,6 +713,20 @@ class ResticDatastore:
                                                                              path])
         return snapshot_id, path, node_size(result.stdout, path)
 
+    async def _read(self, vm_id: int, source: str, name: str,
+                    dump: Callable[[list[str], str], Awaitable[Result]]) -> Result:
+        """``dump(snapshot selector, path)`` of file ``name`` of backup ``source``: straight by the backup's tag
+        (a snapshot of FLAT_TAG), else after a listing found the snapshot and the file's path in it."""
+        layout.check_backup_id(source)
+        layout.check_file_name(name)
+        result = await dump(["--tag", f"{BACKUP_TAG_PREFIX}{source},{FLAT_TAG}", "latest"], f"/{name}")
+        if result.exit_status != 0 and NO_FILE in result.stderr:
+            raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
+        if result.exit_status == 0 or NO_SNAPSHOT not in result.stderr:
+            return result
+        snapshot_id, path = await self._find(vm_id, source, name)
+        return await dump([snapshot_id], path)
+
     async def _find(self, vm_id: int, source: str, name: str) -> tuple[str, str]:
         """(snapshot id, path in the snapshot) of file ``name`` of backup ``source``."""
         layout.check_file_name(name)  # before any command runs
@@ -703,7 +739,7 @@ class ResticDatastore:
         path = next((p for p in snapshot.get("paths") or [] if p.rsplit("/", 1)[-1] == name), None)
         if path is None:
             raise NotFound(f"datastore {self.datastore.id}: backup {source} of VM {vm_id} has no {name}")
-        return str(path)
+        return f"/{name}" if FLAT_TAG in (snapshot.get("tags") or []) else str(path)
 
     def dump_command(self, vm_id: int, snapshot_id: str, path: str) -> tuple[list[str], bytes]:
         """The command that prints a file of a snapshot, to run on the server, and what goes to its stdin
