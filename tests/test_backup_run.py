@@ -186,9 +186,16 @@ async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
     assert installed.stat().st_mode & 0o777 == 0o600
     assert argv[-2:] == ["-i", "/etc/vmsched/id"] and "IdentitiesOnly=yes" not in argv  # own keys as fallback
     assert hostkeys.known_keys(installed, "backup.example", 2222)[0].public_data == key.public_data
+    shared = tmp_path / "home/.ssh/vmsched-mux"  # uploads share one connection per server, for a minute
+    assert ["-o", "ControlMaster=auto", "-o", f"ControlPath={shared}/%C", "-o", "ControlPersist=60"] == \
+        argv[argv.index("ControlMaster=auto") - 1:argv.index("ControlMaster=auto") + 5]
+    assert shared.is_dir() and shared.stat().st_mode & 0o777 == 0o700
     before = installed.stat().st_mtime_ns
-    await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds())
+    restore = await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds(), share=False)
     assert installed.stat().st_mtime_ns == before  # unchanged: not rewritten
+    assert not any("Control" in word for word in restore)  # a restore's copy has a connection of its own
+    remote.template.set("BACKUP_SSH_SHARE", "no")
+    assert not any("Control" in word for word in await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds()))
 
     local = Host(id=1, name="me")  # no SSH_HOST: the scheduler's machine uses vmsched's own file
     assert f"UserKnownHostsFile={known}" in await btr.upload_ssh(Links(known), local, LocalRunner(), rsync_ds())

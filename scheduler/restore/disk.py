@@ -142,7 +142,7 @@ async def fetch_disk(links: HostLinks, state: State, image: Image, disk_id: int,
     runner = links.runner(host)
     fetched = [link_path(temp_path(target, "fetch", run_id), n) for n in range(len(links_of))]
     try:
-        ssh = await upload_ssh(links, host, runner, datastore)
+        ssh = await upload_ssh(links, host, runner, datastore, share=False)
         store = open_datastore(datastore, links.pool)
         requests = [FetchRequest(runner, backup_vm_id(image), source, name, path, FETCH_TIMEOUT, ssh_command=ssh,
                                  label=restore_label(run_id)) for (source, name), path in zip(links_of, fetched, strict=True)]
