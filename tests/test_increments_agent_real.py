@@ -1,4 +1,4 @@
-"""MODE=INCREMENT with FS_FREEZE=AGENT against the real agent guest (tests/realenv/agentguest.py: a Linux with
+"""MODE=INCREMENT (INCREMENT_MODE CBT and SNAPSHOT) with FS_FREEZE=AGENT against the real agent guest (tests/realenv/agentguest.py: a Linux with
 qemu-ga on an ext4 qcow2 disk), through a real daemon, and a restore drill at every link of the chain.
 
 A file of random bytes is written and synced through the agent before each of three backups (the full base,
@@ -49,15 +49,18 @@ def remove_domain(hypervisor: Hypervisor, name: str) -> None:
     domain.undefine()
 
 
+@pytest.mark.parametrize("increment_mode", ["CBT", "SNAPSHOT"])
 def test_each_increment_of_an_agent_frozen_chain_boots_with_the_file_as_it_was(
         setup: Setup, agent_guest: AgentGuest, hypervisors: Callable[[str], Hypervisor],  # noqa: F811
-        tmp_path: Path) -> None:
+        tmp_path: Path, increment_mode: str) -> None:
     s, guest = setup, agent_guest
     host2 = hypervisors("host2")
     # MODE=INCREMENT takes qcow2 disks only: the agent guest's one data disk is one
     assert [d.get("type") for d in etree.fromstring(guest.dom.XMLDesc()).iterfind("devices/disk/driver")] == ["qcow2"]
     vm_id = s.api.import_one("host1", guest.name)
-    s.api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ MODE = "INCREMENT", FS_FREEZE = "AGENT" ]', 1)
+    s.api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ MODE = "INCREMENT", FS_FREEZE = "AGENT", '
+               f'INCREMENT_MODE = "{increment_mode}" ]', 1)
+    base = guest.disks[0]
 
     digests = []
     for k, what in enumerate(["live full base of a new chain", "live increment 1", "live increment 2"]):
@@ -70,21 +73,23 @@ def test_each_increment_of_an_agent_frozen_chain_boots_with_the_file_as_it_was(
         assert str(status["MESSAGE"]).startswith(f"{what} of VM {vm_id}"), status
         # the writer waits for the agent's frozen marker: it has ended only if backup k froze the guest
         assert guest.wait_exec(writer, timeout=30).exitcode == 0
-        # the agent thawed the guest after the job started; it runs on its own disk, RUNNING
+        # the agent thawed the guest after the job (or the snapshot) started; it runs on its own disk (SNAPSHOT:
+        # on the overlay that holds what it writes until the next backup), RUNNING
         assert guest.fsfreeze_status() == "thawed"
-        assert disk_sources(guest.dom.XMLDesc()) == {"vda": guest.disks[0]}
+        expected = base if increment_mode == "CBT" else Path(f"{base}.vmsched-snap.{vm_id}.{k + 1}")
+        assert disk_sources(guest.dom.XMLDesc()) == {"vda": expected}
         assert states(s.api, vm_id) == RUNNING
     assert len(set(digests)) == 3
     assert guest.sha256(FILE) == digests[2]
 
-    [image_id] = backup_ids(s.api, vm_id)
+    image_id = backup_ids(s.api, vm_id)[-1]  # the chain this case made (the guest's VM may have an older one)
     assert increment_ids(s, image_id) == [(0, "FULL", -1), (1, "INCREMENT", 0), (2, "INCREMENT", 1)]
-    assert sorted(c.getName() for c in guest.dom.listAllCheckpoints()) == [f"vmsched-{vm_id}-1",
-                                                                           f"vmsched-{vm_id}-2"]
+    assert sorted(c.getName() for c in guest.dom.listAllCheckpoints()) == (
+        [f"vmsched-{vm_id}-1", f"vmsched-{vm_id}-2"] if increment_mode == "CBT" else [])
 
-    images = s.datastore(f'NAME = "incag-h2"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBRIDGE_LIST = "host2"\n'
+    images = s.datastore(f'NAME = "incag-h2-{increment_mode}"\nTYPE = "IMAGE_DS"\nDS_MAD = "fs"\nBRIDGE_LIST = "host2"\n'
                          f'BASE_PATH = "{tmp_path / "images"}"')
-    names = [f"incag-{vm_id}-at-{k}" for k in range(3)]
+    names = [f"incag-{vm_id}-{increment_mode.lower()}-at-{k}" for k in range(3)]
     restored_vms: list[int] = []
     try:
         # one at a time: each restored domain keeps the source's serial <log file=...>, which one host's
