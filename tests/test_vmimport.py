@@ -78,6 +78,10 @@ RBD = Disk(target="vdb", type="network", format="raw", protocol="rbd", pool="one
     (Disk(target="vda", format="qcow2", path="/v/a.qcow2"), 64,
      [("DISK_ID", "0"), ("TARGET", "vda"), ("TYPE", "FILE"), ("FORMAT", "qcow2"), ("SOURCE", "/v/a.qcow2"),
       ("TM_MAD", "qcow2"), ("SIZE", "64"), ("DEV_PREFIX", "vd"), ("CLONE", "NO")]),
+    # a domain running on an INCREMENT_MODE=SNAPSHOT overlay: SOURCE stays the disk file
+    (Disk(target="vda", format="qcow2", path="/v/a.qcow2.vmsched-snap.4.2"), 64,
+     [("DISK_ID", "0"), ("TARGET", "vda"), ("TYPE", "FILE"), ("FORMAT", "qcow2"), ("SOURCE", "/v/a.qcow2"),
+      ("TM_MAD", "qcow2"), ("SIZE", "64"), ("DEV_PREFIX", "vd"), ("CLONE", "NO")]),
     (Disk(target="vdb", format="raw", path="/v/b.raw"), None,
      [("DISK_ID", "0"), ("TARGET", "vdb"), ("TYPE", "FILE"), ("FORMAT", "raw"), ("SOURCE", "/v/b.raw"),
       ("TM_MAD", "qcow2"), ("DEV_PREFIX", "vd"), ("CLONE", "NO")]),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from drivers.tm.plan import parse_snapshot_overlay
 from drivers.vmm.domainxml import Disk, parse_disks
 from drivers.vmm.states import DomainState
 from scheduler.errors import ValidationError
@@ -139,9 +140,11 @@ def _ceph_pairs(disk: Disk) -> list[tuple[str, str | None]]:
 
 
 def disk_source(disk: Disk) -> str | None:
-    """SOURCE: the file or device path, or ``pool/image`` for RBD and volume disks."""
+    """SOURCE: the file or device path (the disk file of an INCREMENT_MODE=SNAPSHOT overlay the domain runs
+    on), or ``pool/image`` for RBD and volume disks."""
     if disk.path:
-        return disk.path
+        overlay = parse_snapshot_overlay(disk.path)
+        return disk.path if overlay is None else overlay[0]
     return f"{disk.pool}/{disk.image}" if disk.pool and disk.image else disk.image
 
 
