@@ -194,6 +194,10 @@ async def test_upload_ssh_installs_the_verified_server_key_on_the_hypervisor(
     restore = await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds(), share=False)
     assert installed.stat().st_mtime_ns == before  # unchanged: not rewritten
     assert not any("Control" in word for word in restore)  # a restore's copy has a connection of its own
+    restic = Datastore(id=1, name="r", ds_mad="restic")  # restic keeps its own connection (see upload_ssh)
+    restic.template.set("RESTIC_SFTP_SERVER", "backup.example")
+    restic.template.set("RESTIC_SFTP_PORT", "2222")
+    assert not any("Control" in word for word in await btr.upload_ssh(Links(known), remote, LocalRunner(), restic))
     remote.template.set("BACKUP_SSH_SHARE", "no")
     assert not any("Control" in word for word in await btr.upload_ssh(Links(known), remote, LocalRunner(), rsync_ds()))
 

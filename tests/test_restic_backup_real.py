@@ -123,7 +123,9 @@ def test_kill_9_during_a_restic_upload_then_restart(realenv: RealEnv, tiny_domai
                              f'NAME = "resticslow"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\nBASE_PATH = "{env.base}"\n'
                              f'RESTIC_SFTP_SERVER = "{backup.address}"\nRESTIC_SFTP_USER = "{backup.user}"\n'
                              f'RESTIC_SFTP_PORT = "{backup.ssh_port}"\nRESTIC_PASSWORD = "{PASSWORD}"\n'
-                             'RESTIC_BWLIMIT = "512"', -1))  # KiB/s: restic still runs when the daemon dies
+                             'RESTIC_BWLIMIT = "512"\nRESTIC_COMPRESSION = "off"', -1))
+        # 512 KiB/s of the 4 MiB written, uncompressed (a pattern compresses to nothing): restic still runs when
+        # the daemon dies
         vm_id = api.import_one("host1", dom.name)
         api.call("one.vm.backup", vm_id, ds_id, False)
         assert first.process.wait(timeout=60) == -signal.SIGKILL, first.log()[-3000:]

@@ -88,10 +88,11 @@ async def upload_ssh(links: HostLinks, host: Any, runner: Any, datastore: Datast
     into ``~/.ssh/vmsched_known_hosts.<server>_<port>`` on the hypervisor: a daemon under systemd has no agent to
     forward), unless the host's ``BACKUP_KNOWN_HOSTS`` names a file there. Its key is the host's
     ``BACKUP_SSH_KEY`` (a path on the hypervisor), else sched.conf's SSH/KEY path with the hypervisor user's
-    own keys as fallback. Uploads (``share``) from one hypervisor to one server share a connection
+    own keys as fallback. rsync uploads (``share``) from one hypervisor to one server share a connection
     (SHARE_SECONDS) unless the host names its own known_hosts or says ``BACKUP_SSH_SHARE = "NO"``; a restore's copy has its own, so that a lost
-    connection fails it with ssh's own words (a shared one's are in its master's log only). ``fs``: the
-    scheduler's own ssh to the hypervisor."""
+    connection fails it with ssh's own words (a shared one's are in its master's log only), and so does
+    restic's (whose processes a shared connection would not let outlive a daemon that died, for recovery
+    to find). ``fs``: the scheduler's own ssh to the hypervisor."""
     settings = links.settings
     if server_of(datastore) is None:
         return ssh_command(settings.key, settings.known_hosts)
@@ -105,5 +106,5 @@ async def upload_ssh(links: HostLinks, host: Any, runner: Any, datastore: Datast
                                       timeout=COMMAND_TIMEOUT, input=lines.encode())
             known, shared = (result.stdout.decode().splitlines() + ["", ""])[:2]
     key = host.template.get("BACKUP_SSH_KEY")
-    share = share and (host.template.get("BACKUP_SSH_SHARE") or "YES").strip().upper() != "NO"
+    share = share and datastore.ds_mad == "rsync" and (host.template.get("BACKUP_SSH_SHARE") or "YES").strip().upper() != "NO"
     return ssh_command(key or settings.key, known, only_key=bool(key), share_dir=shared if share else "")
