@@ -12,6 +12,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from tests.realenv import ceph as ceph_env
 from tests.realenv import domains, hostns, model, procs, sshsetup
 from tests.realenv import realenv as renv
 from tests.realenv.domains import Hypervisor, TinyDomain
@@ -246,7 +247,8 @@ def test_down_stops_every_process_it_started(realenv: RealEnv, tmp_path: Path) -
             assert dom.name not in {n for h in realenv.hosts for n in hostns.domain_names(h)}
         finally:
             hv.close()
-        started = second.all_procs()
+        cluster = ceph_env.up(directory / renv.CEPH_DIR)  # its Ceph cluster goes down with it
+        started = (*second.all_procs(), *cluster.procs)
         assert all(procs.is_running(p) for p in started)
         qemu_pid = int((second.host("host1").state_dir / "run" / "qemu" / f"{dom.name}.pid").read_text())
         qemu = procs.ref_of("qemu", qemu_pid)

@@ -22,7 +22,7 @@ from tests.realenv.model import HostInfo
 from tests.realenv.procs import run
 
 NAME_PREFIX = "vmsched-t-"
-DISK_DEVICES = {"vda": "virtio-disk0", "vdb": "virtio-disk1"}  # libvirt's aliases for the two disks
+DISK_DEVICES = {"vda": "virtio-disk0", "vdb": "virtio-disk1", "vdc": "virtio-disk2"}  # libvirt's disk aliases
 UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",

@@ -4,6 +4,8 @@
   When the environment cannot be created here at all (not root, no apt-get) the test is skipped with the
   reason printed loudly, or fails with it when ``VMSCHED_REQUIRE_REALENV=1`` (CI sets it: there a skipped
   real test would check nothing); any other failure of ``up`` is an error.
+* ``ceph`` (session): the single-node Ceph cluster (:mod:`tests.realenv.ceph`), started on first use and
+  stopped by ``down`` with the rest; the hypervisors reach it as ``client.hypervisor``.
 * ``hypervisors`` (session): a cached :class:`Hypervisor` (libvirt over ssh) per host name.
 * ``tiny_domain`` (function): a factory ``tiny_domain(host="host1", *, start=True, cdrom=False)`` for
   tiny QEMU domains in the test's tmp_path; every domain it made is destroyed and undefined afterwards.
@@ -27,8 +29,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.realenv import ceph as ceph_env
 from tests.realenv import realenv as realenv_cli
 from tests.realenv.agentguest import AgentGuest, GuestImage, ensure_image
+from tests.realenv.ceph import CephCluster
 from tests.realenv.domains import Hypervisor, TinyDomain
 from tests.realenv.errors import EnvUnavailable
 from tests.realenv.model import HostInfo, RealEnv
@@ -66,6 +70,12 @@ def realenv(request: pytest.FixtureRequest) -> Iterator[RealEnv]:
     yield env
     if os.environ.get(TEARDOWN_ENV_VAR) == "1":
         realenv_cli.down(env.dir)
+
+
+@pytest.fixture(scope="session")
+def ceph(realenv: RealEnv) -> CephCluster:
+    """The single-node Ceph cluster (tests.realenv.ceph), started on first use and kept like the hosts."""
+    return ceph_env.up(realenv.dir / realenv_cli.CEPH_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.realenv import hostns, model, procs, sshsetup, system
+from tests.realenv import ceph, hostns, model, procs, sshsetup, system
 from tests.realenv.errors import EnvUnavailable, RealEnvError
 from tests.realenv.model import BackupServerInfo, HostInfo, ProcRef, RealEnv
 from tests.realenv.sshsetup import LOOPBACK, SshServer
@@ -36,6 +36,7 @@ DIR_ENV_VAR = "VMSCHED_REALENV_DIR"
 DEFAULT_HOSTS = 2
 BACKUP_NAME = "backup"
 PORTS_FILE = "ports.json"
+CEPH_DIR = "ceph"  # the single-node Ceph cluster (tests.realenv.ceph), started by the tests that need it
 
 
 def default_dir() -> Path:
@@ -238,7 +239,7 @@ def up(directory: Path | None = None, *, hosts: int | None = None) -> RealEnv:
 
 
 def _down(env: RealEnv) -> list[ProcRef]:
-    stopped: list[ProcRef] = []
+    stopped: list[ProcRef] = ceph.down(env.dir / CEPH_DIR)
     for host in env.hosts:
         stopped += hostns.stop_host(host)
     stopped += procs.stop(env.backup.procs)
@@ -283,6 +284,10 @@ def status_lines(env: RealEnv) -> tuple[list[str], bool]:
     for host in env.hosts:
         if hostns.libvirtd_running(host):
             lines.append(f"{host.name:8} domains: {' '.join(hostns.domain_names(host)) or '-'}")
+    cluster = ceph.load(env.dir / CEPH_DIR) if (env.dir / CEPH_DIR).exists() else None
+    if cluster is not None:  # started by the tests that need it; not judged when it was never started
+        states = [f"{r.role}={r.pid}:{'up' if procs.is_running(r) else 'DOWN'}" for r in cluster.procs]
+        lines.append(f"{'ceph':8} port {cluster.mon_port:5}  {' '.join(states) or 'not started'}")
     return lines, healthy
 
 

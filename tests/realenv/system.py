@@ -65,16 +65,16 @@ def missing_packages(packages: tuple[str, ...] = PACKAGES) -> list[str]:
     return [p for p in packages if p not in installed]
 
 
-def install_packages() -> list[str]:
-    """apt-get update + install only what is missing; returns what was installed."""
-    missing = missing_packages()
+def install_packages(packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """apt-get update + install only what is missing of ``packages``; returns what was installed."""
+    missing = missing_packages(packages)
     if not missing:
         return []
     env = {**os.environ, **APT_ENV}
     lock = ["-o", "DPkg::Lock::Timeout=600"]
     run(["apt-get", *lock, "update"], env=env, timeout=600)
     run(["apt-get", "install", "-y", "--no-install-recommends", *lock, *missing], env=env, timeout=900)
-    still = missing_packages()
+    still = missing_packages(packages)
     if still:
         raise EnvUnavailable(f"apt-get did not install: {', '.join(still)}")
     return missing
