@@ -94,7 +94,8 @@ def test_a_domain_runs_on_an_rbd_disk_through_libvirts_ceph_secret(
         assert data[MiB:2 * MiB] == b"\x5c" * MiB and data[:MiB] == bytes(MiB)  # the guest's write, in the cluster
     finally:
         if dom is not None:
-            dom.destroy()
+            if dom.isActive():
+                dom.destroy()
             dom.undefine()
         secret.undefine()
         ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/{image}", check=False)
