@@ -1,0 +1,201 @@
+"""Pure parts of capturing Ceph RBD disks (spec §4.8) on a hypervisor: vmsched's snapshot names, the RBD
+source of a domain's network disk, and the argv of ``rbd`` and of ``qemu-img`` reading an ``rbd:`` image.
+
+Every command carries client timeouts (:class:`RbdTimeouts`): without them a cluster that is gone hangs
+``rbd`` and librbd for 300 s waiting for a mon and forever waiting for an OSD; with them the command fails
+with ETIMEDOUT (exit status 110). Pool, image and snapshot names are checked before they reach an argv,
+and every value in a ``qemu-img`` ``rbd:`` file name is escaped, so that no template value can add an
+option of its own.
+
+vmsched's snapshots are named ``vmsched-<run>``; only names of that form are ever removed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from drivers.tm.plan import CONVERT_COROUTINES, check_run_id
+from drivers.vmm.domainxml import Disk
+from scheduler.errors import ValidationError
+
+SNAPSHOT_PREFIX = "vmsched-"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
+_SNAPSHOT = re.compile(rf"{SNAPSHOT_PREFIX}([A-Za-z0-9][A-Za-z0-9_-]{{0,63}})\Z")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+TIMED_OUT = 110  # rbd's exit status when a client timeout expired (ETIMEDOUT)
+
+
+@dataclass(frozen=True)
+class RbdTimeouts:
+    """Seconds a client waits: to reach a mon at all, for a mon's answer, for an OSD's answer."""
+
+    mount: float = 15.0
+    mon_op: float = 15.0
+    osd_op: float = 60.0
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("client_mount_timeout", f"{self.mount:g}"), ("rados_mon_op_timeout", f"{self.mon_op:g}"),
+                ("rados_osd_op_timeout", f"{self.osd_op:g}")]
+
+
+@dataclass(frozen=True)
+class RbdAccess:
+    """How a hypervisor reaches a cluster (OpenNebula's CEPH_USER, CEPH_KEY, CEPH_CONF, CEPH_HOST); an empty
+    value leaves Ceph's own default (``/etc/ceph/ceph.conf``, its keyring, its mon host)."""
+
+    user: str = ""
+    key_file: str = ""
+    conf: str = ""
+    mon_hosts: tuple[str, ...] = ()  # host or host:port, as libvirt's <host> elements give them
+
+
+@dataclass(frozen=True)
+class RbdSource:
+    """One RBD disk to back up: OpenNebula's DISK_ID, the libvirt target, ``pool/image`` and the access."""
+
+    disk_id: int
+    target: str
+    pool: str
+    image: str
+    access: RbdAccess = RbdAccess()
+
+    @property
+    def spec(self) -> str:
+        return f"{self.pool}/{self.image}"
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def check_name(value: str, what: str) -> str:
+    """A pool, namespace or image name safe in an argv and in an ``rbd:`` file name."""
+    if not _NAME.match(value or ""):
+        raise ValidationError(f"{what} {value!r} is not a plain RBD name (letters, digits, '_', '.', '+', '-'; "
+                              "no leading '-' or '.')")
+    return value
+
+
+def check_image(image: str) -> str:
+    """An image name, with an optional ``namespace/`` in front (libvirt's ``pool/namespace/image``)."""
+    parts = image.split("/")
+    if len(parts) > 2:
+        raise ValidationError(f"RBD image {image!r} has more than a namespace and a name")
+    for part in parts:
+        check_name(part, "RBD image")
+    return image
+
+
+def check_access(access: RbdAccess) -> RbdAccess:
+    if access.user and not _USER.match(access.user):
+        raise ValidationError(f"CEPH_USER {access.user!r} is not a plain cephx id")
+    for what, path in (("CEPH_KEY", access.key_file), ("CEPH_CONF", access.conf)):
+        if path and (not path.startswith("/") or any(c in path for c in ":;\n\0")):
+            raise ValidationError(f"{what} {path!r} must be an absolute path without ':' or ';'")
+    for host in access.mon_hosts:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?", host):
+            raise ValidationError(f"CEPH_HOST entry {host!r} is not a host or host:port")
+    return access
+
+
+def snapshot_name(run_id: int | str) -> str:
+    """The snapshot a run takes of each RBD disk: ``vmsched-<run>``."""
+    return f"{SNAPSHOT_PREFIX}{check_run_id(run_id)}"
+
+
+def snapshot_run(name: str) -> str | None:
+    """The run a snapshot named like vmsched's belongs to; None for any other snapshot (never touched)."""
+    found = _SNAPSHOT.match(name)
+    return found.group(1) if found else None
+
+
+def rbd_source(disk: Disk, disk_id: int, access: RbdAccess | None = None) -> RbdSource:
+    """The RBD source of a domain's ``<disk type='network'><source protocol='rbd'>``: pool and image from its
+    name, the mon hosts and cephx user from the disk itself unless ``access`` names them."""
+    if disk.type != "network" or disk.protocol != "rbd" or not disk.pool or not disk.image:
+        raise ValidationError(f"disk {disk_id} ({disk.target}) is not an RBD network disk")
+    given = access or RbdAccess()
+    hosts = given.mon_hosts or tuple(h.name if h.port is None else f"{h.name}:{h.port}" for h in disk.hosts)
+    merged = RbdAccess(user=given.user or (disk.auth_username or ""), key_file=given.key_file, conf=given.conf,
+                       mon_hosts=hosts)
+    return RbdSource(disk_id, disk.target, check_name(disk.pool, "RBD pool"), check_image(disk.image),
+                     check_access(merged))
+
+
+# ------------------------------------------------------------------------------------------------ argv
+
+
+def rbd_argv(access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """``rbd`` with the access's user, key file, conf and mon hosts, and the client timeouts."""
+    argv = ["rbd"]
+    if access.user:
+        argv += ["--id", access.user]
+    if access.key_file:
+        argv += ["--keyfile", access.key_file]
+    if access.conf:
+        argv += ["--conf", access.conf]
+    if access.mon_hosts:
+        argv += ["--mon-host", ",".join(access.mon_hosts)]
+    for name, value in timeouts.options():
+        argv += [f"--{name.replace('_', '-')}", value]
+    return [*argv, *args]
+
+
+def snap_create_argv(source: RbdSource, snapshot: str, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    return rbd_argv(source.access, ["snap", "create", "--no-progress", f"{source.spec}@{snapshot}"], timeouts)
+
+
+def snap_remove_argv(source: RbdSource, snapshot: str, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    if snapshot_run(snapshot) is None:
+        raise ValidationError(f"snapshot {snapshot!r} of {source.spec} is not vmsched's: it is never removed")
+    return rbd_argv(source.access, ["snap", "rm", "--no-progress", f"{source.spec}@{snapshot}"], timeouts)
+
+
+def snap_list_argv(source: RbdSource, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    return rbd_argv(source.access, ["snap", "ls", "--format", "json", source.spec], timeouts)
+
+
+def parse_snapshots(output: str | bytes) -> list[str]:
+    """The snapshot names of ``rbd snap ls --format json``."""
+    try:
+        listed = json.loads(output or "[]")
+    except ValueError:
+        raise ValidationError(f"cannot read rbd snap ls output: {output[-200:]!r}") from None
+    if not isinstance(listed, list):
+        raise ValidationError("rbd snap ls printed no list")
+    return [str(entry.get("name")) for entry in listed if isinstance(entry, dict)]
+
+
+def _escaped(value: str) -> str:
+    """A value of an ``rbd:`` file name: qemu splits at ':' and '@' unless a backslash comes first."""
+    return re.sub(r"([\\:@=])", r"\\\1", value)
+
+
+def qemu_rbd_name(source: RbdSource, snapshot: str | None = None, timeouts: RbdTimeouts = RbdTimeouts()) -> str:
+    """qemu's ``rbd:pool/image[@snap]:key=value...`` for the source (user, conf, keyring, mon hosts, the client
+    timeouts); every value escaped."""
+    access = source.access
+    name = f"rbd:{source.spec}" + (f"@{snapshot}" if snapshot else "")
+    options: list[tuple[str, str]] = []
+    if access.user:
+        options.append(("id", access.user))
+    if access.conf:
+        options.append(("conf", access.conf))
+    if access.key_file:
+        options.append(("keyfile", access.key_file))
+    if access.mon_hosts:
+        options.append(("mon_host", ";".join(access.mon_hosts)))
+    options += timeouts.options()
+    return name + "".join(f":{key}={_escaped(value)}" for key, value in options)
+
+
+def convert_argv(source: RbdSource, snapshot: str | None, target: str, *, rate_limit: int = 0,
+                 timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """``qemu-img convert`` of the image (at ``snapshot``; None: the image itself, for a powered-off VM)
+    straight from the cluster into a sparse qcow2: no raw copy is staged."""
+    argv = ["qemu-img", "convert", "-q", "-m", str(CONVERT_COROUTINES), "-f", "raw", "-O", "qcow2"]
+    if rate_limit:
+        argv += ["-r", str(rate_limit)]
+    return [*argv, qemu_rbd_name(source, snapshot, timeouts), target]
