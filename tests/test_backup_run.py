@@ -16,7 +16,8 @@ from drivers.datastore import Capacity, UploadResult
 from drivers.local import LocalRunner
 from drivers.ssh import SshSettings, SshTarget
 from drivers.tm import DiskSource
-from drivers.vmm.domainxml import Disk
+from drivers.tm.rbdplan import RbdAccess, RbdSource
+from drivers.vmm.domainxml import Disk, NetworkHost
 from scheduler.backup import checks as bc
 from scheduler.backup import recovery as brec
 from scheduler.backup import steps as bsteps
@@ -129,11 +130,31 @@ def test_disk_sources_follow_the_domain_by_target() -> None:
     current = [Disk("vda", path="/d/vda.qcow2", format="qcow2"), Disk("vdb", path="/d/vdb.raw", format="raw"),
                Disk("vdc", type="network", path=None)]
     the_vm = vm(disks=(disk(0, "vda"), disk(1, "vdb")))
-    assert bc.disk_sources(the_vm, the_vm.template.vectors("DISK"), current) == [
-        DiskSource(0, "vda", "/d/vda.qcow2", "qcow2"), DiskSource(1, "vdb", "/d/vdb.raw", "raw")]
+    assert bc.disk_sources(the_vm, the_vm.template.vectors("DISK"), current) == ([
+        DiskSource(0, "vda", "/d/vda.qcow2", "qcow2"), DiskSource(1, "vdb", "/d/vdb.raw", "raw")], [])
     for missing in (disk(2, "vdc"), disk(3, "vdz")):
-        with pytest.raises(ActionError, match="is not a file disk of the domain"):
+        with pytest.raises(ActionError, match="is not a file or RBD disk of the domain"):
             bc.disk_sources(the_vm, [missing], current)
+
+
+def test_rbd_disks_are_reached_as_the_disk_then_the_host_then_libvirt_say() -> None:
+    current = [Disk("vdc", type="network", protocol="rbd", pool="one", image="one-7-2", auth_username="libvirt",
+                    hosts=(NetworkHost("10.0.0.1", 6789),))]
+    the_vm = vm(disks=(disk(2, "vdc"),))
+    host = Host(id=0, name="kvm1")
+    host.template.set("CEPH_CONF", "/etc/ceph/prod.conf")
+    host.template.set("CEPH_USER", "backup")
+    files, rbd = bc.disk_sources(the_vm, the_vm.template.vectors("DISK"), current, host)
+    assert files == [] and rbd == [RbdSource(2, "vdc", "one", "one-7-2",
+                                             RbdAccess("backup", "", "/etc/ceph/prod.conf", ("10.0.0.1:6789",)))]
+    own = disk(2, "vdc")
+    own["CEPH_USER"] = "vm7"
+    own["CEPH_HOST"] = "m1:3300 m2"
+    [source] = bc.disk_sources(the_vm, [own], current, host)[1]
+    assert source.access == RbdAccess("vm7", "", "/etc/ceph/prod.conf", ("m1:3300", "m2"))
+    own["CEPH_CONF"] = "relative.conf"
+    with pytest.raises(ActionError, match="VM 7: disk 2 \\(vdc\\): CEPH_CONF 'relative.conf' must be an absolute"):
+        bc.disk_sources(the_vm, [own], current, host)
 
 
 def test_backup_image_record() -> None:

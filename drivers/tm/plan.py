@@ -58,6 +58,7 @@ class Step(StrEnum):
     COMMITTED = "committed"
     CHECKPOINT = "checkpoint"  # an increment's libvirt checkpoint (and its bitmaps), created with its backup job
     NEXT_OVERLAY = "next-overlay"  # INCREMENT_MODE=SNAPSHOT: the overlay the VM runs on until the next increment
+    RBD_SNAPSHOT = "rbd-snapshot"  # a run's snapshot of an RBD disk (pool, image, snapshot, access), removed after
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,11 @@ def is_staging_of_run(path: str, run_id: str) -> bool:
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def check_request(disks: Sequence[DiskSource], run_id: int | str, staging: str) -> str:
+def check_request(disks: Sequence[DiskSource], run_id: int | str, staging: str, *, more: int = 0) -> str:
     """The run id as text, after refusing what cannot be captured: no disks, duplicate ids or targets,
     relative paths, formats other than qcow2/raw, a staging dir not named after the run."""
     run = check_run_id(run_id)
-    if not disks:
+    if not disks and not more:  # ``more``: disks of other kinds (RBD) captured with these
         raise ValidationError("no disks to back up")
     for attribute in ("disk_id", "target", "path"):
         values = [getattr(d, attribute) for d in disks]
@@ -239,6 +240,7 @@ class Artifacts:
     refused: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # the increment's checkpoint, deleted unless the increment is kept
     next_overlays: dict[str, str] = field(default_factory=dict)  # target -> SNAPSHOT overlay, dropped unless kept
+    rbd_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> its journal step
 
     def record(self, entry: Mapping[str, Any]) -> None:
         if entry.get("tm") != TM or str(entry.get("run")) != self.run:
@@ -252,6 +254,10 @@ class Artifacts:
             self._record_file(Step(name), target, path)
         elif name == Step.COMMITTED:
             self.committed.add(target)
+        elif name == Step.RBD_SNAPSHOT:
+            snapshot = str(entry.get("snapshot", ""))
+            if self._ours(snapshot, snapshot == f"vmsched-{self.run}"):
+                self.rbd_snapshots[target] = dict(entry)
         elif name == Step.CHECKPOINT:
             checkpoint = str(entry.get("checkpoint", ""))
             if self._ours(checkpoint, parse_checkpoint_name(checkpoint) is not None):

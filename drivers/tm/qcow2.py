@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 
 from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
-from drivers.tm import dirty, plan, snapshots
+from drivers.tm import dirty, plan, rbdplan, snapshots
 from drivers.tm.chaincheck import ChainCheck, DiskBitmaps, Increment
 from drivers.tm.errors import CaptureError
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
+from drivers.tm.rbdplan import RbdSource
 from drivers.vmm.checkpoints import (
     backup_xml,
     checkpoint_name,
@@ -76,6 +77,9 @@ class CaptureRequest:
     # The VM backed up: any SNAPSHOT-mode overlays of it the domain runs on are committed first, unless the
     # increment continues such a chain (drivers/tm/snapshots.py); None: the domain's files are taken as they are
     vm_id: int | None = None
+    # Ceph RBD disks (drivers/tm/rbdplan.py): a snapshot each, in the same quiesce window as the file disks'
+    # overlays, read by qemu-img straight from the cluster; full copies only
+    rbd_disks: Sequence[RbdSource] = ()
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
     staged per disk. If the capture or the block fails, the staged files are removed too and the cleanup's
     problems are added to the error as notes; the caller removes the staging dir after its upload."""
     disks = request.disks
-    run = plan.check_request(disks, request.run_id, request.staging_dir)
+    run = plan.check_request(disks, request.run_id, request.staging_dir, more=len(request.rbd_disks))
     session = _Session(kvm, runner, request.domain, Artifacts(run), sink, request.options,
                        staging=request.staging_dir, nice=request.nice, ionice=request.ionice,
                        progress=request.progress)
@@ -130,6 +134,10 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         raise CaptureError(f"{session.where}: the domain is {state}; only running, paused or powered-off VMs "
                            "are backed up", host=kvm.name)
     increment = request.increment
+    session.rbd = list(request.rbd_disks)
+    if increment is not None and session.rbd:
+        raise CaptureError(f"{session.where}: RBD disks ({', '.join(d.target for d in session.rbd)}) are backed up "
+                           "in full only by this version: use MODE=FULL for this VM", host=kvm.name)
     if request.vm_id is not None:
         disks = await session.arrange(disks, request.vm_id, increment)
     current = await kvm.disks(request.domain)
@@ -214,6 +222,7 @@ class _Session:
         self.problems: list[Exception] = []
         self.report = RecoveryReport()
         self.disk_bitmaps = DiskBitmaps(kvm, runner, domain, options.command_timeout)
+        self.rbd: list[RbdSource] = []
 
     async def note(self, name: Step, **fields: Any) -> None:
         entry = plan.step(name, self.artifacts.run, **fields)
@@ -261,7 +270,7 @@ class _Session:
 
     async def cold(self, disks: Sequence[DiskSource]) -> CaptureResult:
         await self.command(["mkdir", "-p", "--", self.staging])
-        return CaptureResult(await self.convert_all(disks, shared=False), live=False)
+        return CaptureResult(await self.convert_all(disks, shared=False, rbd_snapshot=None), live=False)
 
     async def live(self, disks: Sequence[DiskSource], mode: FsFreeze, *, paused: bool,
                    keep_for: int | None = None) -> CaptureResult:
@@ -285,16 +294,21 @@ class _Session:
             self.artifacts.overlays.clear()  # no snapshot was attempted: no overlay can exist
             self.artifacts.next_overlays.clear()
             raise
+        snapshot = rbdplan.snapshot_name(self.artifacts.run)
         try:
-            await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
+            if overlays:
+                await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
+            for source in self.rbd:  # the guest is quiesced for these too: one consistent point for every disk
+                await self.note(Step.RBD_SNAPSHOT, snapshot=snapshot, **rbdplan.source_fields(source))
+                await self.command(rbdplan.snap_create_argv(source, snapshot))
             self.sink.reached("snapshot")
         finally:
             await shielded(self.unquiesce())
         window = loop.time() - started
-        log.info("%s: snapshot of %s taken in %.3f s (FS_FREEZE=%s)", self.where, ", ".join(overlays), window,
-                 mode.value)
+        log.info("%s: snapshot of %s taken in %.3f s (FS_FREEZE=%s)", self.where,
+                 ", ".join([*overlays, *(d.target for d in self.rbd)]), window, mode.value)
         await self.command(["mkdir", "-p", "--", self.staging])
-        images = await self.convert_all(disks, shared=True)
+        images = await self.convert_all(disks, shared=True, rbd_snapshot=snapshot if self.rbd else None)
         return CaptureResult(images, live=True, frozen_filesystems=frozen, thawed_first=thawed_first,
                              snapshot_seconds=window)
 
@@ -506,16 +520,23 @@ class _Session:
 
     # ------------------------------------------------------------------ convert
 
-    async def convert_all(self, disks: Sequence[DiskSource], *, shared: bool) -> list[DiskImage]:
+    async def convert_all(self, disks: Sequence[DiskSource], *, shared: bool,
+                          rbd_snapshot: str | None = None) -> list[DiskImage]:
+        """Every file disk and every RBD disk (at ``rbd_snapshot``, or the image itself) staged, a few at a time."""
         bound = asyncio.Semaphore(max(1, self.options.parallel))
 
         async def one(disk: DiskSource) -> DiskImage:
             async with bound:
                 return await self.convert(disk, shared=shared)
 
+        async def one_rbd(source: RbdSource) -> DiskImage:
+            async with bound:
+                return await self.convert_rbd(source, rbd_snapshot)
+
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(disk)) for disk in disks]
+                tasks = [*(group.create_task(one(disk)) for disk in disks),
+                         *(group.create_task(one_rbd(source)) for source in self.rbd)]
                 if self.progress:
                     watcher = group.create_task(self.watch_progress())
                     done = asyncio.gather(*tasks, return_exceptions=True)
@@ -545,6 +566,20 @@ class _Session:
         log.info("%s: disk %d (%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  disk.disk_id, disk.target, target, done.duration, virtual, actual)
         return DiskImage(disk.disk_id, disk.target, target, virtual, actual)
+
+    async def convert_rbd(self, source: RbdSource, snapshot: str | None) -> DiskImage:
+        """``qemu-img convert`` of an RBD disk (its snapshot, or the image of a VM that is off) into the staging
+        dir, straight from the cluster."""
+        target = plan.staging_file(self.staging, source.disk_id)
+        await self.note(Step.STAGING, path=target)
+        argv = rbdplan.convert_argv(source, snapshot, target, rate_limit=self.options.rate_limit)
+        done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
+                                     started=self.convert_started)
+        virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
+        log.info("%s: RBD disk %d (%s, %s%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
+                 source.disk_id, source.target, source.spec, f"@{snapshot}" if snapshot else "", target, done.duration,
+                 virtual, actual)
+        return DiskImage(source.disk_id, source.target, target, virtual, actual)
 
     async def watch_progress(self) -> None:
         """Report the staged files' allocated sizes every ``progress_interval`` until cancelled; a failed
@@ -576,6 +611,9 @@ class _Session:
         await self.attempt("thaw the guest", self.thaw_if_frozen())
         for target, overlay in list(self.artifacts.overlays.items()):
             await self.attempt(f"commit {target} back from {overlay}", self.drop_overlay(target, overlay))
+        for target, fields in list(self.artifacts.rbd_snapshots.items()):
+            await self.attempt(f"remove RBD snapshot {fields.get('pool')}/{fields.get('image')}@"
+                               f"{fields.get('snapshot')} of {target}", self.drop_rbd_snapshot(target, fields))
         if discard or self.problems:
             await self.discard()
 
@@ -589,6 +627,14 @@ class _Session:
         checkpoint = self.artifacts.checkpoint
         if checkpoint is not None:
             await self.attempt(f"delete checkpoint {checkpoint}", self.drop_checkpoint(checkpoint))
+
+    async def drop_rbd_snapshot(self, target: str, fields: Mapping[str, Any]) -> None:
+        """The run's snapshot of an RBD disk removed (a snapshot already gone is fine)."""
+        source, snapshot = rbdplan.source_from_fields(fields), str(fields["snapshot"])
+        if snapshot in rbdplan.parse_snapshots(await self.command(rbdplan.snap_list_argv(source))):
+            await self.command(rbdplan.snap_remove_argv(source, snapshot))
+            self.report.removed.append(f"{source.spec}@{snapshot}")
+        del self.artifacts.rbd_snapshots[target]
 
     async def drop_next(self, target: str, overlay: str) -> None:
         parsed = plan.parse_snapshot_overlay(overlay)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from drivers.tm.plan import CONVERT_COROUTINES, check_run_id
 from drivers.vmm.domainxml import Disk
@@ -199,3 +200,22 @@ def convert_argv(source: RbdSource, snapshot: str | None, target: str, *, rate_l
     if rate_limit:
         argv += ["-r", str(rate_limit)]
     return [*argv, qemu_rbd_name(source, snapshot, timeouts), target]
+
+
+# ------------------------------------------------------------------------------------------------ journal
+
+
+def source_fields(source: RbdSource) -> dict[str, Any]:
+    """What a journal step keeps of a source (plain JSON), enough to remove its snapshot after a crash."""
+    a = source.access
+    return {"disk_id": source.disk_id, "target": source.target, "pool": source.pool, "image": source.image,
+            "user": a.user, "key_file": a.key_file, "conf": a.conf, "mon_hosts": list(a.mon_hosts)}
+
+
+def source_from_fields(fields: Mapping[str, Any]) -> RbdSource:
+    """The source a journal step names, checked again as when it was captured (ValidationError otherwise)."""
+    access = RbdAccess(str(fields.get("user") or ""), str(fields.get("key_file") or ""), str(fields.get("conf") or ""),
+                       tuple(str(h) for h in fields.get("mon_hosts") or ()))
+    return RbdSource(int(fields.get("disk_id", -1)), str(fields.get("target", "")),
+                     check_name(str(fields.get("pool", "")), "RBD pool"), check_image(str(fields.get("image", ""))),
+                     check_access(access))

@@ -18,6 +18,8 @@ from drivers.datastore import (
     UploadResult,
     hypervisor_tools,
 )
+from drivers.tm import rbdplan
+from drivers.tm.rbdplan import RbdAccess, RbdSource
 from drivers.vmm.domainxml import Disk
 from scheduler.backup.urls import url_vectors
 from scheduler.errors import ActionError, ValidationError
@@ -87,18 +89,37 @@ def check_space(capacity: Capacity, needed_mb: int) -> None:
         raise ActionError("Not enough free space on target datastore")
 
 
-def disk_sources(vm: Vm, disks: Sequence[Vector], current: Sequence[Disk]) -> list[tm.DiskSource]:
-    """The files the domain runs each selected disk on now (matched by TARGET)."""
+def disk_sources(vm: Vm, disks: Sequence[Vector], current: Sequence[Disk],
+                 host: Any = None) -> tuple[list[tm.DiskSource], list[RbdSource]]:
+    """What the domain runs each selected disk on now (matched by TARGET): a file, or an RBD image reached
+    as the disk's CEPH_USER / CEPH_KEY / CEPH_CONF / CEPH_HOST say (else the host's, else libvirt's)."""
     by_target = {d.target: d for d in current}
-    sources = []
+    files, rbd = [], []
     for disk in disks:
         target = disk.get("TARGET") or ""
         now = by_target.get(target)
+        disk_id = int(disk["DISK_ID"])
+        if now is not None and now.type == "network" and now.protocol == "rbd":
+            try:
+                rbd.append(rbdplan.rbd_source(now, disk_id, ceph_access(disk, host)))
+            except ValidationError as exc:
+                raise ActionError(f"VM {vm.id}: disk {disk_id} ({target}): {exc}") from exc
+            continue
         if now is None or now.type != "file" or not now.path:
-            raise ActionError(f"VM {vm.id}: disk {disk.get('DISK_ID')} ({target or 'no TARGET'}) is not a file disk "
-                              "of the domain; only file disks (qcow2, raw) are backed up by this version")
-        sources.append(tm.DiskSource(int(disk["DISK_ID"]), target, now.path, now.format or "raw"))
-    return sources
+            raise ActionError(f"VM {vm.id}: disk {disk_id} ({target or 'no TARGET'}) is not a file or RBD disk "
+                              "of the domain; only file disks (qcow2, raw) and Ceph RBD disks are backed up")
+        files.append(tm.DiskSource(disk_id, target, now.path, now.format or "raw"))
+    return files, rbd
+
+
+def ceph_access(disk: Vector, host: Any = None) -> RbdAccess:
+    """How the hypervisor reaches a disk's cluster: the DISK's CEPH_* attributes, else the host's."""
+    def value(key: str) -> str:
+        own = (disk.get(key) or "").strip()
+        return own or ((host.template.get(key) or "").strip() if host is not None else "")
+
+    hosts = tuple(value("CEPH_HOST").replace(",", " ").split())
+    return RbdAccess(value("CEPH_USER"), value("CEPH_KEY"), value("CEPH_CONF"), hosts)
 
 
 def image_name(vm_id: int, when: float, tz: ZoneInfo) -> str:

@@ -34,6 +34,7 @@ from drivers.datastore.base import first_error
 from drivers.datastore.layout import DOMAIN_XML, VM_XML
 from drivers.datastore.limits import io_limits
 from drivers.tm.qcow2 import CaptureOptions
+from drivers.tm.rbdplan import RbdSource
 from scheduler.actions.base import RunContext
 from scheduler.backup.chain import Link, add_link, new_chain, next_link, start_chain
 from scheduler.backup.checks import (
@@ -286,11 +287,11 @@ async def _backup(run: _Backup) -> Image:
 
     try:
         try:
-            sources = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref))
+            sources, rbd = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref), where.host)
             run.phase(CAPTURE)
 
             async def capture_and_upload() -> tuple[tm.CaptureResult, str, UploadResult]:
-                async with tm.capture(where.kvm, run.runner, _request(run, sources), run) as captured:
+                async with tm.capture(where.kvm, run.runner, _request(run, sources, rbd), run) as captured:
                     return captured, *await upload(captured)  # overlays committed meanwhile
 
             try:
@@ -309,7 +310,7 @@ async def _backup(run: _Backup) -> Image:
         raise
 
 
-def _request(run: _Backup, sources: list[tm.DiskSource]) -> tm.CaptureRequest:
+def _request(run: _Backup, sources: list[tm.DiskSource], rbd: list[RbdSource]) -> tm.CaptureRequest:
     """What the transfer driver captures: a full copy, or the run's link of the chain."""
     limits = io_limits(run.datastore)  # the convert on the hypervisor is held to the datastore's limits too
     increment = None
@@ -320,7 +321,8 @@ def _request(run: _Backup, sources: list[tm.DiskSource]) -> tm.CaptureRequest:
     return tm.CaptureRequest(run.where.ref, sources, tm.fs_freeze(backups.fs_freeze(config)),
                              run.ctx.run_id, run.staging, nice=limits.nice, ionice=limits.ionice,
                              options=CaptureOptions(rate_limit=limits.rate),
-                             progress=run.ctx.sink.progress is not None, increment=increment, vm_id=run.vm_id)
+                             progress=run.ctx.sink.progress is not None, increment=increment, vm_id=run.vm_id,
+                             rbd_disks=rbd)
 
 
 async def _together(*steps: Awaitable[Any]) -> list[Any]:
