@@ -30,7 +30,7 @@ from scheduler.model.objects.datastore import Datastore
 from scheduler.model.template import Template
 
 __all__ = [
-    "DRIVERS", "BackupDatastore", "Capacity", "FetchRequest", "FlattenRequest", "check_backup_template", "check_ports", "server_attributes", "UploadRequest", "UploadResult", "driver_of",
+    "DRIVERS", "BackupDatastore", "shared_upload_connection", "Capacity", "FetchRequest", "FlattenRequest", "check_backup_template", "check_ports", "server_attributes", "UploadRequest", "UploadResult", "driver_of",
     "all_hypervisor_tools", "hypervisor_tools", "open_datastore", "remove_leftovers", "run_label", "server_of", "url_path",
 ]  # fmt: skip
 
@@ -46,6 +46,8 @@ class DriverClass(Protocol):
     def PORT_ATTRIBUTES(self) -> tuple[str, ...]: ...
     @property
     def SERVER_ATTRIBUTES(self) -> tuple[str, ...]: ...
+    @property
+    def SHARED_UPLOAD_CONNECTION(self) -> bool: ...
 
     def connect(self, datastore: Datastore, pool: RunnerFactory, **settings: float) -> BackupDatastore: ...
 
@@ -98,6 +100,11 @@ def open_datastore(datastore: Datastore, pool: RunnerFactory, **settings: float)
 def hypervisor_tools(datastore: Datastore) -> tuple[str, ...]:
     """The commands a backup into ``datastore`` runs on the hypervisor."""
     return driver_of(datastore).HYPERVISOR_TOOLS
+
+
+def shared_upload_connection(datastore: Datastore) -> bool:
+    """Whether uploads into ``datastore`` from one hypervisor may share one ssh connection to its server."""
+    return driver_of(datastore).SHARED_UPLOAD_CONNECTION
 
 
 def all_hypervisor_tools() -> tuple[str, ...]:

@@ -320,6 +320,8 @@ class TreeDatastore:
     REQUIRED_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()  # a new datastore is refused without them
     PORT_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()
     SERVER_ATTRIBUTES: ClassVar[tuple[str, ...]] = ()  # where the backup server is (none: this machine)
+    # uploads from one hypervisor to the server may share one ssh connection (scheduler/backup/transport.py)
+    SHARED_UPLOAD_CONNECTION: ClassVar[bool] = False
 
     @staticmethod
     def url_path(datastore: Datastore, vm_id: int, backup_id: str, name: str) -> str:

@@ -355,6 +355,8 @@ class ResticDatastore:
     """Backups as restic snapshots, one repository per VM under BASE_PATH on the SFTP server."""
 
     HYPERVISOR_TOOLS = ("qemu-img", "restic")
+    # no: restic behind a shared connection dies with a daemon that dies, leaving recovery nothing to find
+    SHARED_UPLOAD_CONNECTION = False
     REQUIRED_ATTRIBUTES = ("RESTIC_PASSWORD",)  # as OpenNebula's DS_MAD_CONF
     PORT_ATTRIBUTES = ("RESTIC_SFTP_PORT",)
     SERVER_ATTRIBUTES = ("RESTIC_SFTP_SERVER", "RESTIC_SFTP_PORT", "RESTIC_SFTP_USER")

@@ -129,6 +129,7 @@ class RsyncDatastore(TreeDatastore):
     """Backups as directories on RSYNC_HOST; uploads sent from the hypervisor by rsync over ssh."""
 
     HYPERVISOR_TOOLS = ("qemu-img", "rsync")
+    SHARED_UPLOAD_CONNECTION = True
     REQUIRED_ATTRIBUTES = ("RSYNC_HOST", "RSYNC_USER")  # as OpenNebula's DS_MAD_CONF
     PORT_ATTRIBUTES = ("RSYNC_PORT",)
     SERVER_ATTRIBUTES = ("RSYNC_HOST", "RSYNC_PORT", "RSYNC_USER")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-from drivers.commands import Runner, shielded
+from drivers.commands import CommandFailed, Result, Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
 from drivers.tm import dirty, plan, rbdplan, snapshots
 from drivers.tm.chaincheck import ChainCheck, DiskBitmaps, Increment
@@ -300,7 +300,8 @@ class _Session:
                 await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
             for source in self.rbd:  # the guest is quiesced for these too: one consistent point for every disk
                 await self.note(Step.RBD_SNAPSHOT, snapshot=snapshot, **rbdplan.source_fields(source))
-                await self.command(rbdplan.snap_create_argv(source, snapshot))
+                await self.rbd_command(source, "snapshot", rbdplan.snap_create_argv(source, snapshot),
+                                       self.options.command_timeout)
             self.sink.reached("snapshot")
         finally:
             await shielded(self.unquiesce())
@@ -573,13 +574,28 @@ class _Session:
         target = plan.staging_file(self.staging, source.disk_id)
         await self.note(Step.STAGING, path=target)
         argv = rbdplan.convert_argv(source, snapshot, target, rate_limit=self.options.rate_limit)
-        done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
-                                     started=self.convert_started)
+        done = await self.rbd_command(source, "copy (qemu-img convert)", argv, self.options.convert_timeout,
+                                      heavy=True)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: RBD disk %d (%s, %s%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  source.disk_id, source.target, source.spec, f"@{snapshot}" if snapshot else "", target, done.duration,
                  virtual, actual)
         return DiskImage(source.disk_id, source.target, target, virtual, actual)
+
+    async def rbd_command(self, source: RbdSource, what: str, argv: list[str], timeout: float, *,  # noqa: ASYNC109
+                          heavy: bool = False) -> Result:
+        """A command on an RBD disk; its failure names the disk, the pool and the image (a client timeout, the
+        cluster out of reach, is worth a retry)."""
+        try:
+            return await self.runner.run(argv, timeout=timeout, nice=self.nice if heavy else None,
+                                         ionice=self.ionice if heavy else None,
+                                         started=self.convert_started if heavy else None)
+        except CommandFailed as exc:
+            timed_out = exc.exit_status == rbdplan.TIMED_OUT or "timed out" in exc.stderr_tail.lower()
+            raise CaptureError(f"{self.where}: RBD disk {source.disk_id} ({source.target}, pool {source.pool}, image "
+                               f"{source.image}): {what} failed{' (the cluster did not answer in time)' if timed_out else ''}"
+                               f": {exc.stderr_tail or exc}", host=self.kvm.name,
+                               retryable=timed_out or bool(exc.retryable)) from exc
 
     async def watch_progress(self) -> None:
         """Report the staged files' allocated sizes every ``progress_interval`` until cancelled; a failed

@@ -10,6 +10,7 @@ from typing import Any
 from drivers import hostkeys
 from drivers.datastore import (
     server_of,
+    shared_upload_connection,
 )
 from scheduler.errors import ActionError
 from scheduler.hosts.links import HostLinks, is_local
@@ -106,5 +107,6 @@ async def upload_ssh(links: HostLinks, host: Any, runner: Any, datastore: Datast
                                       timeout=COMMAND_TIMEOUT, input=lines.encode())
             known, shared = (result.stdout.decode().splitlines() + ["", ""])[:2]
     key = host.template.get("BACKUP_SSH_KEY")
-    share = share and datastore.ds_mad == "rsync" and (host.template.get("BACKUP_SSH_SHARE") or "YES").strip().upper() != "NO"
+    share = (share and shared_upload_connection(datastore)
+             and (host.template.get("BACKUP_SSH_SHARE") or "YES").strip().upper() != "NO")
     return ssh_command(key or settings.key, known, only_key=bool(key), share_dir=shared if share else "")
