@@ -166,3 +166,26 @@ def test_kill_9_with_an_rbd_snapshot_taken_then_restart(env: Env, point: str, ce
     finally:
         assert second.stop() == 0, second.log()[-3000:]
     assert "Traceback" not in second.log()
+
+
+def test_a_wrong_key_fails_the_backup_naming_the_disk_and_pool_and_leaves_nothing(
+        setup: Setup, ceph: CephCluster, rbd_domain: RbdDomain, tmp_path: Path) -> None:  # noqa: F811
+    s, d = setup, rbd_domain
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(base64.b64encode(b"0123456789abcdef").decode())  # a key cephx will not accept
+    vm_id = s.api.import_one("host1", d.name)
+    s.api.call("one.vm.updateconf", vm_id, 'BACKUP_CONFIG = [ FS_FREEZE = "SUSPEND" ]', 1)
+    s.api.call("one.host.update", s.api.hosts["host1"], f'CEPH_CONF = "{ceph.conf}"\nCEPH_KEY = "{wrong}"', 1)
+    try:
+        images = s.image_ids()
+        status = backup(s.api, vm_id, s.rsync_ds)
+        assert status["STATE"] != "done", status
+        message = str(status["MESSAGE"])
+        assert f"RBD disk 2 (vdc, pool {ceph.pool}, image {d.image}): snapshot failed" in message, message
+    finally:
+        s.api.call("one.host.update", s.api.hosts["host1"], 'CEPH_KEY = ""', 1)
+    assert snapshots(ceph, d.image) == []  # nothing was snapshotted, nothing is left
+    assert s.image_ids() == images and not list(s.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID"))
+    assert d.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # resumed after the failed snapshot
+    sources = [src.get("file") for src in etree.fromstring(d.dom.XMLDesc()).iterfind("devices/disk/source")]
+    assert sources[0] == str(d.vda)  # the file disk's overlay of that window was committed back
