@@ -189,3 +189,27 @@ def test_a_wrong_key_fails_the_backup_naming_the_disk_and_pool_and_leaves_nothin
     assert d.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # resumed after the failed snapshot
     sources = [src.get("file") for src in etree.fromstring(d.dom.XMLDesc()).iterfind("devices/disk/source")]
     assert sources[0] == str(d.vda)  # the file disk's overlay of that window was committed back
+
+
+@pytest.mark.parametrize("kind", ["fs", "restic"])
+def test_the_rbd_disk_of_a_mixed_vm_backs_up_into_fs_and_restic_too(
+        setup: Setup, kind: str, ceph: CephCluster, rbd_domain: RbdDomain, tmp_path: Path) -> None:  # noqa: F811
+    s, d = setup, rbd_domain
+    if kind == "fs":
+        ds_id = s.fs_ds
+    else:
+        backup_server = s.realenv.backup
+        ds_id = s.datastore(f'NAME = "rbdrestic-{uuid.uuid4().hex[:6]}"\nTYPE = "BACKUP_DS"\nDS_MAD = "restic"\n'
+                            f'BASE_PATH = "{s.rsync_base / f"restic-{uuid.uuid4().hex[:8]}"}"\n'  # removed with it
+                            f'RESTIC_SFTP_SERVER = "{backup_server.address}"\nRESTIC_SFTP_USER = "{backup_server.user}"\n'
+                            f'RESTIC_SFTP_PORT = "{backup_server.ssh_port}"\nRESTIC_PASSWORD = "rbd-test-pass"')
+    s.api.call("one.host.update", s.api.hosts["host1"], f'CEPH_CONF = "{ceph.conf}"', 1)
+    vm_id = s.api.import_one("host1", d.name)
+    guest_write(d.dom, "vdc", 0x73 if kind == "fs" else 0x74, "3M", "2M")
+    before = tmp_path / "vdc.before"
+    ceph.run("rbd", "export", "--no-progress", f"{ceph.pool}/{d.image}", str(before))
+    status = backup(s.api, vm_id, ds_id)
+    assert status["STATE"] == "done", (status, s.api.daemon.log()[-3000:])
+    assert snapshots(ceph, d.image) == []
+    latest = max(int(i.text or "") for i in s.api.vm(vm_id).iterfind("BACKUPS/BACKUP_IDS/ID"))
+    assert same_image(restored_disk(s, latest, 2, f"rbd-{kind}"), before)
