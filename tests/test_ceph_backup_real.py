@@ -14,11 +14,9 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
-import libvirt_qemu
 import pytest
 from lxml import etree
 
@@ -26,8 +24,8 @@ from drivers.tm import rbdplan
 from drivers.tm.rbdplan import RbdAccess, RbdSource
 from tests.conftest import start_daemon
 from tests.realenv import ceph as ceph_env
-from tests.realenv.ceph import CephCluster
-from tests.realenv.domains import Hypervisor, domain_xml, hmp_qemu_io, make_disks, new_name
+from tests.realenv.ceph import CephCluster, RbdDomain, guest_write
+from tests.realenv.domains import Hypervisor
 from tests.test_backup_crash_real import Env, env, register, wait_done  # noqa: F401 - env is a fixture
 from tests.test_backup_faults_real import backup
 from tests.test_backup_real import Setup, same_image, setup  # noqa: F401 - setup is a fixture
@@ -37,46 +35,11 @@ from tests.test_increments_real import wait_state
 pytestmark = pytest.mark.realenv
 
 
-@dataclass
-class RbdDomain:
-    dom: libvirt.virDomain
-    image: str
-    vda: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.dom.name())
-
-
 @pytest.fixture
 def rbd_domain(ceph: CephCluster, hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> Iterator[RbdDomain]:
-    """A running TCG domain on host1: qcow2 vda, raw vdb, and vdc on a new 32 MiB RBD image."""
-    host1 = hypervisors("host1")
-    image, secret_uuid, name = f"t-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), new_name()
-    ceph.run("rbd", "create", "--size", "32M", f"{ceph.pool}/{image}")
-    secret = host1.conn.secretDefineXML(ceph_env.secret_xml(secret_uuid, f"client.{ceph.client} {name}"))
-    secret.setValue(base64.b64decode(ceph.client_key))
-    vda, vdb, _ = make_disks(tmp_path / "d", vdb_format="qcow2")
-    xml = domain_xml(name, vda, vdb, vdb_format="qcow2").replace(
-        "    <controller", "    " + ceph_env.rbd_disk_xml(ceph, image, "vdc", secret_uuid) + "\n    <controller", 1)
-    dom = host1.conn.defineXML(xml)
-    try:
-        dom.create()
-        yield RbdDomain(dom, image, vda)
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
-        secret.undefine()
-        ceph.run("rbd", "snap", "purge", "--no-progress", f"{ceph.pool}/{image}", check=False)
-        ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/{image}", check=False)
-
-
-def guest_write(dom: libvirt.virDomain, disk: str, pattern: int, offset: str, length: str) -> None:
-    for command in (f"write -P {pattern:#x} {offset} {length}", "flush"):
-        out = libvirt_qemu.qemuMonitorCommand(dom, hmp_qemu_io(disk, command),
-                                              libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        assert "error" not in out.lower(), out
+    """A running TCG domain on host1: qcow2 vda and vdb, and vdc on a new 32 MiB RBD image."""
+    with ceph_env.rbd_domain(ceph, hypervisors("host1"), tmp_path / "d") as domain:
+        yield domain
 
 
 def snapshots(ceph: CephCluster, image: str) -> list[str]:

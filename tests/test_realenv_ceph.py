@@ -4,19 +4,17 @@ ceph secret (QEMU's librbd in the host's namespace)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import libvirt_qemu
 import pytest
 
 from tests.realenv import ceph as ceph_env
 from tests.realenv import procs
 from tests.realenv.ceph import CephCluster
-from tests.realenv.domains import Hypervisor, domain_xml, hmp_qemu_io, make_disks, new_name
+from tests.realenv.domains import Hypervisor
 
 MiB = 1 << 20
 
@@ -72,30 +70,9 @@ def test_down_stops_exactly_its_daemons_by_pid_and_up_makes_a_new_cluster(ceph: 
 @pytest.mark.realenv
 def test_a_domain_runs_on_an_rbd_disk_through_libvirts_ceph_secret(
         ceph: CephCluster, hypervisors: Callable[[str], Hypervisor], tmp_path: Path) -> None:
-    host1 = hypervisors("host1")
-    image, secret_uuid, name = f"t-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), new_name()
-    ceph.run("rbd", "create", "--size", "32M", f"{ceph.pool}/{image}")
-    secret = host1.conn.secretDefineXML(ceph_env.secret_xml(secret_uuid, f"client.{ceph.client} {name}"))
-    dom = None
-    try:
-        secret.setValue(base64.b64decode(ceph.client_key))  # the key's bytes (virsh secret-set-value --base64 KEY)
-        vda, vdb, _ = make_disks(tmp_path / "d")
-        xml = domain_xml(name, vda, vdb).replace(
-            "    <controller", "    " + ceph_env.rbd_disk_xml(ceph, image, "vdc", secret_uuid) + "\n    <controller", 1)
-        dom = host1.conn.defineXML(xml)
-        dom.create()
-        for command in ("write -P 0x5c 1M 1M", "flush"):  # as the guest would write to its vdc
-            out = libvirt_qemu.qemuMonitorCommand(dom, hmp_qemu_io("vdc", command),
-                                                  libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-            assert "error" not in out.lower(), out
+    with ceph_env.rbd_domain(ceph, hypervisors("host1"), tmp_path / "d") as d:
+        ceph_env.guest_write(d.dom, "vdc", 0x5C, "1M", "1M")  # as the guest would write to its vdc
         exported = tmp_path / "exp.raw"
-        ceph.run("rbd", "export", "--no-progress", f"{ceph.pool}/{image}", str(exported))
+        ceph.run("rbd", "export", "--no-progress", f"{ceph.pool}/{d.image}", str(exported))
         data = exported.read_bytes()
         assert data[MiB:2 * MiB] == b"\x5c" * MiB and data[:MiB] == bytes(MiB)  # the guest's write, in the cluster
-    finally:
-        if dom is not None:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        secret.undefine()
-        ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/{image}", check=False)

@@ -26,6 +26,7 @@ FORMATS = ("qcow2", "raw")
 CONVERT_COROUTINES = 4  # qemu-img convert -m: parallel requests per disk, as OpenNebula's backup tool
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _STAGING_FILE = re.compile(r"disk\.\d+\.\d+\Z")
+RBD_SNAPSHOT_PREFIX = "vmsched-"
 _SNAPSHOT_OVERLAY = re.compile(r"(?P<base>/.+)\.vmsched-snap\.(?P<vm>\d+)\.(?P<n>\d+)\Z")
 
 
@@ -93,6 +94,11 @@ def staging_dir(base: str, vm_id: int, run_id: int | str) -> str:
 
 def staging_file(directory: str, disk_id: int, increment: int = 0) -> str:
     return str(PurePosixPath(directory) / f"disk.{disk_id}.{increment}")
+
+
+def rbd_snapshot_name(run_id: int | str) -> str:
+    """The snapshot a run takes of each RBD disk: ``vmsched-<run>`` (see drivers/tm/rbdplan.py)."""
+    return f"{RBD_SNAPSHOT_PREFIX}{check_run_id(run_id)}"
 
 
 def snapshot_overlay_path(base: str, vm_id: int, number: int) -> str:
@@ -256,7 +262,7 @@ class Artifacts:
             self.committed.add(target)
         elif name == Step.RBD_SNAPSHOT:
             snapshot = str(entry.get("snapshot", ""))
-            if self._ours(snapshot, snapshot == f"vmsched-{self.run}"):
+            if self._ours(snapshot, snapshot == rbd_snapshot_name(self.run)):
                 self.rbd_snapshots[target] = dict(entry)
         elif name == Step.CHECKPOINT:
             checkpoint = str(entry.get("checkpoint", ""))

@@ -138,9 +138,10 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
     if increment is not None and session.rbd:
         raise CaptureError(f"{session.where}: RBD disks ({', '.join(d.target for d in session.rbd)}) are backed up "
                            "in full only by this version: use MODE=FULL for this VM", host=kvm.name)
-    if request.vm_id is not None:
-        disks = await session.arrange(disks, request.vm_id, increment)
     current = await kvm.disks(request.domain)
+    if request.vm_id is not None and snapshots.needs_arranging(current, request.vm_id, increment):
+        disks = await session.arrange(disks, request.vm_id, increment)
+        current = await kvm.disks(request.domain)
     try:
         plan.check_sources(disks, current)
     except ValidationError as exc:
@@ -177,18 +178,20 @@ async def settle_snapshots(kvm: KvmHost, runner: Runner, domain: str, vm_id: int
                            number: int, options: CaptureOptions = CaptureOptions()) -> None:
     """After SNAPSHOT-mode increment ``number - 1`` is recorded: each disk in ``targets`` runs on ``[overlay
     number, disk]``, the recorded increment's overlay committed into the disk."""
-    where = f"{kvm.name}: domain {domain!r}"
-    await snapshots.Layers(kvm, runner, domain, vm_id, where, command_timeout=options.command_timeout,
-                           commit_deadline=options.commit_deadline).normalize(targets, number)
+    await _layers(kvm, runner, domain, vm_id, f"{kvm.name}: domain {domain!r}", options).normalize(targets, number)
 
 
 async def fold_snapshots(kvm: KvmHost, runner: Runner, domain: str, vm_id: int,
                          options: CaptureOptions = CaptureOptions()) -> list[str]:
     """Every disk of the domain that runs on SNAPSHOT-mode overlays of VM ``vm_id`` runs on its own file again
     (the overlays committed into it and removed); the targets that did."""
-    where = f"{kvm.name}: domain {domain!r}"
-    return await snapshots.Layers(kvm, runner, domain, vm_id, where, command_timeout=options.command_timeout,
-                                  commit_deadline=options.commit_deadline).fold()
+    return await _layers(kvm, runner, domain, vm_id, f"{kvm.name}: domain {domain!r}", options).fold()
+
+
+def _layers(kvm: KvmHost, runner: Runner, domain: str, vm_id: int, where: str,
+            options: CaptureOptions) -> snapshots.Layers:
+    return snapshots.Layers(kvm, runner, domain, vm_id, where, command_timeout=options.command_timeout,
+                            commit_deadline=options.commit_deadline)
 
 
 async def recover(kvm: KvmHost, runner: Runner, domain: str, steps: Sequence[dict[str, Any]], *,
@@ -230,9 +233,7 @@ class _Session:
         await self.sink.journal(entry)
 
     def layers(self, vm_id: int) -> snapshots.Layers:
-        return snapshots.Layers(self.kvm, self.runner, self.domain, vm_id, self.where,
-                                command_timeout=self.options.command_timeout,
-                                commit_deadline=self.options.commit_deadline)
+        return _layers(self.kvm, self.runner, self.domain, vm_id, self.where, self.options)
 
     async def convert_started(self, pgid: int) -> None:
         await self.sink.process_started("source", pgid)
@@ -318,7 +319,8 @@ class _Session:
         is gone), any other capture's on the disk files themselves (the VM's overlays committed); the disks to
         capture, with the files they run on now."""
         layers = self.layers(vm_id)
-        if increment is not None and increment.snapshot and increment.increment_id > 0:
+        if snapshots.continues_overlays(increment):
+            assert increment is not None
             await self.check_sizes(increment, disks)
             await layers.normalize([d.target for d in disks], increment.increment_id)
         elif not await layers.fold():

@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.tm.plan import CONVERT_COROUTINES, check_run_id
+from drivers.tm.plan import CONVERT_COROUTINES, RBD_SNAPSHOT_PREFIX, rbd_snapshot_name
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
-SNAPSHOT_PREFIX = "vmsched-"
+SNAPSHOT_PREFIX = RBD_SNAPSHOT_PREFIX
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
 _SNAPSHOT = re.compile(rf"{SNAPSHOT_PREFIX}([A-Za-z0-9][A-Za-z0-9_-]{{0,63}})\Z")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
@@ -101,9 +101,7 @@ def check_access(access: RbdAccess) -> RbdAccess:
     return access
 
 
-def snapshot_name(run_id: int | str) -> str:
-    """The snapshot a run takes of each RBD disk: ``vmsched-<run>``."""
-    return f"{SNAPSHOT_PREFIX}{check_run_id(run_id)}"
+snapshot_name = rbd_snapshot_name  # ``vmsched-<run>``
 
 
 def snapshot_run(name: str) -> str | None:

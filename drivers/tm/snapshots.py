@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from drivers.commands import Runner
 from drivers.tm import plan
+from drivers.tm.chaincheck import Increment
 from drivers.tm.errors import CaptureError, ChainBroken
 from drivers.vmm.domainxml import Disk
 from drivers.vmm.kvm import KvmHost
@@ -34,9 +35,16 @@ from drivers.vmm.states import DomainState
 
 log = logging.getLogger(__name__)
 
-overlay_path = plan.snapshot_overlay_path
-parse_overlay = plan.parse_snapshot_overlay
-is_overlay = plan.is_snapshot_overlay
+def continues_overlays(increment: Increment | None) -> bool:
+    """A SNAPSHOT-mode increment after the base: its disks must run on the chain's overlay."""
+    return increment is not None and increment.snapshot and increment.increment_id > 0
+
+
+def needs_arranging(current: Sequence[Disk], vm_id: int, increment: Increment | None) -> bool:
+    """Whether a capture must first bring the VM's overlays in line (pure, from the domain's disks): a SNAPSHOT
+    increment always, any other capture only when a disk runs on one of this VM's overlays."""
+    return continues_overlays(increment) or any(
+        (parsed := plan.parse_snapshot_overlay(d.path or "")) is not None and parsed[1] == vm_id for d in current)
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ def layering(target: str, chain: Sequence[str], vm_id: int) -> Layering:
     overlays: list[tuple[str, int]] = []
     base: str | None = None
     for index, path in enumerate(chain):
-        parsed = parse_overlay(path)
+        parsed = plan.parse_snapshot_overlay(path)
         if parsed is None or parsed[1] != vm_id or base not in (None, parsed[0]):
             return Layering(target, tuple(overlays), path)
         base = parsed[0]
@@ -85,11 +93,14 @@ class Layers:
 
     async def of(self, disk: Disk) -> Layering:
         assert disk.path
-        if not is_overlay(disk.path):  # the usual case: no command at all
+        if not plan.is_snapshot_overlay(disk.path):  # the usual case: no command at all
             return Layering(disk.target, (), disk.path)
-        chain = plan.chain_files(await self.command(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
-                                                     disk.path]))
-        return layering(disk.target, chain, self.vm_id)
+        return layering(disk.target, await self.chain(disk.path), self.vm_id)
+
+    async def chain(self, path: str) -> list[str]:
+        """The files a disk running on ``path`` reads, top first."""
+        return plan.chain_files(await self.command(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                                                    path]))
 
     async def off(self) -> bool:
         state = await self.kvm.state(self.domain)
@@ -182,8 +193,7 @@ class Layers:
         committed into the file below and the domain runs on that; a file nothing runs on is removed. False
         (kept) when it is not the disk's top layer any more (a snapshot was taken on top of it)."""
         disk = next((d for d in await self.file_disks() if d.target == target), None)
-        chain = [] if disk is None else plan.chain_files(await self.command(
-            ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(disk.path)]))
+        chain = [] if disk is None or not disk.path else await self.chain(disk.path)
         if chain[:1] == [path]:
             if len(chain) < 2:
                 raise CaptureError(f"{self.where}: overlay {path} of {target} has no backing file; kept",
@@ -201,12 +211,12 @@ class Layers:
         return True
 
     async def remove(self, paths: Sequence[str]) -> None:
-        doomed = [path for path in paths if parse_overlay(path) is not None]
+        doomed = [path for path in paths if plan.is_snapshot_overlay(path)]
         if doomed:
             await self.command(["rm", "-f", "--", *doomed])
 
 
 def base_of(path: str) -> str:
     """The disk file an overlay belongs to; a disk file is its own base."""
-    parsed = parse_overlay(path)
+    parsed = plan.parse_snapshot_overlay(path)
     return path if parsed is None else parsed[0]

@@ -316,8 +316,7 @@ def _request(run: _Backup, sources: list[tm.DiskSource], rbd: list[RbdSource]) -
     increment = None
     config = run.where.vm.backup_config
     if run.link is not None:
-        increment = tm.Increment(run.vm_id, run.link.increment_id, run.link.sizes,
-                                 snapshot=backups.increment_mode(config) == "SNAPSHOT")
+        increment = tm.Increment(run.vm_id, run.link.increment_id, run.link.sizes, snapshot=run.snapshot)
     return tm.CaptureRequest(run.where.ref, sources, tm.fs_freeze(backups.fs_freeze(config)),
                              run.ctx.run_id, run.staging, nice=limits.nice, ionice=limits.ionice,
                              options=CaptureOptions(rate_limit=limits.rate),

@@ -15,6 +15,7 @@ for 300 s when the mon is gone); bluestore rather than memstore, which keeps eve
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -23,11 +24,17 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+import libvirt
+import libvirt_qemu
+
 from tests.realenv import procs, system
+from tests.realenv.domains import Hypervisor, domain_xml, hmp_qemu_io, make_disks, new_name
 from tests.realenv.errors import RealEnvError
 from tests.realenv.model import ProcRef
 
@@ -296,3 +303,51 @@ def rbd_disk_xml(cluster: CephCluster, image: str, target: str, secret_uuid: str
             f"<source protocol='rbd' name={quoteattr(f'{cluster.pool}/{image}')}>"
             f"<host name='{LOOPBACK}' port='{cluster.mon_v1_port}'/></source>"
             f"<target dev={quoteattr(target)} bus='virtio'/></disk>")
+
+
+@dataclass
+class RbdDomain:
+    """A running tiny domain whose ``vdc`` is RBD image ``image`` (qcow2 ``vda`` and ``vdb`` beside it)."""
+
+    dom: libvirt.virDomain
+    image: str
+    vda: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.dom.name())
+
+
+@contextmanager
+def rbd_domain(cluster: CephCluster, hypervisor: Hypervisor, directory: Path) -> Iterator[RbdDomain]:
+    """A running TCG domain on ``hypervisor``: qcow2 vda and vdb in ``directory``, vdc on a new 32 MiB RBD image
+    reached as the hypervisors' user through a libvirt ceph secret; all of it removed afterwards."""
+    image, secret_uuid, name = f"t-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), new_name()
+    cluster.run("rbd", "create", "--size", "32M", f"{cluster.pool}/{image}")
+    secret = hypervisor.conn.secretDefineXML(secret_xml(secret_uuid, f"client.{cluster.client} {name}"))
+    dom = None
+    try:
+        secret.setValue(base64.b64decode(cluster.client_key))  # the key's bytes (secret-set-value --base64 KEY)
+        vda, vdb, _ = make_disks(directory, vdb_format="qcow2")
+        xml = domain_xml(name, vda, vdb, vdb_format="qcow2").replace(
+            "    <controller", "    " + rbd_disk_xml(cluster, image, "vdc", secret_uuid) + "\n    <controller", 1)
+        dom = hypervisor.conn.defineXML(xml)
+        dom.create()
+        yield RbdDomain(dom, image, vda)
+    finally:
+        if dom is not None:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        secret.undefine()
+        cluster.run("rbd", "snap", "purge", "--no-progress", f"{cluster.pool}/{image}", check=False)
+        cluster.run("rbd", "rm", "--no-progress", f"{cluster.pool}/{image}", check=False)
+
+
+def guest_write(dom: libvirt.virDomain, disk: str, pattern: int, offset: str, length: str) -> None:
+    """Write ``pattern`` into the running guest's ``disk`` as the guest would (qemu-io on its backend), then flush."""
+    for command in (f"write -P {pattern:#x} {offset} {length}", "flush"):
+        out = libvirt_qemu.qemuMonitorCommand(dom, hmp_qemu_io(disk, command),
+                                              libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        if "error" in out.lower():
+            raise RealEnvError(f"qemu-io {command!r} on {disk}: {out}")
