@@ -32,6 +32,34 @@ def test_snapshot_names_are_the_runs_and_only_those_are_removed() -> None:
         rbdplan.snapshot_name("1;rm")
 
 
+def test_chain_anchors_are_named_by_vm_and_increment_and_may_be_removed() -> None:
+    from drivers.tm.plan import chain_snapshot_name, parse_chain_snapshot
+    assert chain_snapshot_name(7, 3) == "vmsched-chain-7-3" and parse_chain_snapshot("vmsched-chain-7-3") == (7, 3)
+    assert parse_chain_snapshot("vmsched-42") is None and parse_chain_snapshot("vmsched-chain-7-x") is None
+    assert rbdplan.snap_remove_argv(SOURCE, "vmsched-chain-7-3")[-1] == "one/one-7-0@vmsched-chain-7-3"
+
+
+def test_parse_diff_joins_touching_and_overlapping_extents() -> None:
+    out = ('[{"offset":8192,"length":4096,"exists":"true"},{"offset":0,"length":4096,"exists":"true"},'
+           '{"offset":4096,"length":4096,"exists":"false"},{"offset":10000,"length":100,"exists":"true"},'
+           '{"offset":65536,"length":0,"exists":"true"}]')
+    assert rbdplan.parse_diff(out) == [(0, 12288)]
+    assert rbdplan.parse_diff("[]") == []
+    with pytest.raises(ValidationError, match="rbd diff"):
+        rbdplan.parse_diff('[{"offset": 1}]')
+    assert rbdplan.parse_size('{"size": 33554432, "name": "x"}') == 32 * MiB
+
+
+def test_the_link_cluster_size_stores_the_extents_in_the_fewest_bytes() -> None:
+    scattered = [(k * MiB, 4096) for k in range(64)]  # 4 KiB writes 1 MiB apart: 64 KiB clusters would be 16x
+    assert rbdplan.link_cluster_size(scattered) == 4096
+    assert rbdplan.link_bytes(scattered, 4096) < 1.2 * 64 * 8192 < rbdplan.link_bytes(scattered, 65536)
+    assert rbdplan.link_cluster_size([(0, 16 * MiB)]) == 65536  # large extents keep qemu's default
+    assert rbdplan.link_cluster_size([]) == 65536
+    assert rbdplan.link_create_argv(SOURCE, "vmsched-chain-1-2", "/s/disk.0.2", 32 * MiB, 4096)[:10] == [
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-o", "cluster_size=4096"]
+
+
 def test_rbd_argv_carries_the_access_and_the_client_timeouts() -> None:
     assert rbdplan.snap_create_argv(SOURCE, "vmsched-5", RbdTimeouts(3, 4, 5)) == [
         "rbd", "--id", "libvirt", "--keyfile", "/etc/ceph/k", "--conf", "/etc/ceph/c.conf", "--mon-host", "m1:6789",

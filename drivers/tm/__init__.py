@@ -4,7 +4,8 @@
 or an increment by changed-block tracking); ``qcow2.recover``
 undoes what a capture that died left behind, from its journaled steps. ``plan`` holds their pure parts,
 ``chaincheck`` the check of an increment's chain before it is taken, ``dirty`` the dirty ranges of a
-powered-off disk, ``snapshots`` the overlays an INCREMENT_MODE=SNAPSHOT VM runs on, ``errors`` what they raise.
+powered-off disk, ``rbdplan``/``rbddisks`` the Ceph RBD disks (their snapshots, a chain's anchors, full
+copies and increment links), ``snapshots`` the overlays an INCREMENT_MODE=SNAPSHOT VM runs on, ``errors`` what they raise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from drivers.tm.qcow2 import (
     RecoveryReport,
     capture,
     fold_snapshots,
+    prune_anchors,
     prune_checkpoints,
     recover,
     settle_snapshots,
@@ -27,6 +29,6 @@ from drivers.tm.qcow2 import (
 
 __all__ = [
     "CaptureError", "CaptureOptions", "CaptureRequest", "CaptureResult", "ChainBroken", "DiskImage", "DiskSource", "FsFreeze",
-    "Increment", "RecoveryReport", "Step", "capture", "fold_snapshots", "fs_freeze", "overlay_path", "prune_checkpoints", "recover",
+    "Increment", "RecoveryReport", "Step", "capture", "fold_snapshots", "fs_freeze", "overlay_path", "prune_anchors", "prune_checkpoints", "recover",
     "settle_snapshots", "staging_dir", "staging_file",
 ]

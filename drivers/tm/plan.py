@@ -27,6 +27,7 @@ CONVERT_COROUTINES = 4  # qemu-img convert -m: parallel requests per disk, as Op
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _STAGING_FILE = re.compile(r"disk\.\d+\.\d+\Z")
 RBD_SNAPSHOT_PREFIX = "vmsched-"
+_CHAIN_SNAPSHOT = re.compile(rf"{RBD_SNAPSHOT_PREFIX}chain-([0-9]{{1,10}})-([0-9]{{1,10}})\Z")
 _SNAPSHOT_OVERLAY = re.compile(r"(?P<base>/.+)\.vmsched-snap\.(?P<vm>\d+)\.(?P<n>\d+)\Z")
 
 
@@ -99,6 +100,17 @@ def staging_file(directory: str, disk_id: int, increment: int = 0) -> str:
 def rbd_snapshot_name(run_id: int | str) -> str:
     """The snapshot a run takes of each RBD disk: ``vmsched-<run>`` (see drivers/tm/rbdplan.py)."""
     return f"{RBD_SNAPSHOT_PREFIX}{check_run_id(run_id)}"
+
+
+def chain_snapshot_name(vm_id: int, number: int) -> str:
+    """The RBD snapshot anchoring increment ``number`` of VM ``vm_id``'s chain: ``vmsched-chain-<vm>-<n>``."""
+    return f"{RBD_SNAPSHOT_PREFIX}chain-{int(vm_id)}-{int(number)}"
+
+
+def parse_chain_snapshot(name: str) -> tuple[int, int] | None:
+    """(VM id, increment) of a chain anchor's name; None for any other snapshot."""
+    found = _CHAIN_SNAPSHOT.match(name)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def snapshot_overlay_path(base: str, vm_id: int, number: int) -> str:
@@ -246,7 +258,8 @@ class Artifacts:
     refused: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # the increment's checkpoint, deleted unless the increment is kept
     next_overlays: dict[str, str] = field(default_factory=dict)  # target -> SNAPSHOT overlay, dropped unless kept
-    rbd_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> its journal step
+    # target -> its journal step; a step with ``chain`` names an increment's anchor, kept when the capture is
+    rbd_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def record(self, entry: Mapping[str, Any]) -> None:
         if entry.get("tm") != TM or str(entry.get("run")) != self.run:
@@ -262,7 +275,8 @@ class Artifacts:
             self.committed.add(target)
         elif name == Step.RBD_SNAPSHOT:
             snapshot = str(entry.get("snapshot", ""))
-            if self._ours(snapshot, snapshot == rbd_snapshot_name(self.run)):
+            chain = bool(entry.get("chain")) and parse_chain_snapshot(snapshot) is not None
+            if self._ours(snapshot, chain or snapshot == rbd_snapshot_name(self.run)):
                 self.rbd_snapshots[target] = dict(entry)
         elif name == Step.CHECKPOINT:
             checkpoint = str(entry.get("checkpoint", ""))

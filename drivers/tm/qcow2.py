@@ -18,18 +18,19 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-from drivers.commands import CommandFailed, Result, Runner, shielded
+from drivers.commands import Runner, shielded
 from drivers.sink import NO_SINK, DriverSink
 from drivers.tm import dirty, plan, rbdplan, snapshots
 from drivers.tm.chaincheck import ChainCheck, DiskBitmaps, Increment
 from drivers.tm.errors import CaptureError
 from drivers.tm.plan import Artifacts, DiskSource, FsFreeze, Step
+from drivers.tm.rbddisks import RbdCommands, RbdDisks
 from drivers.tm.rbdplan import RbdSource
 from drivers.vmm.checkpoints import (
     backup_xml,
@@ -135,9 +136,9 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
                            "are backed up", host=kvm.name)
     increment = request.increment
     session.rbd = list(request.rbd_disks)
-    if increment is not None and session.rbd:
-        raise CaptureError(f"{session.where}: RBD disks ({', '.join(d.target for d in session.rbd)}) are backed up "
-                           "in full only by this version: use MODE=FULL for this VM", host=kvm.name)
+    session.rbd_increment = increment if session.rbd else None
+    if session.rbd_increment is not None:
+        await session.rbd_disks.check_chain(session.rbd, session.rbd_increment)
     current = await kvm.disks(request.domain)
     if request.vm_id is not None and snapshots.needs_arranging(current, request.vm_id, increment):
         disks = await session.arrange(disks, request.vm_id, increment)
@@ -148,7 +149,9 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         raise CaptureError(f"{session.where}: {exc}", host=kvm.name) from exc
     paused = state is DomainState.PAUSED
     off = state is DomainState.SHUTOFF
-    if increment is not None and increment.snapshot:
+    if increment is not None and not disks:
+        body = session.rbd_only(request.fs_freeze, paused=paused, off=off)
+    elif increment is not None and increment.snapshot:
         body = session.snapshot_increment(disks, request.fs_freeze, increment, paused=paused, off=off)
     elif request.increment is not None and state is DomainState.SHUTOFF:
         body = session.cold_increment(disks, current, request.increment)
@@ -158,6 +161,8 @@ async def capture(kvm: KvmHost, runner: Runner, request: CaptureRequest,
         body = session.cold(disks)
     else:
         body = session.live(disks, request.fs_freeze, paused=paused)
+    if session.rbd_increment is not None:
+        body = session.with_rbd_links(body, session.rbd_increment)
     async with session.guarded(body) as result:
         yield result
 
@@ -172,6 +177,15 @@ async def prune_checkpoints(kvm: KvmHost, domain: str, vm_id: int, keep_from: in
     for _, name in doomed:
         await kvm.delete_checkpoint(domain, name)
     return [name for _, name in doomed]
+
+
+async def prune_anchors(runner: Runner, host: str, rbd: Sequence[RbdSource], vm_id: int,
+                        number: int | None) -> list[str]:
+    """After increment ``number`` of VM ``vm_id`` is recorded, its RBD disks keep only that increment's snapshot
+    (the next one's anchor); after a full backup (``None``) none of its chain snapshots; the
+    ``pool/image@snapshot`` removed."""
+    keep = None if number is None else plan.chain_snapshot_name(vm_id, number)
+    return await RbdDisks(runner, f"{host}: VM {vm_id}", host).drop_anchors(rbd, vm_id, keep=keep)
 
 
 async def settle_snapshots(kvm: KvmHost, runner: Runner, domain: str, vm_id: int, targets: Sequence[str],
@@ -226,6 +240,10 @@ class _Session:
         self.report = RecoveryReport()
         self.disk_bitmaps = DiskBitmaps(kvm, runner, domain, options.command_timeout)
         self.rbd: list[RbdSource] = []
+        self.rbd_increment: Increment | None = None  # the RBD disks' increment: anchored by chain snapshots
+        self.rbd_disks = RbdDisks(runner, self.where, kvm.name, RbdCommands(
+            options.command_timeout, options.convert_timeout, options.rate_limit, nice, ionice),
+            started=self.convert_started)
 
     async def note(self, name: Step, **fields: Any) -> None:
         entry = plan.step(name, self.artifacts.run, **fields)
@@ -270,6 +288,7 @@ class _Session:
             exc.add_note(f"cleanup: {problem}")
 
     async def cold(self, disks: Sequence[DiskSource]) -> CaptureResult:
+        await self.snap_rbd(live=False)
         await self.command(["mkdir", "-p", "--", self.staging])
         return CaptureResult(await self.convert_all(disks, shared=False, rbd_snapshot=None), live=False)
 
@@ -299,10 +318,7 @@ class _Session:
         try:
             if overlays:
                 await self.kvm.snapshot_disks(self.domain, overlays, name=f"vmsched-{self.artifacts.run}")
-            for source in self.rbd:  # the guest is quiesced for these too: one consistent point for every disk
-                await self.note(Step.RBD_SNAPSHOT, snapshot=snapshot, **rbdplan.source_fields(source))
-                await self.rbd_command(source, "snapshot", rbdplan.snap_create_argv(source, snapshot),
-                                       self.options.command_timeout)
+            await self.snap_rbd(live=True)  # the guest is quiesced for these too: one consistent point for every disk
             self.sink.reached("snapshot")
         finally:
             await shielded(self.unquiesce())
@@ -348,19 +364,9 @@ class _Session:
             result = await self.cold(disks)
             await self.layers(vm_id).add_next({d.target: d.path for d in disks}, nexts, off=True, name="")
             return result
-        if paused or off:
-            mode = FsFreeze.NONE
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        frozen, thawed_first = await self.quiesce(mode)
-        self.sink.reached("quiesced")
-        try:
-            await self.layers(vm_id).add_next({d.target: d.path for d in disks}, nexts, off=off,
-                                              name=f"vmsched-{self.artifacts.run}")
-            self.sink.reached("snapshot")
-        finally:
-            await shielded(self.unquiesce())
-        window = loop.time() - started
+        frozen, thawed_first, window = await self.in_window(
+            FsFreeze.NONE if paused or off else mode,
+            self.add_next(vm_id, {d.target: d.path for d in disks}, nexts, off=off))
         await self.command(["mkdir", "-p", "--", self.staging])
         targets = {d.target: plan.staging_file(self.staging, d.disk_id, number) for d in disks}
         for disk in disks:
@@ -373,6 +379,28 @@ class _Session:
                  ", ".join(d.path for d in disks), "powered off" if off else f"a {window:.3f} s pause")
         return CaptureResult(images, live=not off, frozen_filesystems=None if off else frozen,
                              thawed_first=thawed_first, snapshot_seconds=None if off else window)
+
+    async def add_next(self, vm_id: int, disks: dict[str, str], nexts: dict[str, str], *, off: bool) -> None:
+        await self.layers(vm_id).add_next(disks, nexts, off=off, name=f"vmsched-{self.artifacts.run}")
+        await self.snap_rbd(live=True)
+
+    async def in_window(self, mode: FsFreeze, work: Coroutine[Any, Any, None]) -> tuple[int | None, int, float]:
+        """``work`` (the snapshots) with the guest quiesced as ``mode`` says; (filesystems frozen or None, found
+        frozen and thawed first, seconds the window lasted)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            frozen, thawed_first = await self.quiesce(mode)
+        except BaseException:
+            work.close()  # never started: nothing was snapshotted
+            raise
+        self.sink.reached("quiesced")
+        try:
+            await work
+            self.sink.reached("snapshot")
+        finally:
+            await shielded(self.unquiesce())
+        return frozen, thawed_first, loop.time() - started
 
     async def drop_checkpoints(self, vm_id: int) -> None:
         """A SNAPSHOT chain needs no checkpoint: this VM's (of an earlier CBT chain) go, each being one more
@@ -413,6 +441,7 @@ class _Session:
         self.sink.reached("quiesced")
         try:
             await self.kvm.begin_backup(self.domain, job_xml, mark_xml)
+            await self.snap_rbd(live=True)
             self.sink.reached("snapshot")
         finally:
             await shielded(self.unquiesce())
@@ -426,15 +455,57 @@ class _Session:
 
     async def linked(self, disks: Sequence[DiskSource], targets: Mapping[str, str], number: int) -> list[DiskImage]:
         """The staged increments, each pointed at the previous link by its bare name."""
-        images = []
-        for disk in disks:
-            path = targets[disk.target]
+        return [await self.link(disk.disk_id, disk.target, targets[disk.target], number) for disk in disks]
+
+    async def link(self, disk_id: int, target: str, path: str, number: int) -> DiskImage:
+        """The staged increment ``path``, pointed at the previous link by its bare name."""
+        if number:
+            previous = PurePosixPath(plan.staging_file(self.staging, disk_id, number - 1)).name
+            await self.command(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", previous, path])
+        virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", path]))
+        return DiskImage(disk_id, target, path, virtual, actual)
+
+    # ------------------------------------------------------------------ RBD disks
+
+    def rbd_snapshot(self, number: int | None = None) -> str:
+        """The run's snapshot of the RBD disks: a chain's anchor for an increment, else ``vmsched-<run>``."""
+        if self.rbd_increment is None:
+            return rbdplan.snapshot_name(self.artifacts.run)
+        vm_id = self.rbd_increment.vm_id
+        return plan.chain_snapshot_name(vm_id, self.rbd_increment.increment_id if number is None else number)
+
+    async def snap_rbd(self, *, live: bool) -> None:
+        """Snapshot every RBD disk (a full backup of a VM that is off reads its images as they are instead)."""
+        if not self.rbd or (not live and self.rbd_increment is None):
+            return
+        snapshot, chain = self.rbd_snapshot(), self.rbd_increment is not None
+        for source in self.rbd:
+            await self.note(Step.RBD_SNAPSHOT, snapshot=snapshot, chain=chain, **rbdplan.source_fields(source))
+            await self.rbd_disks.create(source, snapshot)
+
+    async def rbd_only(self, mode: FsFreeze, *, paused: bool, off: bool) -> CaptureResult:
+        """An increment of a VM whose disks are all RBD: the guest quiesced for the snapshots only."""
+        frozen, thawed_first, window = await self.in_window(FsFreeze.NONE if paused or off else mode,
+                                                            self.snap_rbd(live=True))
+        await self.command(["mkdir", "-p", "--", self.staging])
+        return CaptureResult([], live=not off, frozen_filesystems=None if off else frozen, thawed_first=thawed_first,
+                             snapshot_seconds=None if off else window)
+
+    async def with_rbd_links(self, body: Awaitable[CaptureResult], increment: Increment) -> CaptureResult:
+        """``body`` (the file disks' increment), then each RBD disk's link: the whole image at the chain's base,
+        else what changed since the previous anchor."""
+        result = await body
+        images = list(result.images)
+        number = increment.increment_id
+        for source in self.rbd:
+            path = plan.staging_file(self.staging, source.disk_id, number)
+            await self.note(Step.STAGING, path=path)
             if number:
-                previous = PurePosixPath(plan.staging_file(self.staging, disk.disk_id, number - 1)).name
-                await self.command(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", previous, path])
-            virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", path]))
-            images.append(DiskImage(disk.disk_id, disk.target, path, virtual, actual))
-        return images
+                await self.rbd_disks.stage_link(source, self.rbd_snapshot(number - 1), self.rbd_snapshot(), path)
+            else:
+                await self.rbd_disks.stage_full(source, self.rbd_snapshot(), path)
+            images.append(await self.link(source.disk_id, source.target, path, number))
+        return dataclasses.replace(result, images=images)
 
     async def cold_increment(self, disks: Sequence[DiskSource], current: Sequence[Disk],
                              increment: Increment) -> CaptureResult:
@@ -451,6 +522,7 @@ class _Session:
         except ValidationError as exc:
             raise CaptureError(f"{self.where}: {exc}", host=self.kvm.name) from exc
         await self.check_chain(increment, since, disks)
+        await self.snap_rbd(live=False)
         await self.command(["mkdir", "-p", "--", self.staging])
         if since is None:
             await self.convert_all(disks, shared=False)
@@ -539,7 +611,7 @@ class _Session:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [*(group.create_task(one(disk)) for disk in disks),
-                         *(group.create_task(one_rbd(source)) for source in self.rbd)]
+                         *(group.create_task(one_rbd(source)) for source in self.rbd if self.rbd_increment is None)]
                 if self.progress:
                     watcher = group.create_task(self.watch_progress())
                     done = asyncio.gather(*tasks, return_exceptions=True)
@@ -575,29 +647,12 @@ class _Session:
         dir, straight from the cluster."""
         target = plan.staging_file(self.staging, source.disk_id)
         await self.note(Step.STAGING, path=target)
-        argv = rbdplan.convert_argv(source, snapshot, target, rate_limit=self.options.rate_limit)
-        done = await self.rbd_command(source, "copy (qemu-img convert)", argv, self.options.convert_timeout,
-                                      heavy=True)
+        done = await self.rbd_disks.stage_full(source, snapshot, target)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: RBD disk %d (%s, %s%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  source.disk_id, source.target, source.spec, f"@{snapshot}" if snapshot else "", target, done.duration,
                  virtual, actual)
         return DiskImage(source.disk_id, source.target, target, virtual, actual)
-
-    async def rbd_command(self, source: RbdSource, what: str, argv: list[str], timeout: float, *,  # noqa: ASYNC109
-                          heavy: bool = False) -> Result:
-        """A command on an RBD disk; its failure names the disk, the pool and the image (a client timeout, the
-        cluster out of reach, is worth a retry)."""
-        try:
-            return await self.runner.run(argv, timeout=timeout, nice=self.nice if heavy else None,
-                                         ionice=self.ionice if heavy else None,
-                                         started=self.convert_started if heavy else None)
-        except CommandFailed as exc:
-            timed_out = exc.exit_status == rbdplan.TIMED_OUT or "timed out" in exc.stderr_tail.lower()
-            raise CaptureError(f"{self.where}: RBD disk {source.disk_id} ({source.target}, pool {source.pool}, image "
-                               f"{source.image}): {what} failed{' (the cluster did not answer in time)' if timed_out else ''}"
-                               f": {exc.stderr_tail or exc}", host=self.kvm.name,
-                               retryable=timed_out or bool(exc.retryable)) from exc
 
     async def watch_progress(self) -> None:
         """Report the staged files' allocated sizes every ``progress_interval`` until cancelled; a failed
@@ -630,6 +685,8 @@ class _Session:
         for target, overlay in list(self.artifacts.overlays.items()):
             await self.attempt(f"commit {target} back from {overlay}", self.drop_overlay(target, overlay))
         for target, fields in list(self.artifacts.rbd_snapshots.items()):
+            if fields.get("chain"):
+                continue  # an increment's anchor: kept with the capture, removed by discard()
             await self.attempt(f"remove RBD snapshot {fields.get('pool')}/{fields.get('image')}@"
                                f"{fields.get('snapshot')} of {target}", self.drop_rbd_snapshot(target, fields))
         if discard or self.problems:
@@ -640,6 +697,9 @@ class _Session:
         the previous one, which then tracks every change since)."""
         for path in list(self.artifacts.staging):
             await self.attempt(f"remove {path}", self.remove_staged(path))
+        for target, fields in list(self.artifacts.rbd_snapshots.items()):
+            await self.attempt(f"remove RBD snapshot {fields.get('pool')}/{fields.get('image')}@"
+                               f"{fields.get('snapshot')} of {target}", self.drop_rbd_snapshot(target, fields))
         for target, overlay in list(self.artifacts.next_overlays.items()):
             await self.attempt(f"take overlay {overlay} off {target}", self.drop_next(target, overlay))
         checkpoint = self.artifacts.checkpoint
@@ -649,8 +709,7 @@ class _Session:
     async def drop_rbd_snapshot(self, target: str, fields: Mapping[str, Any]) -> None:
         """The run's snapshot of an RBD disk removed (a snapshot already gone is fine)."""
         source, snapshot = rbdplan.source_from_fields(fields), str(fields["snapshot"])
-        if snapshot in rbdplan.parse_snapshots(await self.command(rbdplan.snap_list_argv(source))):
-            await self.command(rbdplan.snap_remove_argv(source, snapshot))
+        if await self.rbd_disks.remove(source, snapshot):
             self.report.removed.append(f"{source.spec}@{snapshot}")
         del self.artifacts.rbd_snapshots[target]
 

@@ -7,7 +7,15 @@ with ETIMEDOUT (exit status 110). Pool, image and snapshot names are checked bef
 and every value in a ``qemu-img`` ``rbd:`` file name is escaped, so that no template value can add an
 option of its own.
 
-vmsched's snapshots are named ``vmsched-<run>``; only names of that form are ever removed.
+vmsched's snapshots are named ``vmsched-<run>`` (a full backup's, removed after it) and
+``vmsched-chain-<vm>-<n>`` (the anchor of increment ``n`` of VM ``vm``'s chain, kept until increment ``n + 1``
+is recorded); only names of these forms are ever removed.
+
+An increment of an RBD disk is stored as a qcow2 link like a file disk's (``disk.<id>.<n>`` backed by
+``disk.<id>.<n-1>``): the extents ``rbd diff --from-snap`` reports between the anchor and the new snapshot,
+copied from the cluster into a qcow2 whose cluster size :func:`link_cluster_size` picks for those extents. A
+Ceph chain is then restored, downloaded, verified and flattened for KEEP_LAST like any other, on a backup
+server without Ceph.
 """
 
 from __future__ import annotations
@@ -18,7 +26,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.tm.plan import CONVERT_COROUTINES, RBD_SNAPSHOT_PREFIX, rbd_snapshot_name
+from drivers.tm.plan import (
+    CONVERT_COROUTINES,
+    RBD_SNAPSHOT_PREFIX,
+    parse_chain_snapshot,
+    rbd_snapshot_name,
+)
 from drivers.vmm.domainxml import Disk
 from scheduler.errors import ValidationError
 
@@ -147,13 +160,81 @@ def snap_create_argv(source: RbdSource, snapshot: str, timeouts: RbdTimeouts = R
 
 
 def snap_remove_argv(source: RbdSource, snapshot: str, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
-    if snapshot_run(snapshot) is None:
+    if snapshot_run(snapshot) is None and parse_chain_snapshot(snapshot) is None:
         raise ValidationError(f"snapshot {snapshot!r} of {source.spec} is not vmsched's: it is never removed")
     return rbd_argv(source.access, ["snap", "rm", "--no-progress", f"{source.spec}@{snapshot}"], timeouts)
 
 
 def snap_list_argv(source: RbdSource, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
     return rbd_argv(source.access, ["snap", "ls", "--format", "json", source.spec], timeouts)
+
+
+def diff_argv(source: RbdSource, since: str, snapshot: str, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """The extents that changed between snapshots ``since`` and ``snapshot`` (no data read)."""
+    return rbd_argv(source.access, ["diff", "--format", "json", "--from-snap", since, f"{source.spec}@{snapshot}"],
+                    timeouts)
+
+
+def info_argv(source: RbdSource, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    return rbd_argv(source.access, ["info", "--format", "json", source.spec], timeouts)
+
+
+def parse_size(output: str | bytes) -> int:
+    """The image size in bytes of ``rbd info --format json``."""
+    try:
+        return int(json.loads(output)["size"])
+    except (ValueError, KeyError, TypeError):
+        raise ValidationError(f"cannot read the size in rbd info output: {output[-200:]!r}") from None
+
+
+def parse_diff(output: str | bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each changed extent in ``rbd diff --format json`` (written or discarded: either way
+    the link must hold what the snapshot reads there), adjacent ones joined. Ceph reports an object that grew
+    since the older snapshot from its old end on (the gap reads as zeros, and is copied as such)."""
+    try:
+        listed = json.loads(output or "[]")
+        ranges = sorted((int(e["offset"]), int(e["length"])) for e in listed)
+    except (ValueError, KeyError, TypeError):
+        raise ValidationError(f"cannot read rbd diff output: {output[-200:]!r}") from None
+    joined: list[tuple[int, int]] = []
+    for start, length in ranges:
+        if joined and joined[-1][0] + joined[-1][1] >= start:
+            end = max(joined[-1][0] + joined[-1][1], start + length)
+            joined[-1] = (joined[-1][0], end - joined[-1][0])
+        elif length > 0:
+            joined.append((start, length))
+    return joined
+
+
+CLUSTER_SIZES = (65536, 32768, 16384, 8192, 4096)
+
+
+def link_bytes(extents: Sequence[tuple[int, int]], cluster: int) -> int:
+    """About what a qcow2 link with ``cluster``-byte clusters holding ``extents`` stores: every cluster an extent
+    touches, and one L2 table (one cluster, mapping ``cluster / 8`` clusters) per span it touches."""
+    clusters: set[int] = set()
+    for start, length in extents:
+        clusters.update(range(start // cluster, (start + length - 1) // cluster + 1))
+    tables = {c // (cluster // 8) for c in clusters}
+    return (len(clusters) + len(tables)) * cluster
+
+
+CLUSTER_SLACK = 1.05  # a larger cluster (less metadata, faster reads) is kept unless a smaller saves more
+
+
+def link_cluster_size(extents: Sequence[tuple[int, int]]) -> int:
+    """The largest cluster size that stores ``extents`` within 5 % of the fewest bytes: large extents keep qemu's
+    64 KiB default, scattered small writes get small clusters instead of a 64 KiB one each."""
+    least = min(link_bytes(extents, c) for c in CLUSTER_SIZES)
+    return next(c for c in CLUSTER_SIZES if link_bytes(extents, c) <= CLUSTER_SLACK * least)
+
+
+def link_create_argv(source: RbdSource, snapshot: str, target: str, size: int, cluster: int,
+                     timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """An empty qcow2 ``target`` backed by the image at ``snapshot``, which copy-on-read reads fill with the
+    changed extents (the backing is then pointed at the previous link by name)."""
+    return ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-o", f"cluster_size={int(cluster)}",
+            "-b", qemu_rbd_name(source, snapshot, timeouts), target, str(int(size))]
 
 
 def parse_snapshots(output: str | bytes) -> list[str]:

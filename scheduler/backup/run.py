@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -105,6 +105,7 @@ class _Backup:
     staging: str = ""
     current_phase: str = ""
     upload_processes: int = 0
+    rbd: list[RbdSource] = field(default_factory=list)  # the RBD disks captured
 
     # -- what the drivers tell the run (drivers.sink.DriverSink) ---------------------------------------
     async def journal(self, entry: dict[str, Any]) -> None:
@@ -191,10 +192,13 @@ async def perform(ctx: RunContext, ds_id: int, *, reset: bool = False) -> str:
     kept = ""
     if run.link is None or run.link.increment_id == 0:  # KEEP_LAST counts images (spec §7.1)
         removed = await apply_keep_last(ctx.state, links, vm.id)
+        if run.link is None:
+            await _prune_anchors(run)  # a full backup: the chain an earlier MODE=INCREMENT left on the cluster is over
         kept = f"; KEEP_LAST removed image(s) {', '.join(map(str, removed))}" if removed else ""
     else:
         ctx.sink.reached("recorded")
         await (_settle_snapshots(run) if run.snapshot else _prune_checkpoints(run))
+        await _prune_anchors(run)
         kept = await keep_last_links(ctx.state, links, vm.id, image.id,
                                      backups.keep_last(ctx.state.vms.get(vm.id).backup_config), ctx.clock.now())
     return f"{_what(run, live)} of VM {vm.id} stored in datastore {ds_id} as image {image.id} ({image.size} MB){kept}"
@@ -215,8 +219,10 @@ async def _settle_snapshots(run: _Backup) -> None:
     commits what is left before it starts)."""
     assert run.link is not None
     try:
+        rbd = {source.target for source in run.rbd}
         await tm.settle_snapshots(run.where.kvm, run.runner, run.where.ref, run.vm_id,
-                                  [d.get("TARGET") or "" for d in run.disks], run.link.increment_id + 1)
+                                  [t for d in run.disks if (t := d.get("TARGET") or "") not in rbd],
+                                  run.link.increment_id + 1)
     except Exception as exc:  # noqa: BLE001 - logged; the backup is recorded and complete
         log.warning("VM %s: the overlay of increment %d is not committed into its disks yet: %s", run.vm_id,
                     run.link.increment_id, exc)
@@ -233,6 +239,22 @@ async def _prune_checkpoints(run: _Backup) -> None:
     if removed:
         log.info("VM %s: checkpoint(s) %s deleted (the chain goes on from the newer ones)", run.vm_id,
                  ", ".join(removed))
+
+
+async def _prune_anchors(run: _Backup) -> None:
+    """The RBD disks keep only the recorded increment's snapshot, the next one's anchor (none after a full
+    backup); a failure is logged (the next increment removes what is left)."""
+    if not run.rbd:
+        return
+    number = None if run.link is None else run.link.increment_id
+    try:
+        removed = await tm.prune_anchors(run.runner, run.where.host.name, run.rbd, run.vm_id, number)
+    except Exception as exc:  # noqa: BLE001 - logged; the backup is recorded and complete
+        log.warning("VM %s: cannot remove older RBD chain snapshots: %s", run.vm_id, exc)
+        return
+    if removed:
+        log.info("VM %s: RBD snapshot(s) %s removed (%s)", run.vm_id, ", ".join(removed),
+                 "a full backup ends the chain" if number is None else f"increment {number} anchors the chain now")
 
 
 async def _enter_backup_state(run: _Backup, lcm: LcmState) -> None:
@@ -288,6 +310,7 @@ async def _backup(run: _Backup) -> Image:
     try:
         try:
             sources, rbd = disk_sources(where.vm, run.disks, await where.kvm.disks(where.ref), where.host)
+            run.rbd = rbd
             run.phase(CAPTURE)
 
             async def capture_and_upload() -> tuple[tm.CaptureResult, str, UploadResult]:

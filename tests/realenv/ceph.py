@@ -338,7 +338,8 @@ def rbd_domain(cluster: CephCluster, hypervisor: Hypervisor, directory: Path) ->
         if dom is not None:
             if dom.isActive():
                 dom.destroy()
-            dom.undefine()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         secret.undefine()
         cluster.run("rbd", "snap", "purge", "--no-progress", f"{cluster.pool}/{image}", check=False)
         cluster.run("rbd", "rm", "--no-progress", f"{cluster.pool}/{image}", check=False)
