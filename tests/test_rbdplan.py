@@ -159,3 +159,22 @@ def test_an_unreachable_cluster_fails_within_the_timeouts(realenv: RealEnv, ceph
     done = on_host1(realenv, rbdplan.snap_create_argv(source, "vmsched-1", RbdTimeouts(2, 2, 2)), timeout=60)
     assert done.returncode == rbdplan.TIMED_OUT, (done.returncode, done.stderr)
     assert time.monotonic() - began < 20
+
+
+def test_parse_used_takes_the_snapshots_entry_else_the_images() -> None:
+    out = ('{"images":[{"name":"i","snapshot":"s1","used_size":100},{"name":"i","snapshot":"s2","used_size":200},'
+           '{"name":"i","used_size":300}],"total_used_size":600}')
+    assert rbdplan.parse_used(out, "s1") == 100 and rbdplan.parse_used(out, None) == 300
+    assert rbdplan.parse_used('{"images":[{"name":"i","snapshot":"s","used_size":7}]}', "other") == 7
+    with pytest.raises(ValidationError, match="rbd du"):
+        rbdplan.parse_used("{}", None)
+    assert rbdplan.du_argv(SOURCE, "s")[-4:] == ["du", "--format", "json", "one/one-7-0@s"]
+
+
+def test_rbd_links_copy_with_fewer_qemu_io_processes() -> None:
+    from drivers.tm import dirty
+    reads = dirty.read_commands([(k * MiB, 4096) for k in range(2048)])
+    argvs = dirty.copy_argvs("/s/disk.0.1", reads, dirty.RBD_READS_PER_CALL)
+    assert len(argvs) == 2 and all(argv[-1] == "/s/disk.0.1" for argv in argvs)
+    assert len(" ".join(argvs[0]).encode()) < 128 << 10  # one argument of a remote shell: below MAX_ARG_STRLEN
+    assert len(dirty.copy_argvs("/s/disk.0.1", reads)) == 8

@@ -497,15 +497,47 @@ class _Session:
         result = await body
         images = list(result.images)
         number = increment.increment_id
-        for source in self.rbd:
-            path = plan.staging_file(self.staging, source.disk_id, number)
-            await self.note(Step.STAGING, path=path)
-            if number:
-                await self.rbd_disks.stage_link(source, self.rbd_snapshot(number - 1), self.rbd_snapshot(), path)
-            else:
-                await self.rbd_disks.stage_full(source, self.rbd_snapshot(), path)
-            images.append(await self.link(source.disk_id, source.target, path, number))
+        async with self.watching():
+            for source in self.rbd:
+                path = plan.staging_file(self.staging, source.disk_id, number)
+                await self.note(Step.STAGING, path=path)
+                if number:
+                    since = self.rbd_snapshot(number - 1)
+                    extents = await self.rbd_disks.changes(source, since, self.rbd_snapshot())
+                    total = dirty.dirty_bytes(extents)
+                    self.begin_progress(source.disk_id, path, total)
+                    await self.rbd_disks.stage_link(source, since, self.rbd_snapshot(), path, extents)
+                else:
+                    total = await self.rbd_disks.used(source, self.rbd_snapshot()) if self.progress else 0
+                    self.begin_progress(source.disk_id, path, total)
+                    await self.rbd_disks.stage_full(source, self.rbd_snapshot(), path)
+                self.end_progress(source.disk_id, total)
+                images.append(await self.link(source.disk_id, source.target, path, number))
         return dataclasses.replace(result, images=images)
+
+    def begin_progress(self, disk_id: int, path: str, total: int) -> None:
+        """Disk ``disk_id`` is being staged into ``path``, ``total`` bytes (reported when the request asks)."""
+        if self.progress:
+            self.converting[disk_id] = (path, total)
+            self.sink.disk_progress(disk_id, 0, total)
+
+    def end_progress(self, disk_id: int, total: int) -> None:
+        self.converting.pop(disk_id, None)
+        if self.progress:
+            self.sink.disk_progress(disk_id, total, total)
+
+    @asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        """The staged files' sizes reported while the block runs (when the request asks)."""
+        if not self.progress:
+            yield
+            return
+        watcher = asyncio.ensure_future(self.watch_progress())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
     async def cold_increment(self, disks: Sequence[DiskSource], current: Sequence[Disk],
                              increment: Increment) -> CaptureResult:
@@ -630,13 +662,10 @@ class _Session:
         if self.progress:
             total = plan.chain_allocated(await self.command(["qemu-img", "info", "-U", "--backing-chain",
                                                              "--output=json", disk.path]))
-            self.converting[disk.disk_id] = (target, total)
-            self.sink.disk_progress(disk.disk_id, 0, total)
+        self.begin_progress(disk.disk_id, target, total)
         done = await self.runner.run(argv, timeout=self.options.convert_timeout, nice=self.nice, ionice=self.ionice,
                                      started=self.convert_started)
-        self.converting.pop(disk.disk_id, None)
-        if self.progress:
-            self.sink.disk_progress(disk.disk_id, total, total)
+        self.end_progress(disk.disk_id, total)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: disk %d (%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  disk.disk_id, disk.target, target, done.duration, virtual, actual)
@@ -647,7 +676,10 @@ class _Session:
         dir, straight from the cluster."""
         target = plan.staging_file(self.staging, source.disk_id)
         await self.note(Step.STAGING, path=target)
+        total = await self.rbd_disks.used(source, snapshot) if self.progress else 0
+        self.begin_progress(source.disk_id, target, total)
         done = await self.rbd_disks.stage_full(source, snapshot, target)
+        self.end_progress(source.disk_id, total)
         virtual, actual = plan.image_sizes(await self.command(["qemu-img", "info", "--output=json", target]))
         log.info("%s: RBD disk %d (%s, %s%s) staged as %s in %.1f s: %d bytes virtual, %d allocated", self.where,
                  source.disk_id, source.target, source.spec, f"@{snapshot}" if snapshot else "", target, done.duration,

@@ -105,22 +105,31 @@ class RbdDisks:
                 raise ChainBroken(self.where, f"RBD disk {source.disk_id} ({source.target}) is {size} bytes, it was "
                                   f"{expected} at the chain's base (resized)", cause="resized", host=self.host)
 
+    async def used(self, source: RbdSource, snapshot: str | None) -> int:
+        """What a full copy of the image (at ``snapshot``) reads at most, for progress reports."""
+        return rbdplan.parse_used((await self.command(source, "read the used size",
+                                                      rbdplan.du_argv(source, snapshot))).stdout, snapshot)
+
+    async def changes(self, source: RbdSource, since: str, snapshot: str) -> list[tuple[int, int]]:
+        """The extents that changed on the image between snapshots ``since`` and ``snapshot``."""
+        return rbdplan.parse_diff((await self.command(source, "list the changes",
+                                                      rbdplan.diff_argv(source, since, snapshot))).stdout)
+
     async def stage_full(self, source: RbdSource, snapshot: str | None, target: str) -> Result:
         """``qemu-img convert`` of the image (at ``snapshot``, or as it is) straight from the cluster into ``target``."""
         argv = rbdplan.convert_argv(source, snapshot, target, rate_limit=self.settings.rate_limit)
         return await self.command(source, "copy (qemu-img convert)", argv, heavy=True)
 
-    async def stage_link(self, source: RbdSource, since: str, snapshot: str, target: str) -> int:
-        """``target``: a qcow2 holding what changed on the image between snapshots ``since`` and ``snapshot``,
-        read from the cluster by copy-on-read (its backing is then pointed at the previous link); the bytes
-        that changed."""
-        extents = rbdplan.parse_diff((await self.command(source, "list the changes",
-                                                         rbdplan.diff_argv(source, since, snapshot))).stdout)
+    async def stage_link(self, source: RbdSource, since: str, snapshot: str, target: str,
+                         extents: Sequence[tuple[int, int]]) -> int:
+        """``target``: a qcow2 holding ``extents``, what changed on the image between snapshots ``since`` and
+        ``snapshot``, read from the cluster by copy-on-read (its backing is then pointed at the previous link);
+        the bytes that changed."""
         size = rbdplan.parse_size((await self.command(source, "read the size", rbdplan.info_argv(source))).stdout)
         cluster = rbdplan.link_cluster_size(extents)
         await self.command(source, "create the increment",
                            rbdplan.link_create_argv(source, snapshot, target, size, cluster))
-        for argv in dirty.copy_argvs(target, dirty.read_commands(extents)):
+        for argv in dirty.copy_argvs(target, dirty.read_commands(extents), dirty.RBD_READS_PER_CALL):
             await self.command(source, "copy the changes", argv, heavy=True)
         changed = dirty.dirty_bytes(extents)
         log.info("%s: RBD disk %d (%s): %d bytes changed between %s and %s copied into %s (%d-byte clusters)",

@@ -141,7 +141,17 @@ def rbd_source(disk: Disk, disk_id: int, access: RbdAccess | None = None) -> Rbd
 
 def rbd_argv(access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
     """``rbd`` with the access's user, key file, conf and mon hosts, and the client timeouts."""
-    argv = ["rbd"]
+    return _client_argv("rbd", access, args, timeouts)
+
+
+def health_argv(access: RbdAccess, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """``ceph health`` as the access's user: the cluster reached (a mon answers) and how it is; ``--connect-timeout``
+    bounds the whole call."""
+    return _client_argv("ceph", access, ["--connect-timeout", f"{timeouts.mount:g}", "health"], timeouts)
+
+
+def _client_argv(tool: str, access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts) -> list[str]:
+    argv = [tool]
     if access.user:
         argv += ["--id", access.user]
     if access.key_file:
@@ -177,6 +187,22 @@ def diff_argv(source: RbdSource, since: str, snapshot: str, timeouts: RbdTimeout
 
 def info_argv(source: RbdSource, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
     return rbd_argv(source.access, ["info", "--format", "json", source.spec], timeouts)
+
+
+def du_argv(source: RbdSource, snapshot: str | None, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """The space the image (at ``snapshot``) takes: quick with fast-diff, Ceph's default."""
+    return rbd_argv(source.access, ["du", "--format", "json",
+                                    source.spec + (f"@{snapshot}" if snapshot else "")], timeouts)
+
+
+def parse_used(output: str | bytes, snapshot: str | None) -> int:
+    """``used_size`` of the image (at ``snapshot``) in ``rbd du --format json``: what a full copy reads at most."""
+    try:
+        images = json.loads(output)["images"]
+        found = [i for i in images if (i.get("snapshot") or None) == snapshot]
+        return int((found or images)[-1]["used_size"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ValidationError(f"cannot read the used size in rbd du output: {output[-200:]!r}") from None
 
 
 def parse_size(output: str | bytes) -> int:

@@ -67,7 +67,10 @@ async def backup(ctx: Context, caller: Caller, vm_id: int, ds_id: int, reset: bo
 
 
 def run_status(ctx: Context, run: Any) -> dict[str, Any]:
-    status = {"ID": run.id, "STATE": run.state.value, "ATTEMPT": run.attempt, "MESSAGE": run.message,
+    message = run.message
+    if not message and run.state.value == "queued" and ctx.engine is not None:  # why it waits
+        message = ctx.engine.waiting_reasons().get(run.id, "")
+    status = {"ID": run.id, "STATE": run.state.value, "ATTEMPT": run.attempt, "MESSAGE": message,
               "DATASTORE_ID": run.datastore_id}
     progress = ctx.progress.get(run.id) if ctx.progress is not None else None
     if progress is not None:
@@ -77,8 +80,8 @@ def run_status(ctx: Context, run: Any) -> dict[str, Any]:
 
 @registry.method("vmsched.vm.backupstatus", Param("id", int))
 async def backup_status(ctx: Context, caller: Caller, vm_id: int) -> dict[str, Any]:
-    """The VM's newest one-shot backup run: ID, STATE (queued, running, done, given_up...), ATTEMPT, MESSAGE,
-    and while it runs PROGRESS (see ``vmsched.vm.backupprogress``)."""
+    """The VM's newest one-shot backup run: ID, STATE (queued, running, done, given_up...), ATTEMPT, MESSAGE (while
+    it is queued: why it waits), and while it runs PROGRESS (see ``vmsched.vm.backupprogress``)."""
     vm = ctx.state.vms.get(vm_id)
     require(caller, vm.ownership.uid, Right.USE, "VM", vm_id, "backupstatus")
     if ctx.engine is None:

@@ -30,6 +30,7 @@ from scheduler.engine.sink import RunSink
 from scheduler.errors import DriverError
 from scheduler.logs import log_context
 from scheduler.model import schedule
+from scheduler.model.objects.host import ceph_hold
 from scheduler.model.objects.states import HostState
 from scheduler.model.schedule import SchedAction
 from scheduler.store.state import Mutation, State
@@ -310,8 +311,15 @@ class Engine:
         datastore = self.state.datastores.find(run.datastore_id)
         return Candidate(
             run.id, float(run.scheduled), run.host_id, host.name if host else str(run.host_id), run.datastore_id,
-            datastore.name if datastore else "", run.priority, self._host_hold(run.host_id),
+            datastore.name if datastore else "", run.priority, self._host_hold(run.host_id) or self._ceph_hold(run),
         )
+
+    def _ceph_hold(self, run: Run) -> str:
+        """Why a backup of a VM with RBD disks waits: its host cannot reach the cluster ("" otherwise)."""
+        host, vm = self.state.hosts.find(run.host_id), self.state.vms.find(run.vm_id)
+        if host is None or vm is None:
+            return ""
+        return ceph_hold(host, vm.template.vectors("DISK"))
 
     def _start(self, run: Run, admitted: bool = False) -> None:
         now = self.clock.now()

@@ -21,6 +21,10 @@ What it finds goes into the host TEMPLATE (the keys are :data:`MONITOR_KEYS`):
 ``TOTAL_MB``        size in MiB of the filesystem holding BACKUP_BASE_PATH
 ``TOOL_QEMU_IMG``   ``YES`` / ``NO``: the tool is on the host's PATH; likewise ``TOOL_RSYNC``,
                     ``TOOL_RESTIC``, ``TOOL_RBD``, ``TOOL_QEMU_NBD``
+``CEPH_REACH``      ``YES`` / ``NO``: ``ceph health`` answered within its timeouts, as the host's CEPH_USER,
+                    CEPH_KEY, CEPH_CONF, CEPH_HOST say (only for a host with ``rbd`` and a CEPH_CONF or CEPH_HOST);
+                    ``CEPH_HEALTH`` what it said, ``CEPH_ERROR`` why it did not. Backups of VMs with RBD disks
+                    wait on a host with ``CEPH_REACH = NO``, with that reason
 ``MONITOR_TIME``    epoch of the last probe, successful or not
 ``ERROR``           why the last probe failed (removed again by a successful one)
 ==================  ===========================================================================
@@ -43,6 +47,8 @@ from drivers import hostkeys
 from drivers.commands import HostKeyMismatch
 from drivers.datastore import all_hypervisor_tools
 from drivers.sshtarget import host_pattern
+from drivers.tm import rbdplan
+from drivers.tm.rbdplan import RbdAccess
 from scheduler.errors import DriverError, VmschedError
 from scheduler.hosts.links import Daemon, is_local, ssh_target
 from scheduler.hosts.rounds import RoundMonitor
@@ -67,8 +73,9 @@ def tool_key(tool: str) -> str:
     return "TOOL_" + tool.upper().replace("-", "_")
 
 
-MONITOR_KEYS = ("LIBVIRT_VERSION", "QEMU_VERSION", "FREE_MB", "TOTAL_MB", *map(tool_key, TOOLS), "MONITOR_TIME",
-                "ERROR")
+CEPH_KEYS = ("CEPH_REACH", "CEPH_HEALTH", "CEPH_ERROR")
+MONITOR_KEYS = ("LIBVIRT_VERSION", "QEMU_VERSION", "FREE_MB", "TOTAL_MB", *map(tool_key, TOOLS), *CEPH_KEYS,
+                "MONITOR_TIME", "ERROR")
 REPLACE_HINT = ("if the host really has a new key, check its fingerprint, remove the old one with "
                 "`ssh-keygen -R {pattern} -f {known_hosts}` and accept the new one with "
                 "`vmsched host accept-hostkey HOST`")
@@ -81,6 +88,14 @@ class DiskSpace:
 
 
 @dataclass(frozen=True)
+class CephReach:
+    """Whether the host reached its Ceph cluster: ``ceph health``'s answer, or why there was none."""
+
+    health: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class Probe:
     """What one successful probe found on a host."""
 
@@ -88,6 +103,19 @@ class Probe:
     qemu_version: str
     space: DiskSpace
     tools: frozenset[str]
+    ceph: CephReach | None = None  # None: the host names no cluster of its own, or has no rbd
+
+
+def host_ceph_access(host: Host) -> RbdAccess | None:
+    """How the host reaches its Ceph cluster, when its template names one (CEPH_CONF or CEPH_HOST)."""
+    def value(key: str) -> str:
+        return (host.template.get(key) or "").strip()
+
+    if not value("CEPH_CONF") and not value("CEPH_HOST"):
+        return None
+    return RbdAccess(value("CEPH_USER"), value("CEPH_KEY"), value("CEPH_CONF"),
+                     tuple(value("CEPH_HOST").replace(",", " ").split()))
+
 
 
 # -- pure parts ------------------------------------------------------------------------------------
@@ -144,6 +172,12 @@ def record_success(host: Host, probe: Probe, now: int) -> Host:
     template.set("TOTAL_MB", probe.space.total_mb)
     for tool in TOOLS:
         template.set(tool_key(tool), "YES" if tool in probe.tools else "NO")
+    for key in CEPH_KEYS:
+        template.remove(key)
+    if probe.ceph is not None:
+        template.set("CEPH_REACH", "NO" if probe.ceph.error else "YES")
+        template.set("CEPH_HEALTH" if not probe.ceph.error else "CEPH_ERROR",
+                     " ".join((probe.ceph.error or probe.ceph.health).split())[:500] or "-")
     template.set("MONITOR_TIME", now)
     return _moved(host, HostState.MONITORED, template, now)
 
@@ -190,13 +224,31 @@ def _text(result: Any) -> str:
     return stdout.decode("utf-8", "replace")
 
 
-async def probe_host(runner: Any, vmm: Any, base_path: str, *, timeout: float) -> Probe:  # noqa: ASYNC109
-    """Probe one host through its runner (``drivers.commands.Runner``) and libvirt (``KvmHost``)."""
+CEPH_TIMEOUTS = rbdplan.RbdTimeouts(mount=10.0, mon_op=10.0, osd_op=10.0)  # within PROBE_DEADLINE
+
+
+async def probe_host(runner: Any, vmm: Any, base_path: str, *, timeout: float,  # noqa: ASYNC109
+                     ceph: RbdAccess | None = None) -> Probe:
+    """Probe one host through its runner (``drivers.commands.Runner``) and libvirt (``KvmHost``); with ``ceph``,
+    also whether it reaches that cluster (never a failure of the probe: the host serves its file disks)."""
     tools = parse_tools(_text(await runner.run(tools_argv(), timeout=timeout)))
     await runner.run(["mkdir", "-p", "--", base_path], timeout=timeout)
     space = parse_df(_text(await runner.run(["df", "-PB1M", "--", base_path], timeout=timeout)))
     versions = await vmm.versions()
-    return Probe(versions.libvirt, versions.qemu, space, tools)
+    reach = None
+    if ceph is not None and "rbd" in tools:
+        reach = await ceph_reach(runner, ceph, timeout)
+    return Probe(versions.libvirt, versions.qemu, space, tools, reach)
+
+
+async def ceph_reach(runner: Any, access: RbdAccess, timeout: float) -> CephReach:  # noqa: ASYNC109
+    try:
+        result = await runner.run(rbdplan.health_argv(access, CEPH_TIMEOUTS), timeout=timeout)
+    except DriverError as exc:
+        tail = getattr(exc, "stderr_tail", "") or str(exc)
+        lines = [line for line in tail.splitlines() if line.strip()]
+        return CephReach(error=lines[-1] if lines else "ceph health failed")
+    return CephReach(health=_text(result).strip())
 
 
 class HostMonitor(RoundMonitor):
@@ -279,7 +331,7 @@ class HostMonitor(RoundMonitor):
         try:
             async with asyncio.timeout(self.deadline):
                 probe = await probe_host(links.runner(host), links.vmm(host), str(self.ctx.config.backup_base_path),
-                                         timeout=self.deadline)
+                                         timeout=self.deadline, ceph=host_ceph_access(host))
         except TimeoutError:
             reason = f"no answer to monitoring within {self.deadline:g} s"
         except VmschedError as exc:

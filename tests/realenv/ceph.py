@@ -319,11 +319,11 @@ class RbdDomain:
 
 
 @contextmanager
-def rbd_domain(cluster: CephCluster, hypervisor: Hypervisor, directory: Path) -> Iterator[RbdDomain]:
-    """A running TCG domain on ``hypervisor``: qcow2 vda and vdb in ``directory``, vdc on a new 32 MiB RBD image
-    reached as the hypervisors' user through a libvirt ceph secret; all of it removed afterwards."""
+def rbd_domain(cluster: CephCluster, hypervisor: Hypervisor, directory: Path, size: str = "32M") -> Iterator[RbdDomain]:
+    """A running TCG domain on ``hypervisor``: qcow2 vda and vdb in ``directory``, vdc on a new RBD image of
+    ``size`` reached as the hypervisors' user through a libvirt ceph secret; all of it removed afterwards."""
     image, secret_uuid, name = f"t-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), new_name()
-    cluster.run("rbd", "create", "--size", "32M", f"{cluster.pool}/{image}")
+    cluster.run("rbd", "create", "--size", size, f"{cluster.pool}/{image}")
     secret = hypervisor.conn.secretDefineXML(secret_xml(secret_uuid, f"client.{cluster.client} {name}"))
     dom = None
     try:

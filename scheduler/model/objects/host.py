@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -19,7 +20,7 @@ from scheduler.model.objects.common import (
     read_text,
 )
 from scheduler.model.objects.states import HostState, parse_code
-from scheduler.model.template import Template
+from scheduler.model.template import Template, Vector
 
 # HOST_SHARE counters the schema requires; vmsched does no capacity planning, so they stay zero.
 _SHARE_COUNTERS = ("MEM_USAGE", "CPU_USAGE", "TOTAL_MEM", "TOTAL_CPU", "MAX_MEM", "MAX_CPU")
@@ -95,3 +96,13 @@ class Host:
             template=read_template(element, "TEMPLATE"),
             monitored_at=0 if monitoring is None else read_int(monitoring, "TIMESTAMP", 0),
         )
+
+
+def ceph_hold(host: Host, disks: Iterable[Vector]) -> str:
+    """Why a backup of a VM with these DISKs waits on ``host`` ("" when it need not): RBD disks and a host whose
+    monitoring could not reach the cluster."""
+    if (host.template.get("CEPH_REACH") or "").upper() != "NO":
+        return ""
+    if not any((disk.get("TYPE") or "").upper() == "RBD" for disk in disks):
+        return ""
+    return f"host {host.name} cannot reach the Ceph cluster of the VM's RBD disks ({host.template.get('CEPH_ERROR')})"
