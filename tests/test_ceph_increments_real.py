@@ -96,6 +96,24 @@ def test_a_mixed_vm_builds_a_chain_and_every_rbd_restore_point_is_bit_identical(
         assert same_image(restore_point(s, image_id, n, 2, f"rbdchain-{kind}-{n}"), path), n
 
 
+@pytest.mark.parametrize("kind", ["rsync", "restic"])
+def test_scheduled_backups_build_the_rbd_chain(setup: Setup, kind: str, ceph: CephCluster,  # noqa: F811
+                                               rbd_domain: RbdDomain, tmp_path: Path) -> None:  # noqa: F811
+    """SCHED_ACTIONs fired by the engine, not one.vm.backup: each adds a link of the RBD disk too."""
+    s, d = setup, rbd_domain
+    ds_id = s.rsync_ds if kind == "rsync" else restic_ds(s)
+    vm_id = begin(s, ceph, d)
+    for n in range(3):
+        guest_write(d.dom, "vdc", 0x30 + n, f"{4 * n + 1}M", "1M")
+        expected = exported(ceph, d.image, tmp_path / f"vdc.{n}")
+        ok, message = s.api.run_action(vm_id, "backup", f"{ds_id},0")
+        assert ok, message
+    image_id, last = chain_of(s, vm_id)
+    assert last == 2 and sorted(increment_sizes(s, image_id)) == [0, 1, 2]
+    assert sorted(snapshots(ceph, d.image)) == [THEIRS, f"vmsched-chain-{vm_id}-2"]
+    assert same_image(restore_point(s, image_id, 2, 2, f"rbdsched-{kind}"), expected)
+
+
 def test_an_rbd_anchor_removed_by_hand_starts_a_new_chain_with_the_reason(
         setup: Setup, ceph: CephCluster, rbd_domain: RbdDomain, tmp_path: Path) -> None:  # noqa: F811
     s, d = setup, rbd_domain

@@ -316,10 +316,11 @@ class Engine:
 
     def _ceph_hold(self, run: Run) -> str:
         """Why a backup of a VM with RBD disks waits: its host cannot reach the cluster ("" otherwise)."""
-        host, vm = self.state.hosts.find(run.host_id), self.state.vms.find(run.vm_id)
-        if host is None or vm is None:
+        host = self.state.hosts.find(run.host_id)
+        if host is None or "CEPH_REACH" not in host.template:  # the VM is looked at only for such a host
             return ""
-        return ceph_hold(host, vm.template.vectors("DISK"))
+        vm = self.state.vms.find(run.vm_id)
+        return ceph_hold(host, vm.template.vectors("DISK")) if vm is not None else ""
 
     def _start(self, run: Run, admitted: bool = False) -> None:
         now = self.clock.now()
