@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def test_scheduled_backups_build_the_rbd_chain(setup: Setup, kind: str, ceph: Ce
         assert ok, message
     image_id, last = chain_of(s, vm_id)
     assert last == 2 and sorted(increment_sizes(s, image_id)) == [0, 1, 2]
-    assert sorted(snapshots(ceph, d.image)) == [THEIRS, f"vmsched-chain-{vm_id}-2"]
+    # the action's DONE commits with the record; the older anchor goes just after it
+    deadline = time.monotonic() + 30
+    while sorted(snapshots(ceph, d.image)) != [THEIRS, f"vmsched-chain-{vm_id}-2"]:
+        assert time.monotonic() < deadline, snapshots(ceph, d.image)
+        time.sleep(0.1)
     assert same_image(restore_point(s, image_id, 2, 2, f"rbdsched-{kind}"), expected)
 
 

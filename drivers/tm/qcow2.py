@@ -506,7 +506,8 @@ class _Session:
                     extents = await self.rbd_disks.changes(source, since, self.rbd_snapshot())
                     total = dirty.dirty_bytes(extents)
                     self.begin_progress(source.disk_id, path, total)
-                    await self.rbd_disks.stage_link(source, since, self.rbd_snapshot(), path, extents)
+                    await self.rbd_disks.stage_link(source, since, self.rbd_snapshot(), path, extents,
+                                                    increment.sizes.get(source.disk_id))
                 else:
                     total = await self.rbd_disks.used(source, self.rbd_snapshot()) if self.progress else 0
                     self.begin_progress(source.disk_id, path, total)

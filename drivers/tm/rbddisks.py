@@ -121,11 +121,12 @@ class RbdDisks:
         return await self.command(source, "copy (qemu-img convert)", argv, heavy=True)
 
     async def stage_link(self, source: RbdSource, since: str, snapshot: str, target: str,
-                         extents: Sequence[tuple[int, int]]) -> int:
+                         extents: Sequence[tuple[int, int]], size: int | None = None) -> int:
         """``target``: a qcow2 holding ``extents``, what changed on the image between snapshots ``since`` and
         ``snapshot``, read from the cluster by copy-on-read (its backing is then pointed at the previous link);
-        the bytes that changed."""
-        size = rbdplan.parse_size((await self.command(source, "read the size", rbdplan.info_argv(source))).stdout)
+        the bytes that changed. ``size``: the image's, when :meth:`check_chain` has just confirmed it."""
+        if size is None:
+            size = rbdplan.parse_size((await self.command(source, "read the size", rbdplan.info_argv(source))).stdout)
         cluster = rbdplan.link_cluster_size(extents)
         await self.command(source, "create the increment",
                            rbdplan.link_create_argv(source, snapshot, target, size, cluster))

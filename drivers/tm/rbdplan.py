@@ -102,6 +102,18 @@ def check_image(image: str) -> str:
     return image
 
 
+CEPH_KEYS = ("CEPH_USER", "CEPH_KEY", "CEPH_CONF", "CEPH_HOST")
+
+
+def access_from(values: Mapping[str, str]) -> RbdAccess:
+    """The access OpenNebula's CEPH_USER, CEPH_KEY, CEPH_CONF and CEPH_HOST (hosts split at ',' or blanks) name."""
+    def value(key: str) -> str:
+        return (values.get(key) or "").strip()
+
+    return RbdAccess(value("CEPH_USER"), value("CEPH_KEY"), value("CEPH_CONF"),
+                     tuple(value("CEPH_HOST").replace(",", " ").split()))
+
+
 def check_access(access: RbdAccess) -> RbdAccess:
     if access.user and not _USER.match(access.user):
         raise ValidationError(f"CEPH_USER {access.user!r} is not a plain cephx id")

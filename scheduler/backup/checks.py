@@ -118,8 +118,7 @@ def ceph_access(disk: Vector, host: Any = None) -> RbdAccess:
         own = (disk.get(key) or "").strip()
         return own or ((host.template.get(key) or "").strip() if host is not None else "")
 
-    hosts = tuple(value("CEPH_HOST").replace(",", " ").split())
-    return RbdAccess(value("CEPH_USER"), value("CEPH_KEY"), value("CEPH_CONF"), hosts)
+    return rbdplan.access_from({key: value(key) for key in rbdplan.CEPH_KEYS})
 
 
 def image_name(vm_id: int, when: float, tz: ZoneInfo) -> str:

@@ -108,13 +108,8 @@ class Probe:
 
 def host_ceph_access(host: Host) -> RbdAccess | None:
     """How the host reaches its Ceph cluster, when its template names one (CEPH_CONF or CEPH_HOST)."""
-    def value(key: str) -> str:
-        return (host.template.get(key) or "").strip()
-
-    if not value("CEPH_CONF") and not value("CEPH_HOST"):
-        return None
-    return RbdAccess(value("CEPH_USER"), value("CEPH_KEY"), value("CEPH_CONF"),
-                     tuple(value("CEPH_HOST").replace(",", " ").split()))
+    access = rbdplan.access_from({key: host.template.get(key) or "" for key in rbdplan.CEPH_KEYS})
+    return access if access.conf or access.mon_hosts else None
 
 
 
