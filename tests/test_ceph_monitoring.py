@@ -12,13 +12,19 @@ from lxml import etree
 
 from drivers.tm import rbdplan
 from drivers.tm.rbdplan import RbdAccess, RbdTimeouts
+from scheduler.errors import ValidationError
+from scheduler.hosts import imageds
+from scheduler.hosts.dsmonitor import ERROR_KEY
 from scheduler.hosts.monitor import CephReach, DiskSpace, Probe, host_ceph_access, record_success
+from scheduler.model.objects.datastore import Datastore
 from scheduler.model.objects.host import Host, ceph_hold
+from scheduler.model.objects.states import DatastoreType
 from scheduler.model.template import Template, Vector
 from tests.realenv.ceph import CephCluster, RbdDomain
 from tests.test_backup_faults_real import last_run, wait_run
 from tests.test_backup_real import Setup, setup  # noqa: F401 - setup is a fixture
 from tests.test_ceph_backup_real import rbd_domain  # noqa: F401 - a fixture
+from tests.test_dsmonitor import wait_for
 
 WAIT = 60.0
 
@@ -119,3 +125,54 @@ def test_an_unreachable_cluster_holds_rbd_backups_with_the_reason_until_the_host
     wait_reach(s, "YES", since)
     done = wait_run(s.api, vm_id, before)
     assert done["STATE"] == "done", (done, s.api.daemon.log()[-3000:])
+
+
+def test_the_pool_space_is_read_from_ceph_df() -> None:
+    assert rbdplan.df_argv(RbdAccess("libvirt", conf="/c.conf"), RbdTimeouts(5, 5, 5))[-7:] == [
+        "--rados-osd-op-timeout", "5", "--connect-timeout", "5", "df", "--format", "json"]
+    output = ('{"pools": [{"name": "device_health_metrics", "stats": {"stored": 0, "max_avail": 10}},'
+              ' {"name": "one", "stats": {"stored": 3145728, "max_avail": 7856092672}}]}')
+    assert rbdplan.parse_pool_space(output, "one") == (3145728, 7856092672)
+    with pytest.raises(ValidationError, match="no pool 'two' .*device_health_metrics, one"):
+        rbdplan.parse_pool_space(output, "two")
+    with pytest.raises(ValidationError, match="cannot read the space of pool 'one'"):
+        rbdplan.parse_pool_space('{"pools": [{"name": "one"}]}', "one")
+
+
+def ceph_image_ds(ds_mad: str = "ceph", **values: str) -> Datastore:
+    datastore = Datastore(id=7, name="cephimg", type=DatastoreType.IMAGE_DS, ds_mad=ds_mad)
+    for key, value in values.items():
+        datastore.template.set(key, value)
+    return datastore
+
+
+def test_a_ceph_image_datastore_is_watched_needs_a_plain_pool_name_and_is_no_restore_target_yet() -> None:
+    assert imageds.is_monitored(ceph_image_ds()) and not imageds.is_image_datastore(ceph_image_ds())
+    assert imageds.is_monitored(ceph_image_ds("fs")) and not imageds.is_monitored(ceph_image_ds("vcenter"))
+    pool, access = imageds.ceph_pool(ceph_image_ds(POOL_NAME="one", CEPH_USER="libvirt", CEPH_CONF="/c.conf"))
+    assert (pool, access.user, access.conf) == ("one", "libvirt", "/c.conf")
+    with pytest.raises(ValidationError, match="datastore 7: a Ceph image datastore needs POOL_NAME"):
+        imageds.ceph_pool(ceph_image_ds())
+    with pytest.raises(ValidationError, match="datastore 7: POOL_NAME '-x' is not a plain RBD name"):
+        imageds.ceph_pool(ceph_image_ds(POOL_NAME="-x"))
+    with pytest.raises(ValidationError, match="datastore 7: CEPH_CONF 'c.conf' must be an absolute path"):
+        imageds.ceph_pool(ceph_image_ds(POOL_NAME="one", CEPH_CONF="c.conf"))
+
+
+@pytest.mark.realenv
+def test_a_ceph_image_datastore_is_monitored_by_ceph_df_on_its_bridge_host(
+        setup: Setup, ceph: CephCluster) -> None:  # noqa: F811
+    s = setup
+    ds_id = s.datastore(f'NAME = "cephimg"\nTYPE = "IMAGE_DS"\nDS_MAD = "ceph"\nPOOL_NAME = "{ceph.pool}"\n'
+                        f'BRIDGE_LIST = "host1"\nCEPH_USER = "{ceph.client}"\nCEPH_CONF = "{ceph.conf}"')
+    ds = wait_for(s.api, ds_id, lambda d: int(d.findtext("TOTAL_MB") or 0) > 0)  # probed when allocated
+    assert ds.findtext(f"TEMPLATE/{ERROR_KEY}") is None
+    stored, available = rbdplan.parse_pool_space(ceph.run("ceph", "df", "--format", "json").stdout, ceph.pool)
+    assert abs(int(ds.findtext("FREE_MB") or 0) - available / 2**20) <= 64  # the OSD's own use moves a little
+    assert abs(int(ds.findtext("USED_MB") or 0) - stored / 2**20) <= 64
+    s.api.call("one.datastore.update", ds_id, 'LIMIT_MB = "100"', 1)
+    wait_for(s.api, ds_id, lambda d: d.findtext("TOTAL_MB") == "100")
+
+    s.api.call("one.datastore.update", ds_id, 'POOL_NAME = "nopool"', 1)
+    ds = wait_for(s.api, ds_id, lambda d: bool(d.findtext(f"TEMPLATE/{ERROR_KEY}")))
+    assert "no pool 'nopool'" in (ds.findtext(f"TEMPLATE/{ERROR_KEY}") or "")

@@ -159,7 +159,30 @@ def rbd_argv(access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts = Rbd
 def health_argv(access: RbdAccess, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
     """``ceph health`` as the access's user: the cluster reached (a mon answers) and how it is; ``--connect-timeout``
     bounds the whole call."""
-    return _client_argv("ceph", access, ["--connect-timeout", f"{timeouts.mount:g}", "health"], timeouts)
+    return _ceph_argv(access, ["health"], timeouts)
+
+
+def df_argv(access: RbdAccess, timeouts: RbdTimeouts = RbdTimeouts()) -> list[str]:
+    """``ceph df`` as the access's user: each pool's stored bytes and what it may still take (needs a mgr)."""
+    return _ceph_argv(access, ["df", "--format", "json"], timeouts)
+
+
+def _ceph_argv(access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts) -> list[str]:
+    """``ceph`` as the access's user, ``--connect-timeout`` bounding the whole call."""
+    return _client_argv("ceph", access, ["--connect-timeout", f"{timeouts.mount:g}", *args], timeouts)
+
+
+def parse_pool_space(output: str | bytes, pool: str) -> tuple[int, int]:
+    """(stored bytes, bytes it may still take: ``max_avail``) of ``pool`` in ``ceph df --format json``."""
+    try:
+        pools = json.loads(output)["pools"]
+        stats = next((p["stats"] for p in pools if p.get("name") == pool), None)
+        if stats is None:
+            raise ValidationError(f"the cluster has no pool {pool!r} (its pools: "
+                                  f"{', '.join(str(p.get('name')) for p in pools) or 'none'})")
+        return int(stats["stored"]), int(stats["max_avail"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValidationError(f"cannot read the space of pool {pool!r} in ceph df output: {output[-200:]!r}") from None
 
 
 def _client_argv(tool: str, access: RbdAccess, args: Sequence[str], timeouts: RbdTimeouts) -> list[str]:

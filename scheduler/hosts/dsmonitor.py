@@ -15,9 +15,10 @@ import logging
 from typing import Any
 
 from drivers.datastore import Capacity, open_datastore, server_attributes
+from drivers.tm import rbdplan
 from scheduler.errors import VmschedError
 from scheduler.hosts import imageds
-from scheduler.hosts.imageds import is_image_datastore
+from scheduler.hosts.imageds import is_monitored
 from scheduler.hosts.links import Daemon
 from scheduler.hosts.rounds import RoundMonitor
 from scheduler.model.objects.datastore import Datastore
@@ -31,13 +32,13 @@ PROBE_DEADLINE = 60.0  # seconds for one datastore's probe
 
 
 def watched(datastore: Datastore) -> bool:
-    return datastore.type == DatastoreType.BACKUP_DS or is_image_datastore(datastore)
+    return datastore.type == DatastoreType.BACKUP_DS or is_monitored(datastore)
 
 
 def reach_of(datastore: Datastore) -> tuple[Any, ...]:
     """What a probe's outcome depends on: a change of these since the probe makes it say nothing."""
     template = datastore.template
-    keys = ("BASE_PATH", "LIMIT_MB", "BRIDGE_LIST", *server_attributes())
+    keys = ("BASE_PATH", "LIMIT_MB", "BRIDGE_LIST", "POOL_NAME", *rbdplan.CEPH_KEYS, *server_attributes())
     return (datastore.ds_mad, *(template.get(key) for key in keys))
 
 
@@ -111,7 +112,7 @@ class DatastoreMonitor(RoundMonitor):
 
     async def _capacity(self, datastore: Datastore) -> Capacity:
         links = self.ctx.connections("datastores cannot be monitored")
-        if is_image_datastore(datastore):
+        if is_monitored(datastore):
             return await imageds.monitor(self.ctx.state, links, datastore)
         return await open_datastore(datastore, links.pool).monitor()
 

@@ -92,6 +92,9 @@ def check_request(state: State, backup: Image, target: Datastore, options: Resto
         raise ActionError(f"Image {backup.id} is not a backup image")
     if state.datastores.find(backup.datastore_id) is None:
         raise ActionError(f"the backup datastore {backup.datastore_id} of image {backup.id} does not exist")
+    if imageds.is_monitored(target) and not imageds.is_image_datastore(target):
+        raise ActionError(f"Destination datastore {target.id} is a {target.ds_mad} image datastore: this version "
+                          f"restores into {', '.join(imageds.IMAGE_DRIVERS)} image datastores only")
     if not imageds.is_image_datastore(target):
         raise ActionError("Destination can be only an image datastore")
     chain_to(backup, options.increment)  # an error naming the image's increments when it has no such one
